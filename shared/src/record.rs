@@ -1,0 +1,162 @@
+//! The delivery record: the fields of the Redis stream entry of SPEC section 7.
+
+use crate::job::{Alert, AlertJob};
+use crate::request::OpsgenieRequest;
+
+/// What the shell knows once a request was delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery<'a> {
+    pub status: u16,
+    /// Opsgenie's `requestId`, or empty.
+    pub request_id: &'a str,
+    pub attempts: u32,
+    pub delivered_at_ms: u64,
+}
+
+/// The stream entry's fields, in this order: `notification_uuid`, `kind`, `action`,
+/// `team_id`, `alias` (empty when none), `organization_id`, then for an issue alert
+/// `project_slug`, `group_id` (empty without a group), `rule_ids` (comma-separated), or for a
+/// metric alert `incident_identifier`; then `status`, `request_id`, `attempts`,
+/// `delivered_at_ms`.
+pub fn delivery_fields(
+    job: &AlertJob,
+    request: &OpsgenieRequest,
+    delivery: &Delivery<'_>,
+) -> Vec<(&'static str, String)> {
+    let mut fields = Vec::with_capacity(14);
+    fields.extend([
+        ("notification_uuid", job.notification_uuid.clone()),
+        ("kind", job.kind().as_str().to_owned()),
+        ("action", request.action.as_str().to_owned()),
+        ("team_id", job.team_id.clone()),
+        ("alias", request.alias.clone().unwrap_or_default()),
+        ("organization_id", job.organization.id.to_string()),
+    ]);
+    match &job.alert {
+        Alert::Issue(issue) => {
+            let rule_ids: Vec<String> = issue.rules.iter().map(|r| r.id.to_string()).collect();
+            fields.extend([
+                ("project_slug", issue.project.slug.clone()),
+                (
+                    "group_id",
+                    issue
+                        .group
+                        .as_ref()
+                        .map(|g| g.id.to_string())
+                        .unwrap_or_default(),
+                ),
+                ("rule_ids", rule_ids.join(",")),
+            ]);
+        }
+        Alert::Metric(metric) => {
+            fields.push((
+                "incident_identifier",
+                metric.incident.identifier.to_string(),
+            ));
+        }
+    }
+    fields.extend([
+        ("status", delivery.status.to_string()),
+        ("request_id", delivery.request_id.to_owned()),
+        ("attempts", delivery.attempts.to_string()),
+        ("delivered_at_ms", delivery.delivered_at_ms.to_string()),
+    ]);
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::build_request;
+
+    fn job(body: &str) -> AlertJob {
+        AlertJob::parse(body.as_bytes()).unwrap()
+    }
+
+    const ISSUE: &str = r#"{"version":1,"kind":"issue_alert","notification_uuid":"n-1","team_id":"backend",
+        "organization":{"id":1,"slug":"acme","url":"https://acme.sentry.io"},
+        "project":{"id":7,"slug":"api","name":"API"},
+        "group":{"id":1234,"title":"Boom"},
+        "event":{"title":"Boom"},
+        "rules":[{"id":17,"label":"a"},{"id":18,"label":"b"}]}"#;
+
+    const DELIVERY: Delivery<'static> = Delivery {
+        status: 202,
+        request_id: "req-9",
+        attempts: 2,
+        delivered_at_ms: 1732665600123,
+    };
+
+    fn fields(job: &AlertJob, delivery: &Delivery<'_>) -> Vec<(&'static str, String)> {
+        delivery_fields(job, &build_request(job), delivery)
+    }
+
+    fn expect(pairs: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+        pairs.iter().map(|&(k, v)| (k, v.to_owned())).collect()
+    }
+
+    #[test]
+    fn issue_alert_fields() {
+        assert_eq!(
+            fields(&job(ISSUE), &DELIVERY),
+            expect(&[
+                ("notification_uuid", "n-1"),
+                ("kind", "issue_alert"),
+                ("action", "create"),
+                ("team_id", "backend"),
+                ("alias", "sentry: 1234"),
+                ("organization_id", "1"),
+                ("project_slug", "api"),
+                ("group_id", "1234"),
+                ("rule_ids", "17,18"),
+                ("status", "202"),
+                ("request_id", "req-9"),
+                ("attempts", "2"),
+                ("delivered_at_ms", "1732665600123"),
+            ])
+        );
+    }
+
+    #[test]
+    fn issue_alert_without_a_group_has_empty_alias_and_group() {
+        let without = ISSUE.replace(r#""group":{"id":1234,"title":"Boom"},"#, "");
+        let delivery = Delivery {
+            request_id: "",
+            ..DELIVERY
+        };
+        let got = fields(&job(&without), &delivery);
+        let get = |key: &str| got.iter().find(|(k, _)| *k == key).unwrap().1.as_str();
+        assert_eq!(get("alias"), "");
+        assert_eq!(get("group_id"), "");
+        assert_eq!(get("request_id"), "");
+        assert_eq!(got.len(), 13);
+    }
+
+    #[test]
+    fn metric_alert_fields() {
+        let body = r#"{"version":1,"kind":"metric_alert","notification_uuid":"n-2","team_id":"ops",
+            "organization":{"id":3,"slug":"acme","url":"https://acme.sentry.io"},
+            "alert_rule":{"id":9,"name":"p95"},
+            "incident":{"identifier":314,"status":"resolved","sequence":5}}"#;
+        let delivery = Delivery {
+            status: 404,
+            ..DELIVERY
+        };
+        assert_eq!(
+            fields(&job(body), &delivery),
+            expect(&[
+                ("notification_uuid", "n-2"),
+                ("kind", "metric_alert"),
+                ("action", "close"),
+                ("team_id", "ops"),
+                ("alias", "incident_3_314"),
+                ("organization_id", "3"),
+                ("incident_identifier", "314"),
+                ("status", "404"),
+                ("request_id", "req-9"),
+                ("attempts", "2"),
+                ("delivered_at_ms", "1732665600123"),
+            ])
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! The string rules of SPEC section 5: characters are Unicode scalar values, never split.
+
+/// The number of Unicode scalar values in `s`.
+pub fn chars(s: &str) -> usize {
+    s.chars().count()
+}
+
+/// `s` when it has at most `n` chars, else its first `n - 1` chars and `…` (U+2026).
+/// `n = 0` gives the empty string.
+pub fn truncate(s: &str, n: usize) -> String {
+    if n == 0 {
+        return String::new();
+    }
+    let mut indices = s.char_indices();
+    let Some((cut, _)) = indices.nth(n - 1) else {
+        return s.to_owned();
+    };
+    if indices.next().is_none() {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(cut + '…'.len_utf8());
+    out.push_str(&s[..cut]);
+    out.push('…');
+    out
+}
+
+/// `s` percent-encoded for a URL path segment or query value: every byte of its UTF-8 form
+/// outside `A-Z a-z 0-9 - . _ ~` becomes `%XX` (uppercase hex).
+pub fn seg(s: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xF)]));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn truncate_table() {
+        let table = [
+            ("", 0, ""),
+            ("abc", 0, ""),
+            ("", 5, ""),
+            ("abc", 3, "abc"),
+            ("abcd", 3, "ab…"),
+            ("abcd", 1, "…"),
+            ("a", 1, "a"),
+            ("héllo wörld", 5, "héll…"),
+            ("日本語のテキスト", 4, "日本語…"),
+            ("😀😀😀", 2, "😀…"),
+            ("😀😀", 2, "😀😀"),
+            // Combining marks are scalar values of their own.
+            ("e\u{301}e\u{301}", 3, "e\u{301}…"),
+        ];
+        for (s, n, expected) in table {
+            assert_eq!(truncate(s, n), expected, "truncate({s:?}, {n})");
+        }
+    }
+
+    #[test]
+    fn chars_counts_scalar_values() {
+        assert_eq!(chars(""), 0);
+        assert_eq!(chars("abc"), 3);
+        assert_eq!(chars("ü😀…"), 3);
+    }
+
+    #[test]
+    fn seg_table() {
+        let table = [
+            ("", ""),
+            ("acme", "acme"),
+            ("AZaz09-._~", "AZaz09-._~"),
+            ("a b", "a%20b"),
+            ("a/b", "a%2Fb"),
+            ("sentry: 1234", "sentry%3A%201234"),
+            ("ü", "%C3%BC"),
+            ("😀", "%F0%9F%98%80"),
+            ("%?#&=+", "%25%3F%23%26%3D%2B"),
+        ];
+        for (s, expected) in table {
+            assert_eq!(seg(s), expected, "seg({s:?})");
+        }
+    }
+
+    fn decode(s: &str) -> Vec<u8> {
+        let bytes = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn truncate_fits_and_keeps_a_prefix(s in any::<String>(), n in 0usize..40) {
+            let out = truncate(&s, n);
+            prop_assert!(chars(&out) <= n);
+            if chars(&s) <= n {
+                prop_assert_eq!(&out, &s);
+            } else if n > 0 {
+                let kept = out.strip_suffix('…').expect("ends with an ellipsis");
+                prop_assert!(s.starts_with(kept));
+                prop_assert_eq!(chars(kept), n - 1);
+            } else {
+                prop_assert_eq!(out, "");
+            }
+        }
+
+        #[test]
+        fn seg_is_unreserved_or_escaped_and_reversible(s in any::<String>()) {
+            let out = seg(&s);
+            let bytes = out.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                let b = bytes[i];
+                if b == b'%' {
+                    prop_assert!(i + 2 < bytes.len());
+                    for h in &bytes[i + 1..i + 3] {
+                        prop_assert!(h.is_ascii_digit() || (b'A'..=b'F').contains(h), "{}", out);
+                    }
+                    i += 3;
+                } else {
+                    prop_assert!(b.is_ascii_alphanumeric() || b"-._~".contains(&b), "{}", out);
+                    i += 1;
+                }
+            }
+            prop_assert_eq!(decode(&out), s.as_bytes());
+        }
+    }
+}

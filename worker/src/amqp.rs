@@ -1,0 +1,292 @@
+//! The RabbitMQ boundary (SPEC section 8): the topology, consuming, and the confirmed
+//! publishes that make a retry or a dead letter durable before the original is acked.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use opsgenie_shared::DeadReason;
+use opsgenie_shared::retry::format_duration;
+
+use crate::config::{BrokerArgs, QueueType};
+
+pub const HEADER_ERROR: &str = "x-opsgenie-error";
+pub const HEADER_ERROR_MESSAGE: &str = "x-opsgenie-error-message";
+pub const HEADER_STATUS: &str = "x-opsgenie-status";
+pub const HEADER_ATTEMPTS: &str = "x-opsgenie-attempts";
+/// When a worker first saw the job (ms since the epoch), carried through retries for `--max-age`.
+pub const HEADER_FIRST_SEEN: &str = "x-opsgenie-first-seen-ms";
+/// When the job was dead-lettered (ms since the epoch), for `dead list`.
+pub const HEADER_DEAD_AT: &str = "x-opsgenie-dead-at-ms";
+
+/// The names of SPEC section 8, derived once from the flags.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub exchange: String,
+    pub routing_key: String,
+    pub queue: String,
+    pub queue_type: QueueType,
+    /// `(name, delay)` per retry tier, shortest first.
+    pub retry_queues: Vec<(String, Duration)>,
+    pub dead_queue: String,
+}
+
+impl Topology {
+    pub fn new(args: &BrokerArgs) -> Topology {
+        let retry_queues = args
+            .retry_delays
+            .0
+            .iter()
+            .map(|d| (format!("{}.retry.{}", args.queue, format_duration(*d)), *d))
+            .collect();
+        Topology {
+            exchange: args.exchange.clone(),
+            routing_key: args.routing_key.clone(),
+            queue: args.queue.clone(),
+            queue_type: args.queue_type,
+            retry_queues,
+            dead_queue: format!("{}.dead", args.queue),
+        }
+    }
+
+    fn queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if self.queue_type == QueueType::Quorum {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        args
+    }
+
+    /// Declares the exchange, the work queue and its binding, the delay queues and the
+    /// dead-letter queue. Idempotent; fails when an existing queue was declared with other
+    /// arguments (for example another queue type).
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(self.queue.as_str().into(), durable, self.queue_arguments())
+            .await?;
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        // One queue per delay, each with a single TTL: messages expire in the order they came,
+        // so a short delay never waits behind a long one. Expired messages go back to the
+        // exchange with the work queue's routing key.
+        for (name, delay) in &self.retry_queues {
+            let mut args = self.queue_arguments();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.exchange.as_str().into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(self.routing_key.as_str().into()),
+            );
+            if self.queue_type == QueueType::Quorum {
+                // Quorum queues drop dead-lettered messages unless told to keep them safe.
+                args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+                args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+            }
+            channel.queue_declare(name.as_str().into(), durable, args).await?;
+        }
+        channel
+            .queue_declare(self.dead_queue.as_str().into(), durable, self.queue_arguments())
+            .await?;
+        Ok(())
+    }
+}
+
+/// Opens a connection; its heartbeat and name come from here so that every command agrees.
+pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
+    Connection::connect(url, props).await
+}
+
+/// A channel in confirm mode, shared by every task that republishes or dead-letters.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+/// Why a publish did not become durable.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("the message could not be routed (no queue {0})")]
+    Unroutable(String),
+}
+
+impl Publisher {
+    pub async fn new(connection: &Connection) -> lapin::Result<Publisher> {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Publisher { channel })
+    }
+
+    /// Publishes and waits for the broker's confirm. `mandatory` so that a missing queue is an
+    /// error rather than a silent drop.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(routing_key.to_string())),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+        }
+    }
+
+    /// Sends a job to delay queue `queue` with its attempt count and first-seen time.
+    pub async fn schedule_retry(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: &BasicProperties,
+        attempts: u32,
+        first_seen_ms: u64,
+    ) -> Result<(), PublishError> {
+        let mut headers = job_headers(properties);
+        headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(attempts.into()));
+        headers.insert(
+            HEADER_FIRST_SEEN.into(),
+            AMQPValue::LongLongInt(i64::try_from(first_seen_ms).unwrap_or(i64::MAX)),
+        );
+        self.publish("", queue, body, persistent(properties, headers)).await
+    }
+
+    /// Sends a job to the dead-letter queue with the original body and properties and the
+    /// error headers of SPEC section 8.
+    pub async fn dead_letter(&self, queue: &str, body: &[u8], properties: &BasicProperties, letter: &DeadLetter) -> Result<(), PublishError> {
+        let mut headers = job_headers(properties);
+        headers.insert(HEADER_ERROR.into(), AMQPValue::LongString(letter.reason.as_str().into()));
+        headers.insert(
+            HEADER_ERROR_MESSAGE.into(),
+            AMQPValue::LongString(letter.message.as_str().into()),
+        );
+        if let Some(status) = letter.status {
+            headers.insert(HEADER_STATUS.into(), AMQPValue::LongLongInt(status.into()));
+        }
+        headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(letter.attempts.into()));
+        headers.insert(
+            HEADER_DEAD_AT.into(),
+            AMQPValue::LongLongInt(i64::try_from(now_ms()).unwrap_or(i64::MAX)),
+        );
+        self.publish("", queue, body, persistent(properties, headers)).await
+    }
+}
+
+/// What a dead letter says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub reason: DeadReason,
+    pub message: String,
+    pub status: Option<u16>,
+    pub attempts: u32,
+}
+
+/// The message's own headers, less RabbitMQ's `x-death` bookkeeping (which only grows).
+pub fn job_headers(properties: &BasicProperties) -> FieldTable {
+    let mut table = FieldTable::default();
+    if let Some(headers) = properties.headers() {
+        for (k, v) in headers.inner() {
+            if k.as_str() != "x-death" {
+                table.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    table
+}
+
+fn persistent(properties: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    properties.clone().with_delivery_mode(2).with_headers(headers)
+}
+
+/// A header as a whole number, whichever integer type the producer used.
+pub fn header_u64(properties: &BasicProperties, name: &str) -> Option<u64> {
+    let value = properties.headers().as_ref()?.inner().get(name)?;
+    let n: i128 = match value {
+        AMQPValue::ShortShortInt(v) => (*v).into(),
+        AMQPValue::ShortShortUInt(v) => (*v).into(),
+        AMQPValue::ShortInt(v) => (*v).into(),
+        AMQPValue::ShortUInt(v) => (*v).into(),
+        AMQPValue::LongInt(v) => (*v).into(),
+        AMQPValue::LongUInt(v) => (*v).into(),
+        AMQPValue::LongLongInt(v) => (*v).into(),
+        AMQPValue::Timestamp(v) => (*v).into(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok()?,
+        AMQPValue::ShortString(s) => s.as_str().parse().ok()?,
+        _ => return None,
+    };
+    u64::try_from(n).ok()
+}
+
+/// A header as text.
+pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
+    let value = properties.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        other => header_u64(properties, name).map(|n| n.to_string()).or_else(|| Some(format!("{other:?}"))),
+    }
+}
+
+/// Properties for a new job published by `enqueue` or a producer.
+pub fn job_properties(message_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(ShortString::from("application/json"))
+        .with_delivery_mode(2)
+        .with_message_id(ShortString::from(message_id))
+        .with_timestamp(now_ms() / 1000)
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

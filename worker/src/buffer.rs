@@ -1,0 +1,212 @@
+//! The Redis boundary (SPEC section 7): the checks before a request (already delivered? a
+//! stale incident status? another replica on this incident?) and the atomic record after it.
+//! Each is one Lua script, so one round trip and no half-written state.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+
+/// Keys and limits, from the command line.
+#[derive(Debug, Clone)]
+pub struct BufferSettings {
+    pub prefix: String,
+    pub stream_maxlen: u64,
+    pub dedupe_ttl: Duration,
+    /// How long an incident's lease lasts if its holder dies without releasing it.
+    pub lease_ttl: Duration,
+}
+
+/// How long the last delivered sequence of an incident is kept (SPEC section 7: 7 days).
+const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
+
+/// Checks and takes the lease in one step:
+/// KEYS: sent marker, lease, sequence. ARGV: lease token, lease ms, sequence or "".
+/// Returns "duplicate", "busy", "stale" or "ok" (lease taken).
+const ACQUIRE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) == false then
+  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'busy' end
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+if ARGV[3] ~= '' then
+  local last = redis.call('GET', KEYS[3])
+  if last and tonumber(last) >= tonumber(ARGV[3]) then
+    redis.call('DEL', KEYS[2])
+    return 'stale'
+  end
+end
+return 'ok'
+"#;
+
+/// Records a delivery and frees the lease:
+/// KEYS: stream, sent marker, sequence, lease. ARGV: maxlen, dedupe ttl s, sequence or "",
+/// sequence ttl s, lease token, then the stream entry's field/value pairs.
+const RECORD: &str = r#"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 6))
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+if ARGV[3] ~= '' then
+  local last = redis.call('GET', KEYS[3])
+  if (not last) or tonumber(last) < tonumber(ARGV[3]) then
+    redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+  end
+end
+if redis.call('GET', KEYS[4]) == ARGV[5] then redis.call('DEL', KEYS[4]) end
+return id
+"#;
+
+/// Frees a lease this worker holds: KEYS: lease. ARGV: token.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// What the pre-send check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The lease is ours; send.
+    Go,
+    /// Already delivered: ack without sending.
+    Duplicate,
+    /// An incident status at or below the last delivered one: ack without sending.
+    Stale,
+    /// Another request for the same incident is in flight: wait and ask again.
+    Busy,
+}
+
+/// The Redis client with the scripts it runs.
+#[derive(Clone)]
+pub struct Buffer {
+    client: Client,
+    settings: BufferSettings,
+    acquire: Script,
+    record: Script,
+    release: Script,
+}
+
+/// One job's keys, computed once.
+#[derive(Debug, Clone)]
+pub struct JobKeys {
+    sent: String,
+    lease: String,
+    sequence: String,
+    /// Unique per job round, so that only the holder frees the lease.
+    token: String,
+    seq: Option<i64>,
+}
+
+impl Buffer {
+    /// Builds the client; it connects in the background and keeps reconnecting.
+    ///
+    /// Fails only when the URL cannot be parsed.
+    pub fn new(url: &str, settings: BufferSettings) -> Result<Buffer, Error> {
+        let config = Config::from_url(url)?;
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(5);
+                c.internal_command_timeout = Duration::from_secs(5);
+                c.max_command_attempts = 2;
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = Duration::from_secs(5);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build()?;
+        Ok(Buffer {
+            client,
+            settings,
+            acquire: Script::from_lua(ACQUIRE),
+            record: Script::from_lua(RECORD),
+            release: Script::from_lua(RELEASE),
+        })
+    }
+
+    /// Starts connecting in the background; commands wait for the connection (up to their
+    /// time-out) and the client reconnects by itself whenever it is lost.
+    pub fn start(&self) {
+        drop(self.client.connect());
+    }
+
+    /// Connects and waits for the first connection; for one-shot commands such as `check`.
+    pub async fn connect(&self) -> Result<(), Error> {
+        self.client.init().await.map(|_| ())
+    }
+
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.client.ping::<String>(None).await.map(|_| ())
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.client.quit().await;
+    }
+
+    pub fn stream_key(&self) -> String {
+        format!("{}deliveries", self.settings.prefix)
+    }
+
+    /// The keys one job touches. `lease_on` is the incident alias for a metric alert, else the
+    /// notification uuid (so two copies of one notification are never sent at once).
+    pub fn keys(&self, notification_uuid: &str, lease_on: &str, seq: Option<i64>, token: String) -> JobKeys {
+        let p = &self.settings.prefix;
+        JobKeys {
+            sent: format!("{p}sent:{notification_uuid}"),
+            lease: format!("{p}lease:{lease_on}"),
+            sequence: format!("{p}seq:{lease_on}"),
+            token,
+            seq,
+        }
+    }
+
+    /// Checks whether the job may be sent now, taking the lease when it may.
+    pub async fn admit(&self, keys: &JobKeys) -> Result<Admission, Error> {
+        let seq = keys.seq.map(|s| s.to_string()).unwrap_or_default();
+        let lease_ms = self.settings.lease_ttl.as_millis().to_string();
+        let answer: String = self
+            .acquire
+            .evalsha_with_reload(
+                &self.client,
+                vec![keys.sent.as_str(), keys.lease.as_str(), keys.sequence.as_str()],
+                vec![keys.token.as_str(), lease_ms.as_str(), seq.as_str()],
+            )
+            .await?;
+        Ok(match answer.as_str() {
+            "duplicate" => Admission::Duplicate,
+            "stale" => Admission::Stale,
+            "busy" => Admission::Busy,
+            _ => Admission::Go,
+        })
+    }
+
+    /// Writes the stream entry, the sent marker and the incident's sequence, and frees the
+    /// lease, atomically. Returns the stream entry id.
+    pub async fn record(&self, keys: &JobKeys, fields: &[(&'static str, String)]) -> Result<String, Error> {
+        let seq = keys.seq.map(|s| s.to_string()).unwrap_or_default();
+        let mut args: Vec<String> = Vec::with_capacity(5 + fields.len() * 2);
+        args.push(self.settings.stream_maxlen.to_string());
+        args.push(self.settings.dedupe_ttl.as_secs().max(1).to_string());
+        args.push(seq);
+        args.push(SEQUENCE_TTL_SECS.to_string());
+        args.push(keys.token.clone());
+        for (name, value) in fields {
+            args.push((*name).to_string());
+            args.push(value.clone());
+        }
+        let stream = self.stream_key();
+        self.record
+            .evalsha_with_reload(
+                &self.client,
+                vec![stream.as_str(), keys.sent.as_str(), keys.sequence.as_str(), keys.lease.as_str()],
+                args,
+            )
+            .await
+    }
+
+    /// Frees the lease after a round that delivered nothing.
+    pub async fn release(&self, keys: &JobKeys) -> Result<(), Error> {
+        let _: i64 = self
+            .release
+            .evalsha_with_reload(&self.client, vec![keys.lease.as_str()], vec![keys.token.as_str()])
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,59 @@
+//! `opsgenie-worker check`: is the configuration good, and are the broker and Redis there?
+
+use std::time::Duration;
+
+use crate::amqp::{self, Topology};
+use crate::buffer::{Buffer, BufferSettings};
+use crate::config::{CheckArgs, redact_url};
+use crate::keyring::Keyring;
+use crate::{Fatal, init_tls};
+
+/// Prints each check as it passes.
+///
+/// Fails (exit 2) with the first problem: a keyring error with its file, line and field, or
+/// the address that could not be reached.
+pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
+    init_tls();
+    let keyring = Keyring::load(&args.keyring).map_err(|e| Fatal::Config(format!("keyring: {e}")))?;
+    println!(
+        "ok: keyring {} ({} team{}: {})",
+        args.keyring.display(),
+        keyring.len(),
+        if keyring.len() == 1 { "" } else { "s" },
+        keyring.team_ids().join(", ")
+    );
+    let amqp_url = redact_url(&args.broker.amqp_url);
+    let connection = tokio::time::timeout(Duration::from_secs(10), amqp::connect(&args.broker.amqp_url, "opsgenie-worker check"))
+        .await
+        .map_err(|_| Fatal::Config(format!("RabbitMQ at {amqp_url}: no answer within 10 s")))?
+        .map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: {e}")))?;
+    let topology = Topology::new(&args.broker);
+    let channel = connection.create_channel().await.map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: {e}")))?;
+    topology
+        .declare(&channel)
+        .await
+        .map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: cannot declare the queues: {e}")))?;
+    let _ = connection.close(200, "checked".into()).await;
+    println!("ok: RabbitMQ at {amqp_url} (exchange {}, queue {})", topology.exchange, topology.queue);
+    let redis_url = redact_url(&args.redis.redis_url);
+    let buffer = Buffer::new(
+        &args.redis.redis_url,
+        BufferSettings {
+            prefix: args.redis.redis_prefix.clone(),
+            stream_maxlen: 1,
+            dedupe_ttl: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(1),
+        },
+    )
+    .map_err(|e| Fatal::Config(format!("Redis at {redis_url}: {e}")))?;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        buffer.connect().await?;
+        buffer.ping().await
+    })
+    .await
+    .map_err(|_| Fatal::Config(format!("Redis at {redis_url}: no answer within 10 s")))?
+    .map_err(|e| Fatal::Config(format!("Redis at {redis_url}: {e}")))?;
+    buffer.quit().await;
+    println!("ok: Redis at {redis_url}");
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The loop: take the next delivery (or notice shutdown), run `process` on it beside up to
+//! `--prefetch` others, and turn each outcome into an ack, a confirmed retry or a confirmed
+//! dead letter. Losing the broker only sends the loop back to connect.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::task::JoinSet;
+
+use crate::amqp::{self, DeadLetter, HEADER_ATTEMPTS, HEADER_FIRST_SEEN, Publisher, Topology};
+use crate::process::{Envelope, Outcome, Pipeline, Report};
+use crate::shutdown::Shutdown;
+
+/// What the loop needs besides the pipeline.
+pub struct ConsumerSettings {
+    pub amqp_url: String,
+    pub topology: Topology,
+    pub prefetch: u16,
+    pub drain_timeout: Duration,
+}
+
+/// Consumes until shutdown, reconnecting whenever the broker goes away, then drains.
+pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdown: Shutdown) {
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut pause = Duration::from_millis(200);
+    let mut session: Option<(Connection, Channel)> = None;
+    while !shutdown.is_triggered() {
+        let (connection, channel, publisher, mut consumer) = match open(&settings).await {
+            Ok(opened) => {
+                pause = Duration::from_millis(200);
+                opened
+            }
+            Err(error) => {
+                tracing::error!(error = %error, retry_in_ms = pause.as_millis() as u64, "Cannot consume from RabbitMQ; trying again.");
+                let _ = shutdown.sleep_until((Instant::now() + pause).into()).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        tracing::info!(queue = settings.topology.queue, prefetch = settings.prefetch, "Consuming.");
+        pipeline.health.set_consuming(true);
+        loop {
+            tokio::select! {
+                () = shutdown.triggered() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let pipeline = Arc::clone(&pipeline);
+                        let publisher = publisher.clone();
+                        let shutdown = shutdown.clone();
+                        let topology = settings.topology.clone();
+                        tasks.spawn(async move {
+                            handle(delivery, &pipeline, &publisher, &topology, &shutdown).await;
+                        });
+                    }
+                    Some(Err(error)) => {
+                        tracing::error!(error = %error, "Lost the RabbitMQ consumer; reconnecting.");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("The broker cancelled the consumer; reconnecting.");
+                        break;
+                    }
+                },
+            }
+        }
+        pipeline.health.set_consuming(false);
+        if shutdown.is_triggered() {
+            if let Err(error) = channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+            {
+                tracing::warn!(error = %error, "Could not cancel the consumer.");
+            }
+            session = Some((connection, channel));
+        } else {
+            // In-flight jobs of the old connection cannot ack any more; the broker redelivers
+            // them, and the Redis record makes a second delivery harmless.
+            let _ = connection.close(320, "reconnecting".into()).await;
+        }
+    }
+    drain(tasks, settings.drain_timeout).await;
+    if let Some((connection, channel)) = session {
+        // Closing the channel returns every unacked job to the queue, as it was.
+        let _ = channel.close(200, "shutting down".into()).await;
+        let _ = connection.close(200, "shutting down".into()).await;
+    }
+}
+
+async fn open(settings: &ConsumerSettings) -> lapin::Result<(Connection, Channel, Publisher, lapin::Consumer)> {
+    let connection = amqp::connect(&settings.amqp_url, "opsgenie-worker run").await?;
+    let channel = connection.create_channel().await?;
+    settings.topology.declare(&channel).await?;
+    channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+    let publisher = Publisher::new(&connection).await?;
+    let consumer = channel
+        .basic_consume(
+            settings.topology.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, channel, publisher, consumer))
+}
+
+/// Lets jobs in flight finish until `timeout`; the rest are dropped unacked, so the broker
+/// returns them to the queue when the channel closes.
+async fn drain(mut tasks: JoinSet<()>, timeout: Duration) {
+    let in_flight = tasks.len();
+    if in_flight > 0 {
+        tracing::info!(in_flight, timeout_s = timeout.as_secs(), "Waiting for jobs in flight.");
+    }
+    let finished = tokio::time::timeout(timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            unfinished = tasks.len(),
+            "Drain time-out: unfinished jobs return to the queue."
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Runs one delivery through the pipeline and settles it with the broker.
+async fn handle(delivery: Delivery, pipeline: &Pipeline, publisher: &Publisher, topology: &Topology, shutdown: &Shutdown) {
+    let started = Instant::now();
+    metrics::gauge!("opsgenie_jobs_in_flight").increment(1.0);
+    let now_ms = amqp::now_ms();
+    let first_seen_ms = amqp::header_u64(&delivery.properties, HEADER_FIRST_SEEN).unwrap_or(now_ms);
+    let envelope = Envelope {
+        previous_attempts: amqp::header_u64(&delivery.properties, HEADER_ATTEMPTS)
+            .map_or(0, |a| u32::try_from(a).unwrap_or(u32::MAX)),
+        first_seen_ms,
+        now_ms,
+    };
+    let report = pipeline.process(&delivery.data, envelope, shutdown).await;
+    let settled = settle(&delivery, &report, publisher, topology, first_seen_ms).await;
+    metrics::gauge!("opsgenie_jobs_in_flight").decrement(1.0);
+    let latency_ms = started.elapsed().as_millis() as u64;
+    let reason = match &report.outcome {
+        Outcome::DeadLetter { reason, .. } => reason.as_str(),
+        _ => "",
+    };
+    metrics::counter!("opsgenie_jobs_total", "outcome" => report.outcome.as_str(), "reason" => reason).increment(1);
+    if report.outcome == Outcome::Delivered {
+        metrics::histogram!("opsgenie_delivery_duration_seconds").record(started.elapsed().as_secs_f64());
+    }
+    log_report(&report, latency_ms, settled.as_ref().err());
+}
+
+/// Makes the outcome durable, then acks; on any failure the job is not acked and returns to
+/// the queue (explicitly, or when the channel closes).
+async fn settle(
+    delivery: &Delivery,
+    report: &Report,
+    publisher: &Publisher,
+    topology: &Topology,
+    first_seen_ms: u64,
+) -> Result<(), String> {
+    let durable = match &report.outcome {
+        Outcome::Delivered | Outcome::Duplicate | Outcome::Stale => Ok(()),
+        Outcome::RetryLater { tier } => {
+            metrics::counter!("opsgenie_retries_total", "kind" => "delayed").increment(1);
+            let queue = &topology.retry_queues[(*tier).min(topology.retry_queues.len() - 1)].0;
+            publisher
+                .schedule_retry(queue, &delivery.data, &delivery.properties, report.attempt, first_seen_ms)
+                .await
+                .map_err(|e| format!("could not schedule the retry: {e}"))
+        }
+        Outcome::DeadLetter { reason, message } => {
+            let letter = DeadLetter {
+                reason: *reason,
+                message: message.clone(),
+                status: report.status,
+                attempts: report.attempt,
+            };
+            publisher
+                .dead_letter(&topology.dead_queue, &delivery.data, &delivery.properties, &letter)
+                .await
+                .map_err(|e| format!("could not dead-letter: {e}"))
+        }
+        Outcome::Requeue => Err("shutting down".to_string()),
+    };
+    match durable {
+        Ok(()) => delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("could not ack: {e}")),
+        Err(why) => {
+            let _ = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+            Err(why)
+        }
+    }
+}
+
+fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) {
+    let (reason, message) = match &report.outcome {
+        Outcome::DeadLetter { reason, message } => (Some(reason.as_str()), Some(message.as_str())),
+        _ => (None, None),
+    };
+    let retry_tier = match &report.outcome {
+        Outcome::RetryLater { tier } => Some(*tier as u64),
+        _ => None,
+    };
+    let outcome = if unsettled.is_some() { "requeued" } else { report.outcome.as_str() };
+    tracing::info!(
+        notification_uuid = report.notification_uuid.as_deref(),
+        team_id = report.team_id.as_deref(),
+        kind = report.kind,
+        action = report.action,
+        alias = report.alias.as_deref(),
+        outcome,
+        status = report.status,
+        attempt = report.attempt,
+        request_id = report.request_id.as_deref(),
+        latency_ms,
+        reason,
+        message,
+        retry_tier,
+        unsettled = unsettled.map(String::as_str),
+        "Job finished."
+    );
+}

@@ -1,0 +1,184 @@
+//! opsgenie-worker: the I/O shell around `opsgenie_shared`.
+//!
+//! `config` reads the command line; `keyring` the teams' keys. `consumer` is the loop that
+//! takes jobs from RabbitMQ (`amqp`) and hands each to `process`, which checks and records in
+//! Redis (`buffer`) and sends to Opsgenie (`opsgenie`). `telemetry` serves logs and metrics,
+//! `health` holds readiness, `shutdown` the stop signal. `enqueue`, `dead` and `check` are the
+//! other commands.
+
+pub mod amqp;
+pub mod buffer;
+pub mod check;
+pub mod config;
+pub mod consumer;
+pub mod dead;
+pub mod enqueue;
+pub mod health;
+pub mod keyring;
+pub mod opsgenie;
+pub mod process;
+pub mod shutdown;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::amqp::Topology;
+use crate::buffer::{Buffer, BufferSettings};
+use crate::config::{MetricsAddr, RunArgs, redact_url};
+use crate::consumer::ConsumerSettings;
+use crate::health::Health;
+use crate::keyring::Keyring;
+use crate::opsgenie::Sender;
+use crate::process::Pipeline;
+use crate::shutdown::Shutdown;
+
+/// Why a command stopped; decides the exit code (SPEC section 9).
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    /// Exit 2: something the operator must fix in the configuration.
+    #[error("{0}")]
+    Config(String),
+    /// Exit 1.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Fatal {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Fatal::Config(_) => 2,
+            Fatal::Other(_) => 1,
+        }
+    }
+}
+
+/// Installs the TLS provider every client here uses; harmless when called twice.
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Runs the worker until `shutdown` is triggered and jobs in flight are drained.
+///
+/// Fails with `Fatal::Config` for a keyring that cannot be loaded, a Redis URL that cannot be
+/// parsed or a metrics address that cannot be bound. Losing the broker or Redis is not fatal.
+pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
+    init_tls();
+    let keyring = Keyring::load(&args.keyring).map_err(|e| Fatal::Config(e.to_string()))?;
+    if keyring.is_empty() {
+        tracing::warn!(keyring = %args.keyring.display(), "The keyring has no team: every job will be dead-lettered as unknown_team.");
+    }
+    let topology = Topology::new(&args.broker);
+    tracing::info!(
+        amqp_url = redact_url(&args.broker.amqp_url),
+        redis_url = redact_url(&args.redis.redis_url),
+        exchange = topology.exchange,
+        queue = topology.queue,
+        routing_key = topology.routing_key,
+        queue_type = ?args.broker.queue_type,
+        retry_queues = ?topology.retry_queues.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        dead_queue = topology.dead_queue,
+        redis_prefix = args.redis.redis_prefix,
+        prefetch = args.prefetch,
+        keyring = %args.keyring.display(),
+        teams = ?keyring.team_ids(),
+        max_attempts = args.max_attempts,
+        max_age_s = args.max_age.as_secs(),
+        "Starting opsgenie-worker {}.",
+        env!("CARGO_PKG_VERSION")
+    );
+    let keyring = Arc::new(ArcSwap::from_pointee(keyring));
+    let health = Arc::new(Health::default());
+    let buffer = Buffer::new(
+        &args.redis.redis_url,
+        BufferSettings {
+            prefix: args.redis.redis_prefix.clone(),
+            stream_maxlen: args.stream_maxlen,
+            dedupe_ttl: Duration::from_secs(args.dedupe_ttl),
+            lease_ttl: args.quick_window + args.request_timeout + Duration::from_secs(5),
+        },
+    )
+    .map_err(|e| Fatal::Config(format!("--redis-url {}: {e}", redact_url(&args.redis.redis_url))))?;
+    buffer.start();
+    let sender = Sender::new(args.request_timeout).map_err(|e| Fatal::Other(format!("HTTP client: {e}")))?;
+
+    let server = match args.metrics_addr {
+        MetricsAddr::Off => None,
+        MetricsAddr::On(addr) => Some(
+            telemetry::serve(addr, telemetry::init_metrics(), Arc::clone(&health), shutdown.clone())
+                .await
+                .map_err(|e| Fatal::Config(format!("--metrics-addr {addr}: {e}")))?,
+        ),
+    };
+    metrics::gauge!("opsgenie_keyring_teams").set(keyring.load().len() as f64);
+    reload_on_sighup(args.keyring.clone(), Arc::clone(&keyring));
+    spawn_redis_probe(buffer.clone(), Arc::clone(&health), shutdown.clone());
+
+    let pipeline = Arc::new(Pipeline {
+        keyring,
+        sender,
+        buffer: buffer.clone(),
+        policy: args.retry_policy(),
+        health,
+    });
+    consumer::consume(
+        ConsumerSettings {
+            amqp_url: args.broker.amqp_url.clone(),
+            topology,
+            prefetch: args.prefetch,
+            drain_timeout: args.drain_timeout,
+        },
+        pipeline,
+        shutdown,
+    )
+    .await;
+    buffer.quit().await;
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    tracing::info!("Stopped.");
+    Ok(())
+}
+
+/// SIGHUP re-reads the keyring (and its key files); a broken file keeps the old keyring.
+fn reload_on_sighup(path: std::path::PathBuf, keyring: Arc<ArcSwap<Keyring>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("Cannot listen for SIGHUP; the keyring will not reload.");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match Keyring::load(&path) {
+                Ok(new) => {
+                    let teams = new.team_ids().join(",");
+                    metrics::gauge!("opsgenie_keyring_teams").set(new.len() as f64);
+                    metrics::gauge!("opsgenie_keyring_reloaded_timestamp_seconds")
+                        .set(amqp::now_ms() as f64 / 1000.0);
+                    keyring.store(Arc::new(new));
+                    tracing::info!(teams, "Keyring reloaded.");
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "Keyring reload failed; keeping the previous keyring.");
+                }
+            }
+        }
+    });
+}
+
+/// Keeps `/readyz` honest about Redis while no job is passing through.
+fn spawn_redis_probe(buffer: Buffer, health: Arc<Health>, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        loop {
+            health.set_redis(buffer.ping().await.is_ok());
+            if !shutdown
+                .sleep_until(tokio::time::Instant::now() + Duration::from_secs(2))
+                .await
+            {
+                break;
+            }
+        }
+    });
+}

@@ -1,0 +1,44 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use opsgenie_worker::config::{Cli, Command, DeadCommand};
+use opsgenie_worker::shutdown::{Shutdown, on_signals};
+use opsgenie_worker::{Fatal, check, dead, enqueue, run, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_format = match &cli.command {
+        Command::Run(args) => args.log_format,
+        _ => None,
+    };
+    telemetry::init_logs(log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("opsgenie-worker: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => {
+                let (trigger, shutdown) = Shutdown::new();
+                on_signals(trigger).map_err(|e| Fatal::Other(format!("cannot listen for signals: {e}")))?;
+                run(*args, shutdown).await
+            }
+            Command::Enqueue(args) => enqueue::enqueue(args).await,
+            Command::Dead(DeadCommand::List { broker, limit }) => dead::list(broker, limit).await,
+            Command::Dead(DeadCommand::Replay { broker, limit }) => dead::replay(broker, limit).await,
+            Command::Check(args) => check::check(args).await,
+        }
+    });
+    // Background tasks (the Redis client's reconnects) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(fatal) => {
+            eprintln!("opsgenie-worker: {fatal}");
+            ExitCode::from(fatal.exit_code())
+        }
+    }
+}

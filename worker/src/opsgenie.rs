@@ -1,0 +1,255 @@
+//! The Opsgenie boundary: one HTTP client for the process, one round of quick retries with
+//! exponential backoff and jitter, and the per-key cooldown after a 429. What each answer
+//! means is decided by `opsgenie_shared::outcome::classify_response`; this file only moves
+//! bytes and waits.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use opsgenie_shared::outcome::{classify_response, classify_transport_error};
+use opsgenie_shared::retry::RetryPolicy;
+use opsgenie_shared::{DeadReason, OpsgenieRequest, Verdict};
+use reqwest::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::keyring::Team;
+use crate::shutdown::Shutdown;
+
+/// The end of one delivery round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoundResult {
+    /// 2xx, or 404 on a close. `status` and `request_id` are Opsgenie's.
+    Delivered { status: u16, request_id: String },
+    /// A permanent refusal.
+    Refused { reason: DeadReason, status: u16, message: String },
+    /// Every try failed in a way worth trying again later. `status` is the last answer, if
+    /// any; `wait` is how long the server asked us to wait.
+    Failed {
+        status: Option<u16>,
+        wait: Option<Duration>,
+        message: String,
+    },
+}
+
+/// The HTTP client and the cooldowns of rate-limited keys.
+#[derive(Clone)]
+pub struct Sender {
+    http: reqwest::Client,
+    user_agent: HeaderValue,
+    /// Until when requests with a key must wait after a 429, by team id. Shared by every task
+    /// so that one 429 slows all requests with that key, not only the one that got it.
+    cooldowns: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+#[derive(Deserialize)]
+struct Accepted {
+    #[serde(rename = "requestId", default)]
+    request_id: String,
+}
+
+impl Sender {
+    /// Fails only when the TLS back-end cannot start.
+    pub fn new(request_timeout: Duration) -> Result<Sender, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5).min(request_timeout))
+            .timeout(request_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()?;
+        let user_agent = HeaderValue::from_static(concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION")));
+        Ok(Sender {
+            http,
+            user_agent,
+            cooldowns: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Sends `request` to `team` up to `policy.quick_tries` times within `policy.quick_window`.
+    /// Returns early, as `Failed`, when shutdown begins during a wait, so the job can go to a
+    /// delay queue instead of holding up the drain.
+    pub async fn deliver(
+        &self,
+        team: &Team,
+        request: &OpsgenieRequest,
+        policy: &RetryPolicy,
+        shutdown: &Shutdown,
+    ) -> (RoundResult, u32) {
+        let deadline = Instant::now() + policy.quick_window;
+        let mut backoff = backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(Duration::from_millis(200))
+            .with_multiplier(3.0)
+            .with_randomization_factor(0.5)
+            .with_max_interval(policy.quick_window)
+            .with_max_elapsed_time(None)
+            .build();
+        let url = format!(
+            "{}{}{}{}",
+            team.api_base,
+            request.path,
+            if request.query.is_empty() { "" } else { "?" },
+            request.query
+        );
+        let mut tries = 0;
+        loop {
+            if let Some(until) = self.cooldown(&team.id) {
+                if until > deadline {
+                    return (
+                        RoundResult::Failed {
+                            status: Some(429),
+                            wait: Some(until - Instant::now()),
+                            message: "rate limited: the key is cooling down".into(),
+                        },
+                        tries,
+                    );
+                }
+                if !shutdown.sleep_until(until).await {
+                    return (interrupted(), tries);
+                }
+            }
+            tries += 1;
+            let started = std::time::Instant::now();
+            let answer = self
+                .http
+                .post(&url)
+                .header(reqwest::header::AUTHORIZATION, team.authorization.clone())
+                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .header(USER_AGENT, self.user_agent.clone())
+                .body(request.body.clone())
+                .send()
+                .await;
+            let (verdict, status, request_id, message) = match answer {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let header = |name: &str| {
+                        response
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let retry_after = header("retry-after");
+                    let period = header("x-ratelimit-period-in-sec");
+                    let verdict = classify_response(request.action, status, retry_after.as_deref(), period.as_deref());
+                    let body = response.bytes().await.unwrap_or_default();
+                    let request_id = serde_json::from_slice::<Accepted>(&body)
+                        .map(|a| a.request_id)
+                        .unwrap_or_default();
+                    let message = format!("Opsgenie answered {status}: {}", excerpt(&body));
+                    (verdict, Some(status), request_id, message)
+                }
+                Err(error) => (
+                    classify_transport_error(),
+                    None,
+                    String::new(),
+                    transport_message(&error),
+                ),
+            };
+            metrics::histogram!("opsgenie_request_duration_seconds").record(started.elapsed().as_secs_f64());
+            metrics::counter!("opsgenie_responses_total", "status" => status.map_or("error".to_string(), |s| s.to_string()))
+                .increment(1);
+            match verdict {
+                Verdict::Delivered | Verdict::NothingToClose => {
+                    if verdict == Verdict::NothingToClose {
+                        tracing::info!(alias = request.alias.as_deref(), "Nothing open to close; counted as delivered.");
+                    }
+                    return (
+                        RoundResult::Delivered {
+                            status: status.unwrap_or(0),
+                            request_id,
+                        },
+                        tries,
+                    );
+                }
+                Verdict::DeadLetter(reason) => {
+                    return (
+                        RoundResult::Refused {
+                            reason,
+                            status: status.unwrap_or(0),
+                            message,
+                        },
+                        tries,
+                    );
+                }
+                Verdict::Retry { wait, rate_limited } => {
+                    let pause = match wait {
+                        Some(w) => w,
+                        None => backoff.next_backoff().unwrap_or(policy.quick_window),
+                    };
+                    if rate_limited {
+                        self.cool_down(&team.id, Instant::now() + pause);
+                    }
+                    let resume = Instant::now() + pause;
+                    if tries >= policy.quick_tries || resume > deadline {
+                        return (RoundResult::Failed { status, wait, message }, tries);
+                    }
+                    tracing::debug!(status, retry_in_ms = pause.as_millis() as u64, "Request failed; trying again.");
+                    metrics::counter!("opsgenie_retries_total", "kind" => "quick").increment(1);
+                    if !shutdown.sleep_until(resume).await {
+                        return (RoundResult::Failed { status, wait, message }, tries);
+                    }
+                }
+            }
+        }
+    }
+
+    fn cooldown(&self, team: &str) -> Option<Instant> {
+        let mut map = self.cooldowns.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(team) {
+            Some(until) if *until > Instant::now() => Some(*until),
+            Some(_) => {
+                map.remove(team);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn cool_down(&self, team: &str, until: Instant) {
+        let mut map = self.cooldowns.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(team.to_string()).or_insert(until);
+        if *entry < until {
+            *entry = until;
+        }
+    }
+}
+
+fn interrupted() -> RoundResult {
+    RoundResult::Failed {
+        status: None,
+        wait: None,
+        message: "shutting down".into(),
+    }
+}
+
+/// The start of a response body, for a readable dead-letter message.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let trimmed: String = text.chars().take(200).collect();
+    trimmed.trim().to_string()
+}
+
+/// A transport error without the URL (which is ours, not secret, but long) and never a header.
+fn transport_message(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(error);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}

@@ -1,0 +1,100 @@
+//! Logs (tracing, text or JSON) and the HTTP endpoints `/metrics`, `/healthz` and `/readyz`.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+use crate::health::Health;
+use crate::shutdown::Shutdown;
+
+/// Installs the global subscriber: `RUST_LOG` filters (default `info`); JSON unless asked for
+/// text or writing to a terminal. Logs go to standard error, so `enqueue` and `dead list`
+/// keep standard output for their results.
+pub fn init_logs(format: Option<LogFormat>) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Text
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
+}
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn init_metrics() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("duration_seconds".into()),
+                    &[0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                )
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct Endpoints {
+    metrics: Option<PrometheusHandle>,
+    health: Arc<Health>,
+}
+
+/// Serves the endpoints on `addr` until shutdown.
+///
+/// Fails when the address cannot be bound.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Option<PrometheusHandle>,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(Endpoints { metrics, health });
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.triggered().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(error = %error, "The metrics endpoint stopped.");
+        }
+    }))
+}
+
+async fn render_metrics(State(endpoints): State<Endpoints>) -> impl IntoResponse {
+    let body = endpoints.metrics.as_ref().map(PrometheusHandle::render).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+async fn readyz(State(endpoints): State<Endpoints>) -> impl IntoResponse {
+    match endpoints.health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
