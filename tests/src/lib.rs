@@ -1,0 +1,384 @@
+//! The end-to-end harness: each test gets its own exchange, queues and Redis prefix on the
+//! machine's RabbitMQ and Redis, an Opsgenie stand-in, and real `opsgenie-worker` processes.
+//! Everything it creates is removed when the `TestEnv` is dropped.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use fred::prelude::*;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use opsgenie_shared::retry::parse_duration;
+pub use opsgenie_standin::{Fault, StandIn, StandInConfig};
+use opsgenie_worker::amqp::Topology;
+use opsgenie_worker::config::QueueType;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// The delays the tests give the retry queues, so that a retry comes back within seconds.
+pub const TEST_RETRY_DELAYS: &str = "1s,2s,3s";
+
+/// `opsgenie-worker`, built beside this test binary (`target/<profile>/`).
+pub fn worker_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary sits in target/<profile>/deps");
+    let bin = dir.join("opsgenie-worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// A team in the keyring the test writes.
+pub struct TeamSpec<'a> {
+    pub id: &'a str,
+    pub key: &'a str,
+    pub api_url: &'a str,
+}
+
+/// One test's isolated world.
+pub struct TestEnv {
+    pub name: String,
+    pub exchange: String,
+    pub queue: String,
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub connection: Connection,
+    pub channel: Channel,
+    pub redis: Client,
+}
+
+impl TestEnv {
+    /// Creates unique names from `name` and connects to RabbitMQ and Redis.
+    pub async fn new(name: &str) -> TestEnv {
+        let id = format!(
+            "{name}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let dir = std::env::temp_dir().join(format!("opsgenie-e2e-{id}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (start it with `rabbitmq-server -detached`)");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let redis = Builder::from_config(Config::from_url(REDIS_URL).expect("url"))
+            .build()
+            .expect("redis client");
+        redis
+            .init()
+            .await
+            .expect("Redis at 127.0.0.1:6379 (start it with redis-server)");
+        let env = TestEnv {
+            exchange: format!("e2e.{id}"),
+            queue: format!("e2e.{id}.alerts"),
+            prefix: format!("e2e:{id}:"),
+            name: id,
+            dir,
+            connection,
+            channel,
+            redis,
+        };
+        env.topology()
+            .declare(&env.channel)
+            .await
+            .expect("declare the topology");
+        env
+    }
+
+    /// The worker's own topology for this test's names, declared up front so that jobs
+    /// published before a worker starts are kept.
+    pub fn topology(&self) -> Topology {
+        let delays: Vec<Duration> = TEST_RETRY_DELAYS
+            .split(',')
+            .map(|d| parse_duration(d).expect("test delay"))
+            .collect();
+        Topology {
+            exchange: self.exchange.clone(),
+            routing_key: "alert".into(),
+            queue: self.queue.clone(),
+            queue_type: QueueType::Classic,
+            retry_queues: TEST_RETRY_DELAYS
+                .split(',')
+                .zip(delays)
+                .map(|(name, d)| (format!("{}.retry.{name}", self.queue), d))
+                .collect(),
+            dead_queue: self.dead_queue(),
+        }
+    }
+
+    /// Writes `keyring.toml` in the test's directory and returns its path.
+    pub fn write_keyring(&self, teams: &[TeamSpec<'_>]) -> PathBuf {
+        let mut text = String::new();
+        for t in teams {
+            text.push_str(&format!(
+                "[[team]]\nid = \"{}\"\nintegration_key = \"{}\"\napi_url = \"{}\"\n\n",
+                t.id, t.key, t.api_url
+            ));
+        }
+        let path = self.dir.join("keyring.toml");
+        std::fs::write(&path, text).expect("write keyring");
+        path
+    }
+
+    /// The arguments every command of this test shares: its exchange, queue and delays.
+    pub fn broker_args(&self) -> Vec<String> {
+        vec![
+            "--amqp-url".into(),
+            AMQP_URL.into(),
+            "--exchange".into(),
+            self.exchange.clone(),
+            "--queue".into(),
+            self.queue.clone(),
+            "--retry-delays".into(),
+            TEST_RETRY_DELAYS.into(),
+        ]
+    }
+
+    /// Starts `opsgenie-worker run` with this test's names, JSON logs to a file, no metrics
+    /// endpoint unless `extra` asks for one, and `extra` flags last.
+    pub fn spawn_worker(&self, keyring: &Path, extra: &[&str]) -> WorkerProcess {
+        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        let log = self.dir.join(format!("worker-{n}.log"));
+        let mut cmd = Command::new(worker_binary());
+        cmd.arg("run")
+            .args(self.broker_args())
+            .args(["--redis-url", REDIS_URL, "--redis-prefix", &self.prefix])
+            .arg("--keyring")
+            .arg(keyring)
+            .args(["--log-format", "json"]);
+        if !extra.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", "off"]);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let child = cmd.spawn().expect("start opsgenie-worker");
+        WorkerProcess { child, log }
+    }
+
+    /// Runs another `opsgenie-worker` command with this test's names; returns its exit code,
+    /// standard output and standard error.
+    pub fn command(&self, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+        let mut cmd = Command::new(worker_binary());
+        cmd.arg(args[0]);
+        if args[0] == "dead" {
+            cmd.arg(args[1]).args(self.broker_args()).args(&args[2..]);
+        } else {
+            cmd.args(self.broker_args()).args(&args[1..]);
+        }
+        cmd.env("RUST_LOG", "warn")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start opsgenie-worker");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(input).expect("write stdin");
+        }
+        let out = child.wait_with_output().expect("wait");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Publishes a job to the exchange with routing key `alert`, persistent, JSON, confirmed.
+    pub async fn publish(&self, body: &[u8]) {
+        self.publish_with(body, BasicProperties::default()).await;
+    }
+
+    pub async fn publish_with(&self, body: &[u8], properties: BasicProperties) {
+        let properties = properties
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                "alert".into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "the broker refused a job");
+    }
+
+    /// Messages ready in `queue` (0 when it does not exist).
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "".into()).await;
+        declared.map(|q| q.message_count()).unwrap_or(0)
+    }
+
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+
+    /// Every entry of the deliveries stream, oldest first, as field maps.
+    pub async fn stream(&self) -> Vec<HashMap<String, String>> {
+        let entries: Vec<(String, HashMap<String, String>)> = self
+            .redis
+            .xrange(format!("{}deliveries", self.prefix), "-", "+", None)
+            .await
+            .expect("xrange");
+        entries.into_iter().map(|(_, fields)| fields).collect()
+    }
+
+    /// Deletes the exchange, the queues and the Redis keys this test made.
+    pub async fn cleanup(&self) {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let topology = self.topology();
+        let mut queues = vec![topology.queue.clone(), topology.dead_queue.clone()];
+        queues.extend(topology.retry_queues.iter().map(|(name, _)| name.clone()));
+        for q in queues {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let keys: Vec<String> = self
+            .redis
+            .custom(fred::cmd!("KEYS"), vec![format!("{}*", self.prefix)])
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = self.redis.del(keys).await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `opsgenie-worker run`; killed when dropped.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Sends SIGTERM and waits (up to `deadline`) for the exit status.
+    pub async fn terminate(&mut self, deadline: Duration) -> ExitStatus {
+        self.signal("TERM");
+        self.wait_exit(deadline)
+            .await
+            .expect("the worker did not exit after SIGTERM")
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() > end {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The log lines written so far, parsed (lines that are not JSON are skipped).
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn raw_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The "Job finished." lines.
+    pub fn job_lines(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .into_iter()
+            .filter(|l| l["message"] == "Job finished.")
+            .collect()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `deadline` passes; returns whether it held.
+pub async fn wait_until<F, Fut>(deadline: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -4,10 +4,13 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use opsgenie_shared::DeadReason;
 use opsgenie_shared::retry::format_duration;
 
@@ -55,7 +58,10 @@ impl Topology {
     fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         if self.queue_type == QueueType::Quorum {
-            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
         }
         args
     }
@@ -110,13 +116,25 @@ impl Topology {
             );
             if self.queue_type == QueueType::Quorum {
                 // Quorum queues drop dead-lettered messages unless told to keep them safe.
-                args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
-                args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+                args.insert(
+                    "x-dead-letter-strategy".into(),
+                    AMQPValue::LongString("at-least-once".into()),
+                );
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
             }
-            channel.queue_declare(name.as_str().into(), durable, args).await?;
+            channel
+                .queue_declare(name.as_str().into(), durable, args)
+                .await?;
         }
         channel
-            .queue_declare(self.dead_queue.as_str().into(), durable, self.queue_arguments())
+            .queue_declare(
+                self.dead_queue.as_str().into(),
+                durable,
+                self.queue_arguments(),
+            )
             .await?;
         Ok(())
     }
@@ -124,7 +142,8 @@ impl Topology {
 
 /// Opens a connection; its heartbeat and name come from here so that every command agrees.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
+    let props =
+        ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
     Connection::connect(url, props).await
 }
 
@@ -148,7 +167,9 @@ pub enum PublishError {
 impl Publisher {
     pub async fn new(connection: &Connection) -> lapin::Result<Publisher> {
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Publisher { channel })
     }
 
@@ -192,19 +213,32 @@ impl Publisher {
         first_seen_ms: u64,
     ) -> Result<(), PublishError> {
         let mut headers = job_headers(properties);
-        headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(attempts.into()));
+        headers.insert(
+            HEADER_ATTEMPTS.into(),
+            AMQPValue::LongLongInt(attempts.into()),
+        );
         headers.insert(
             HEADER_FIRST_SEEN.into(),
             AMQPValue::LongLongInt(i64::try_from(first_seen_ms).unwrap_or(i64::MAX)),
         );
-        self.publish("", queue, body, persistent(properties, headers)).await
+        self.publish("", queue, body, persistent(properties, headers))
+            .await
     }
 
     /// Sends a job to the dead-letter queue with the original body and properties and the
     /// error headers of SPEC section 8.
-    pub async fn dead_letter(&self, queue: &str, body: &[u8], properties: &BasicProperties, letter: &DeadLetter) -> Result<(), PublishError> {
+    pub async fn dead_letter(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: &BasicProperties,
+        letter: &DeadLetter,
+    ) -> Result<(), PublishError> {
         let mut headers = job_headers(properties);
-        headers.insert(HEADER_ERROR.into(), AMQPValue::LongString(letter.reason.as_str().into()));
+        headers.insert(
+            HEADER_ERROR.into(),
+            AMQPValue::LongString(letter.reason.as_str().into()),
+        );
         headers.insert(
             HEADER_ERROR_MESSAGE.into(),
             AMQPValue::LongString(letter.message.as_str().into()),
@@ -212,12 +246,16 @@ impl Publisher {
         if let Some(status) = letter.status {
             headers.insert(HEADER_STATUS.into(), AMQPValue::LongLongInt(status.into()));
         }
-        headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(letter.attempts.into()));
+        headers.insert(
+            HEADER_ATTEMPTS.into(),
+            AMQPValue::LongLongInt(letter.attempts.into()),
+        );
         headers.insert(
             HEADER_DEAD_AT.into(),
             AMQPValue::LongLongInt(i64::try_from(now_ms()).unwrap_or(i64::MAX)),
         );
-        self.publish("", queue, body, persistent(properties, headers)).await
+        self.publish("", queue, body, persistent(properties, headers))
+            .await
     }
 }
 
@@ -244,7 +282,10 @@ pub fn job_headers(properties: &BasicProperties) -> FieldTable {
 }
 
 fn persistent(properties: &BasicProperties, headers: FieldTable) -> BasicProperties {
-    properties.clone().with_delivery_mode(2).with_headers(headers)
+    properties
+        .clone()
+        .with_delivery_mode(2)
+        .with_headers(headers)
 }
 
 /// A header as a whole number, whichever integer type the producer used.
@@ -272,7 +313,9 @@ pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
     match value {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        other => header_u64(properties, name).map(|n| n.to_string()).or_else(|| Some(format!("{other:?}"))),
+        other => header_u64(properties, name)
+            .map(|n| n.to_string())
+            .or_else(|| Some(format!("{other:?}"))),
     }
 }
 

@@ -146,7 +146,13 @@ impl Buffer {
 
     /// The keys one job touches. `lease_on` is the incident alias for a metric alert, else the
     /// notification uuid (so two copies of one notification are never sent at once).
-    pub fn keys(&self, notification_uuid: &str, lease_on: &str, seq: Option<i64>, token: String) -> JobKeys {
+    pub fn keys(
+        &self,
+        notification_uuid: &str,
+        lease_on: &str,
+        seq: Option<i64>,
+        token: String,
+    ) -> JobKeys {
         let p = &self.settings.prefix;
         JobKeys {
             sent: format!("{p}sent:{notification_uuid}"),
@@ -165,7 +171,11 @@ impl Buffer {
             .acquire
             .evalsha_with_reload(
                 &self.client,
-                vec![keys.sent.as_str(), keys.lease.as_str(), keys.sequence.as_str()],
+                vec![
+                    keys.sent.as_str(),
+                    keys.lease.as_str(),
+                    keys.sequence.as_str(),
+                ],
                 vec![keys.token.as_str(), lease_ms.as_str(), seq.as_str()],
             )
             .await?;
@@ -179,7 +189,11 @@ impl Buffer {
 
     /// Writes the stream entry, the sent marker and the incident's sequence, and frees the
     /// lease, atomically. Returns the stream entry id.
-    pub async fn record(&self, keys: &JobKeys, fields: &[(&'static str, String)]) -> Result<String, Error> {
+    pub async fn record(
+        &self,
+        keys: &JobKeys,
+        fields: &[(&'static str, String)],
+    ) -> Result<String, Error> {
         let seq = keys.seq.map(|s| s.to_string()).unwrap_or_default();
         let mut args: Vec<String> = Vec::with_capacity(5 + fields.len() * 2);
         args.push(self.settings.stream_maxlen.to_string());
@@ -195,7 +209,12 @@ impl Buffer {
         self.record
             .evalsha_with_reload(
                 &self.client,
-                vec![stream.as_str(), keys.sent.as_str(), keys.sequence.as_str(), keys.lease.as_str()],
+                vec![
+                    stream.as_str(),
+                    keys.sent.as_str(),
+                    keys.sequence.as_str(),
+                    keys.lease.as_str(),
+                ],
                 args,
             )
             .await
@@ -205,7 +224,11 @@ impl Buffer {
     pub async fn release(&self, keys: &JobKeys) -> Result<(), Error> {
         let _: i64 = self
             .release
-            .evalsha_with_reload(&self.client, vec![keys.lease.as_str()], vec![keys.token.as_str()])
+            .evalsha_with_reload(
+                &self.client,
+                vec![keys.lease.as_str()],
+                vec![keys.token.as_str()],
+            )
             .await?;
         Ok(())
     }

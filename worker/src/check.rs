@@ -14,7 +14,8 @@ use crate::{Fatal, init_tls};
 /// the address that could not be reached.
 pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
     init_tls();
-    let keyring = Keyring::load(&args.keyring).map_err(|e| Fatal::Config(format!("keyring: {e}")))?;
+    let keyring =
+        Keyring::load(&args.keyring).map_err(|e| Fatal::Config(format!("keyring: {e}")))?;
     println!(
         "ok: keyring {} ({} team{}: {})",
         args.keyring.display(),
@@ -23,18 +24,28 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
         keyring.team_ids().join(", ")
     );
     let amqp_url = redact_url(&args.broker.amqp_url);
-    let connection = tokio::time::timeout(Duration::from_secs(10), amqp::connect(&args.broker.amqp_url, "opsgenie-worker check"))
-        .await
-        .map_err(|_| Fatal::Config(format!("RabbitMQ at {amqp_url}: no answer within 10 s")))?
-        .map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: {e}")))?;
+    let connection = tokio::time::timeout(
+        Duration::from_secs(10),
+        amqp::connect(&args.broker.amqp_url, "opsgenie-worker check"),
+    )
+    .await
+    .map_err(|_| Fatal::Config(format!("RabbitMQ at {amqp_url}: no answer within 10 s")))?
+    .map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: {e}")))?;
     let topology = Topology::new(&args.broker);
-    let channel = connection.create_channel().await.map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: {e}")))?;
-    topology
-        .declare(&channel)
+    let channel = connection
+        .create_channel()
         .await
-        .map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: cannot declare the queues: {e}")))?;
+        .map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: {e}")))?;
+    topology.declare(&channel).await.map_err(|e| {
+        Fatal::Config(format!(
+            "RabbitMQ at {amqp_url}: cannot declare the queues: {e}"
+        ))
+    })?;
     let _ = connection.close(200, "checked".into()).await;
-    println!("ok: RabbitMQ at {amqp_url} (exchange {}, queue {})", topology.exchange, topology.queue);
+    println!(
+        "ok: RabbitMQ at {amqp_url} (exchange {}, queue {})",
+        topology.exchange, topology.queue
+    );
     let redis_url = redact_url(&args.redis.redis_url);
     let buffer = Buffer::new(
         &args.redis.redis_url,

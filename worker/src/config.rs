@@ -92,7 +92,12 @@ pub struct BrokerArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {
     /// Redis URL (redis://, rediss:// or redis-sentinel://).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis_url: String,
     /// The prefix of every Redis key the worker writes.
     #[arg(long, env = "REDIS_PREFIX", default_value = "opsgenie:")]
@@ -200,7 +205,8 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s).ok_or_else(|| format!("\"{s}\" is not a duration such as 500ms, 10s, 2m or 24h"))
+    parse_duration(s)
+        .ok_or_else(|| format!("\"{s}\" is not a duration such as 500ms, 10s, 2m or 24h"))
 }
 
 fn parse_delays(s: &str) -> Result<Delays, String> {
@@ -244,7 +250,10 @@ mod tests {
     #[test]
     fn redacts_passwords_only() {
         let cases = [
-            ("amqp://guest:guest@127.0.0.1:5672/%2f", "amqp://guest:***@127.0.0.1:5672/%2f"),
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+            ),
             ("redis://:p%40ss@redis:6379/0", "redis://:***@redis:6379/0"),
             ("rediss://user@host", "rediss://user@host"),
             ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
@@ -270,12 +279,17 @@ mod tests {
     #[test]
     fn defaults_follow_the_spec() {
         let cli = Cli::try_parse_from(["opsgenie-worker", "run"]).unwrap();
-        let Command::Run(run) = cli.command else { panic!("not run") };
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(run.prefetch, 64);
         assert_eq!(run.broker.exchange, "opsgenie");
         assert_eq!(run.broker.queue, "opsgenie.alerts");
         assert_eq!(run.redis.redis_prefix, "opsgenie:");
-        assert_eq!(run.metrics_addr, MetricsAddr::On("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            run.metrics_addr,
+            MetricsAddr::On("127.0.0.1:9464".parse().unwrap())
+        );
         assert_eq!(run.retry_policy(), RetryPolicy::default());
         assert_eq!(run.dedupe_ttl, 86_400);
         assert_eq!(run.stream_maxlen, 1_000_000);

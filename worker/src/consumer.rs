@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::task::JoinSet;
@@ -42,7 +44,11 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                 continue;
             }
         };
-        tracing::info!(queue = settings.topology.queue, prefetch = settings.prefetch, "Consuming.");
+        tracing::info!(
+            queue = settings.topology.queue,
+            prefetch = settings.prefetch,
+            "Consuming."
+        );
         pipeline.health.set_consuming(true);
         loop {
             tokio::select! {
@@ -92,11 +98,15 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
     }
 }
 
-async fn open(settings: &ConsumerSettings) -> lapin::Result<(Connection, Channel, Publisher, lapin::Consumer)> {
+async fn open(
+    settings: &ConsumerSettings,
+) -> lapin::Result<(Connection, Channel, Publisher, lapin::Consumer)> {
     let connection = amqp::connect(&settings.amqp_url, "opsgenie-worker run").await?;
     let channel = connection.create_channel().await?;
     settings.topology.declare(&channel).await?;
-    channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
     let publisher = Publisher::new(&connection).await?;
     let consumer = channel
         .basic_consume(
@@ -114,7 +124,11 @@ async fn open(settings: &ConsumerSettings) -> lapin::Result<(Connection, Channel
 async fn drain(mut tasks: JoinSet<()>, timeout: Duration) {
     let in_flight = tasks.len();
     if in_flight > 0 {
-        tracing::info!(in_flight, timeout_s = timeout.as_secs(), "Waiting for jobs in flight.");
+        tracing::info!(
+            in_flight,
+            timeout_s = timeout.as_secs(),
+            "Waiting for jobs in flight."
+        );
     }
     let finished = tokio::time::timeout(timeout, async {
         while tasks.join_next().await.is_some() {}
@@ -131,7 +145,13 @@ async fn drain(mut tasks: JoinSet<()>, timeout: Duration) {
 }
 
 /// Runs one delivery through the pipeline and settles it with the broker.
-async fn handle(delivery: Delivery, pipeline: &Pipeline, publisher: &Publisher, topology: &Topology, shutdown: &Shutdown) {
+async fn handle(
+    delivery: Delivery,
+    pipeline: &Pipeline,
+    publisher: &Publisher,
+    topology: &Topology,
+    shutdown: &Shutdown,
+) {
     let started = Instant::now();
     metrics::gauge!("opsgenie_jobs_in_flight").increment(1.0);
     let now_ms = amqp::now_ms();
@@ -152,7 +172,8 @@ async fn handle(delivery: Delivery, pipeline: &Pipeline, publisher: &Publisher, 
     };
     metrics::counter!("opsgenie_jobs_total", "outcome" => report.outcome.as_str(), "reason" => reason).increment(1);
     if report.outcome == Outcome::Delivered {
-        metrics::histogram!("opsgenie_delivery_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("opsgenie_delivery_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
     }
     log_report(&report, latency_ms, settled.as_ref().err());
 }
@@ -172,7 +193,13 @@ async fn settle(
             metrics::counter!("opsgenie_retries_total", "kind" => "delayed").increment(1);
             let queue = &topology.retry_queues[(*tier).min(topology.retry_queues.len() - 1)].0;
             publisher
-                .schedule_retry(queue, &delivery.data, &delivery.properties, report.attempt, first_seen_ms)
+                .schedule_retry(
+                    queue,
+                    &delivery.data,
+                    &delivery.properties,
+                    report.attempt,
+                    first_seen_ms,
+                )
                 .await
                 .map_err(|e| format!("could not schedule the retry: {e}"))
         }
@@ -184,7 +211,12 @@ async fn settle(
                 attempts: report.attempt,
             };
             publisher
-                .dead_letter(&topology.dead_queue, &delivery.data, &delivery.properties, &letter)
+                .dead_letter(
+                    &topology.dead_queue,
+                    &delivery.data,
+                    &delivery.properties,
+                    &letter,
+                )
                 .await
                 .map_err(|e| format!("could not dead-letter: {e}"))
         }
@@ -198,7 +230,13 @@ async fn settle(
             .map(|_| ())
             .map_err(|e| format!("could not ack: {e}")),
         Err(why) => {
-            let _ = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
             Err(why)
         }
     }
@@ -213,7 +251,11 @@ fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) {
         Outcome::RetryLater { tier } => Some(*tier as u64),
         _ => None,
     };
-    let outcome = if unsettled.is_some() { "requeued" } else { report.outcome.as_str() };
+    let outcome = if unsettled.is_some() {
+        "requeued"
+    } else {
+        report.outcome.as_str()
+    };
     tracing::info!(
         notification_uuid = report.notification_uuid.as_deref(),
         team_id = report.team_id.as_deref(),

@@ -6,8 +6,8 @@ use lapin::{BasicProperties, Channel, Connection};
 use opsgenie_shared::AlertJob;
 
 use crate::amqp::{
-    self, HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_MESSAGE, HEADER_FIRST_SEEN, HEADER_STATUS,
-    Publisher, Topology, header_str, header_u64,
+    self, HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_MESSAGE, HEADER_FIRST_SEEN,
+    HEADER_STATUS, Publisher, Topology, header_str, header_u64,
 };
 use crate::config::BrokerArgs;
 use crate::enqueue::unreachable_broker;
@@ -19,7 +19,10 @@ async fn open(broker: &BrokerArgs, name: &str) -> Result<(Connection, Channel, T
     let connection = amqp::connect(&broker.amqp_url, name)
         .await
         .map_err(|e| unreachable_broker(&broker.amqp_url, &e))?;
-    let channel = connection.create_channel().await.map_err(|e| Fatal::Other(e.to_string()))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| Fatal::Other(e.to_string()))?;
     topology
         .declare(&channel)
         .await
@@ -33,12 +36,18 @@ pub fn describe(body: &[u8], properties: &BasicProperties, now_ms: u64) -> Strin
     let message = header_str(properties, HEADER_ERROR_MESSAGE).unwrap_or_default();
     let status = header_u64(properties, HEADER_STATUS).map_or("-".to_string(), |s| s.to_string());
     let attempts = header_u64(properties, HEADER_ATTEMPTS).unwrap_or(0);
-    let age = header_u64(properties, HEADER_DEAD_AT)
-        .map_or("-".to_string(), |at| human_age(now_ms.saturating_sub(at) / 1000));
+    let age = header_u64(properties, HEADER_DEAD_AT).map_or("-".to_string(), |at| {
+        human_age(now_ms.saturating_sub(at) / 1000)
+    });
     let uuid = AlertJob::parse(body)
         .map(|j| j.notification_uuid)
         .ok()
-        .or_else(|| properties.message_id().as_ref().map(|m| m.as_str().to_string()))
+        .or_else(|| {
+            properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_string())
+        })
         .unwrap_or_else(|| "-".into());
     format!("{reason}\t{uuid}\tstatus={status}\tattempts={attempts}\tage={age}\t{message}")
 }
@@ -63,11 +72,17 @@ pub async fn list(broker: BrokerArgs, limit: u32) -> Result<(), Fatal> {
     println!("reason\tnotification_uuid\tstatus\tattempts\tage\tmessage");
     while shown < limit {
         let got = channel
-            .basic_get(topology.dead_queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                topology.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await
             .map_err(|e| Fatal::Other(e.to_string()))?;
         let Some(message) = got else { break };
-        println!("{}", describe(&message.delivery.data, &message.delivery.properties, now));
+        println!(
+            "{}",
+            describe(&message.delivery.data, &message.delivery.properties, now)
+        );
         shown += 1;
         remaining = message.message_count;
     }
@@ -78,7 +93,11 @@ pub async fn list(broker: BrokerArgs, limit: u32) -> Result<(), Fatal> {
         "{shown} dead letter{} shown from {}{}.",
         if shown == 1 { "" } else { "s" },
         topology.dead_queue,
-        if remaining > 0 { format!(" ({remaining} more not shown)") } else { String::new() }
+        if remaining > 0 {
+            format!(" ({remaining} more not shown)")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }
@@ -90,7 +109,9 @@ pub async fn list(broker: BrokerArgs, limit: u32) -> Result<(), Fatal> {
 /// Fails when the broker cannot be reached or a copy is not confirmed.
 pub async fn replay(broker: BrokerArgs, limit: Option<u32>) -> Result<(), Fatal> {
     let (connection, channel, topology) = open(&broker, "opsgenie-worker dead replay").await?;
-    let publisher = Publisher::new(&connection).await.map_err(|e| Fatal::Other(e.to_string()))?;
+    let publisher = Publisher::new(&connection)
+        .await
+        .map_err(|e| Fatal::Other(e.to_string()))?;
     let mut moved = 0u32;
     // Bounded by what is there now, so that a job that dies again at once is not replayed in
     // a loop.
@@ -100,7 +121,10 @@ pub async fn replay(broker: BrokerArgs, limit: Option<u32>) -> Result<(), Fatal>
             break;
         }
         let got = channel
-            .basic_get(topology.dead_queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                topology.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await
             .map_err(|e| Fatal::Other(e.to_string()))?;
         let Some(message) = got else { break };
@@ -109,15 +133,31 @@ pub async fn replay(broker: BrokerArgs, limit: Option<u32>) -> Result<(), Fatal>
         let delivery = message.delivery;
         let mut headers = FieldTable::default();
         for (k, v) in amqp::job_headers(&delivery.properties).inner() {
-            if ![HEADER_ERROR, HEADER_ERROR_MESSAGE, HEADER_STATUS, HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_FIRST_SEEN]
-                .contains(&k.as_str())
+            if ![
+                HEADER_ERROR,
+                HEADER_ERROR_MESSAGE,
+                HEADER_STATUS,
+                HEADER_ATTEMPTS,
+                HEADER_DEAD_AT,
+                HEADER_FIRST_SEEN,
+            ]
+            .contains(&k.as_str())
             {
                 headers.insert(k.clone(), v.clone());
             }
         }
-        let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
         match publisher
-            .publish(&topology.exchange, &topology.routing_key, &delivery.data, properties)
+            .publish(
+                &topology.exchange,
+                &topology.routing_key,
+                &delivery.data,
+                properties,
+            )
             .await
         {
             Ok(()) => {
@@ -129,7 +169,13 @@ pub async fn replay(broker: BrokerArgs, limit: Option<u32>) -> Result<(), Fatal>
                 moved += 1;
             }
             Err(error) => {
-                let _ = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await;
                 return Err(Fatal::Other(format!("replayed {moved}, then: {error}")));
             }
         }

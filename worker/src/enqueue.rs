@@ -69,7 +69,8 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<(), Fatal> {
         found = split_lines(&data);
     } else {
         for file in &args.files {
-            let data = std::fs::read(file).map_err(|e| Fatal::Other(format!("{}: {e}", file.display())))?;
+            let data = std::fs::read(file)
+                .map_err(|e| Fatal::Other(format!("{}: {e}", file.display())))?;
             let (jobs, problem) = split_file(&display(file), &data);
             found.extend(jobs);
             problems.extend(problem);
@@ -90,15 +91,25 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<(), Fatal> {
         let connection = amqp::connect(&args.broker.amqp_url, "opsgenie-worker enqueue")
             .await
             .map_err(|e| unreachable_broker(&args.broker.amqp_url, &e))?;
-        let channel = connection.create_channel().await.map_err(|e| Fatal::Other(e.to_string()))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| Fatal::Other(e.to_string()))?;
         // Declared here too, so that a job published before any worker ever ran is kept.
         topology
             .declare(&channel)
             .await
             .map_err(|e| Fatal::Other(format!("cannot declare the queues: {e}")))?;
-        let publisher = Publisher::new(&connection).await.map_err(|e| Fatal::Other(e.to_string()))?;
+        let publisher = Publisher::new(&connection)
+            .await
+            .map_err(|e| Fatal::Other(e.to_string()))?;
         let publishes = valid.iter().map(|(uuid, body)| {
-            publisher.publish(&topology.exchange, &topology.routing_key, body, job_properties(uuid))
+            publisher.publish(
+                &topology.exchange,
+                &topology.routing_key,
+                body,
+                job_properties(uuid),
+            )
         });
         let results = futures_util::future::join_all(publishes).await;
         let failed = results.iter().filter(|r| r.is_err()).count();
@@ -124,7 +135,11 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<(), Fatal> {
         Err(Fatal::Other(format!(
             "{} invalid job{} not published",
             problems.len(),
-            if problems.len() == 1 { " was" } else { "s were" }
+            if problems.len() == 1 {
+                " was"
+            } else {
+                "s were"
+            }
         )))
     }
 }
@@ -134,7 +149,10 @@ fn display(path: &Path) -> String {
 }
 
 pub(crate) fn unreachable_broker(url: &str, error: &lapin::Error) -> Fatal {
-    Fatal::Other(format!("cannot reach RabbitMQ at {}: {error}", redact_url(url)))
+    Fatal::Other(format!(
+        "cannot reach RabbitMQ at {}: {error}",
+        redact_url(url)
+    ))
 }
 
 #[cfg(test)]
@@ -149,11 +167,10 @@ mod tests {
         assert_eq!(jobs[0].body, b"{\n \"a\": 1\n}");
         let (jobs, problem) = split_file("b.jsonl", b"{\"a\":1}\n{\"a\":2}\n[1]\n");
         assert_eq!(problem, None);
-        assert_eq!(jobs.iter().map(|j| j.origin.as_str()).collect::<Vec<_>>(), [
-            "b.jsonl: job 1",
-            "b.jsonl: job 2",
-            "b.jsonl: job 3"
-        ]);
+        assert_eq!(
+            jobs.iter().map(|j| j.origin.as_str()).collect::<Vec<_>>(),
+            ["b.jsonl: job 1", "b.jsonl: job 2", "b.jsonl: job 3"]
+        );
         let (jobs, problem) = split_file("c.json", b"{\"a\":1}\n{oops");
         assert_eq!(jobs.len(), 1);
         assert!(problem.unwrap().starts_with("c.json: not JSON"));

@@ -19,7 +19,10 @@ impl Health {
 
     /// `Ok` when ready, else why not.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        match (self.consuming.load(Ordering::Relaxed), self.redis.load(Ordering::Relaxed)) {
+        match (
+            self.consuming.load(Ordering::Relaxed),
+            self.redis.load(Ordering::Relaxed),
+        ) {
             (true, true) => Ok(()),
             (false, _) => Err("not consuming from RabbitMQ"),
             (true, false) => Err("Redis is unreachable"),

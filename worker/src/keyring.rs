@@ -100,7 +100,8 @@ impl Keyring {
             line: span.map(|s| line_of(text, s.start)),
             message,
         };
-        let file: KeyringFile = toml::from_str(text).map_err(|e| fail(e.span(), e.message().to_string()))?;
+        let file: KeyringFile =
+            toml::from_str(text).map_err(|e| fail(e.span(), e.message().to_string()))?;
         let mut teams = HashMap::new();
         for (index, entry) in file.team.into_iter().enumerate() {
             let span = Some(entry.id.span());
@@ -115,12 +116,19 @@ impl Keyring {
             if id.is_empty() {
                 return Err(fail(span, format!("{}: must not be empty", at("id"))));
             }
-            let key = match (entry.integration_key, entry.integration_key_env, entry.integration_key_file) {
+            let key = match (
+                entry.integration_key,
+                entry.integration_key_env,
+                entry.integration_key_file,
+            ) {
                 (Some(key), None, None) => key,
                 (None, Some(var), None) => env(&var).ok_or_else(|| {
                     fail(
                         span.clone(),
-                        format!("{}: environment variable {var} is not set", at("integration_key_env")),
+                        format!(
+                            "{}: environment variable {var} is not set",
+                            at("integration_key_env")
+                        ),
                     )
                 })?,
                 (None, None, Some(file)) => {
@@ -148,7 +156,10 @@ impl Keyring {
             };
             let key = key.trim().to_string();
             if key.is_empty() {
-                return Err(fail(span, format!("{}: the key is empty", at("integration_key"))));
+                return Err(fail(
+                    span,
+                    format!("{}: the key is empty", at("integration_key")),
+                ));
             }
             let api_base = match (entry.api_url, entry.region.as_deref()) {
                 (Some(url), _) => {
@@ -174,12 +185,16 @@ impl Keyring {
                     ));
                 }
             };
-            let mut authorization = HeaderValue::from_str(&format!("GenieKey {key}")).map_err(|_| {
-                fail(
-                    span.clone(),
-                    format!("{}: the key has characters a header cannot carry", at("integration_key")),
-                )
-            })?;
+            let mut authorization =
+                HeaderValue::from_str(&format!("GenieKey {key}")).map_err(|_| {
+                    fail(
+                        span.clone(),
+                        format!(
+                            "{}: the key has characters a header cannot carry",
+                            at("integration_key")
+                        ),
+                    )
+                })?;
             authorization.set_sensitive(true);
             let team = Team {
                 id: id.clone(),
@@ -316,12 +331,18 @@ api_url = "http://127.0.0.1:18080/"
                 "[[team]]\nid = \"a\"\nintegration_key = \"s3cret\"\n[[team]]\nid = \"a\"\nintegration_key = \"s3cret\"\n",
                 "keyring.toml:5: team[1] (id \"a\").id: \"a\" appears twice",
             ),
-            ("[[team]]\nid = \"a\"\nintegration_kye = \"s3cret\"\n", "keyring.toml:3: unknown field `integration_kye`"),
+            (
+                "[[team]]\nid = \"a\"\nintegration_kye = \"s3cret\"\n",
+                "keyring.toml:3: unknown field `integration_kye`",
+            ),
             ("[[team]\n", "keyring.toml:1:"),
         ];
         for (text, expected) in cases {
             let err = parse(text).unwrap_err().to_string();
-            assert!(err.contains(expected), "{err:?} does not contain {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{err:?} does not contain {expected:?}"
+            );
             assert!(!err.contains("s3cret"), "{err:?} shows the key");
         }
     }

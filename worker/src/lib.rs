@@ -100,16 +100,27 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
             lease_ttl: args.quick_window + args.request_timeout + Duration::from_secs(5),
         },
     )
-    .map_err(|e| Fatal::Config(format!("--redis-url {}: {e}", redact_url(&args.redis.redis_url))))?;
+    .map_err(|e| {
+        Fatal::Config(format!(
+            "--redis-url {}: {e}",
+            redact_url(&args.redis.redis_url)
+        ))
+    })?;
     buffer.start();
-    let sender = Sender::new(args.request_timeout).map_err(|e| Fatal::Other(format!("HTTP client: {e}")))?;
+    let sender =
+        Sender::new(args.request_timeout).map_err(|e| Fatal::Other(format!("HTTP client: {e}")))?;
 
     let server = match args.metrics_addr {
         MetricsAddr::Off => None,
         MetricsAddr::On(addr) => Some(
-            telemetry::serve(addr, telemetry::init_metrics(), Arc::clone(&health), shutdown.clone())
-                .await
-                .map_err(|e| Fatal::Config(format!("--metrics-addr {addr}: {e}")))?,
+            telemetry::serve(
+                addr,
+                telemetry::init_metrics(),
+                Arc::clone(&health),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| Fatal::Config(format!("--metrics-addr {addr}: {e}")))?,
         ),
     };
     metrics::gauge!("opsgenie_keyring_teams").set(keyring.load().len() as f64);

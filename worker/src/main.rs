@@ -12,7 +12,10 @@ fn main() -> ExitCode {
         _ => None,
     };
     telemetry::init_logs(log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("opsgenie-worker: cannot start the runtime: {error}");
@@ -23,12 +26,15 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => {
                 let (trigger, shutdown) = Shutdown::new();
-                on_signals(trigger).map_err(|e| Fatal::Other(format!("cannot listen for signals: {e}")))?;
+                on_signals(trigger)
+                    .map_err(|e| Fatal::Other(format!("cannot listen for signals: {e}")))?;
                 run(*args, shutdown).await
             }
             Command::Enqueue(args) => enqueue::enqueue(args).await,
             Command::Dead(DeadCommand::List { broker, limit }) => dead::list(broker, limit).await,
-            Command::Dead(DeadCommand::Replay { broker, limit }) => dead::replay(broker, limit).await,
+            Command::Dead(DeadCommand::Replay { broker, limit }) => {
+                dead::replay(broker, limit).await
+            }
             Command::Check(args) => check::check(args).await,
         }
     });

@@ -24,7 +24,11 @@ pub enum RoundResult {
     /// 2xx, or 404 on a close. `status` and `request_id` are Opsgenie's.
     Delivered { status: u16, request_id: String },
     /// A permanent refusal.
-    Refused { reason: DeadReason, status: u16, message: String },
+    Refused {
+        reason: DeadReason,
+        status: u16,
+        message: String,
+    },
     /// Every try failed in a way worth trying again later. `status` is the last answer, if
     /// any; `wait` is how long the server asked us to wait.
     Failed {
@@ -60,7 +64,8 @@ impl Sender {
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()?;
-        let user_agent = HeaderValue::from_static(concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION")));
+        let user_agent =
+            HeaderValue::from_static(concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION")));
         Ok(Sender {
             http,
             user_agent,
@@ -133,7 +138,12 @@ impl Sender {
                     };
                     let retry_after = header("retry-after");
                     let period = header("x-ratelimit-period-in-sec");
-                    let verdict = classify_response(request.action, status, retry_after.as_deref(), period.as_deref());
+                    let verdict = classify_response(
+                        request.action,
+                        status,
+                        retry_after.as_deref(),
+                        period.as_deref(),
+                    );
                     let body = response.bytes().await.unwrap_or_default();
                     let request_id = serde_json::from_slice::<Accepted>(&body)
                         .map(|a| a.request_id)
@@ -148,13 +158,17 @@ impl Sender {
                     transport_message(&error),
                 ),
             };
-            metrics::histogram!("opsgenie_request_duration_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("opsgenie_request_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
             metrics::counter!("opsgenie_responses_total", "status" => status.map_or("error".to_string(), |s| s.to_string()))
                 .increment(1);
             match verdict {
                 Verdict::Delivered | Verdict::NothingToClose => {
                     if verdict == Verdict::NothingToClose {
-                        tracing::info!(alias = request.alias.as_deref(), "Nothing open to close; counted as delivered.");
+                        tracing::info!(
+                            alias = request.alias.as_deref(),
+                            "Nothing open to close; counted as delivered."
+                        );
                     }
                     return (
                         RoundResult::Delivered {
@@ -184,12 +198,30 @@ impl Sender {
                     }
                     let resume = Instant::now() + pause;
                     if tries >= policy.quick_tries || resume > deadline {
-                        return (RoundResult::Failed { status, wait, message }, tries);
+                        return (
+                            RoundResult::Failed {
+                                status,
+                                wait,
+                                message,
+                            },
+                            tries,
+                        );
                     }
-                    tracing::debug!(status, retry_in_ms = pause.as_millis() as u64, "Request failed; trying again.");
+                    tracing::debug!(
+                        status,
+                        retry_in_ms = pause.as_millis() as u64,
+                        "Request failed; trying again."
+                    );
                     metrics::counter!("opsgenie_retries_total", "kind" => "quick").increment(1);
                     if !shutdown.sleep_until(resume).await {
-                        return (RoundResult::Failed { status, wait, message }, tries);
+                        return (
+                            RoundResult::Failed {
+                                status,
+                                wait,
+                                message,
+                            },
+                            tries,
+                        );
                     }
                 }
             }

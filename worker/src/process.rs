@@ -139,8 +139,15 @@ impl Pipeline {
             (opsgenie_shared::Alert::Metric(_), Some(alias)) => alias.as_str(),
             _ => job.notification_uuid.as_str(),
         };
-        let token = format!("{}:{}:{}", std::process::id(), envelope.now_ms, rand::random::<u64>());
-        let keys = self.buffer.keys(&job.notification_uuid, lease_on, job.sequence(), token);
+        let token = format!(
+            "{}:{}:{}",
+            std::process::id(),
+            envelope.now_ms,
+            rand::random::<u64>()
+        );
+        let keys = self
+            .buffer
+            .keys(&job.notification_uuid, lease_on, job.sequence(), token);
 
         let wait_deadline = Instant::now() + self.policy.quick_window;
         let mut pause = Duration::from_millis(20);
@@ -176,7 +183,10 @@ impl Pipeline {
             pause = (pause * 2).min(Duration::from_millis(500));
         }
 
-        let (round, _tries) = self.sender.deliver(&team, &request, &self.policy, shutdown).await;
+        let (round, _tries) = self
+            .sender
+            .deliver(&team, &request, &self.policy, shutdown)
+            .await;
         match round {
             RoundResult::Delivered { status, request_id } => {
                 report.status = Some(status);
@@ -216,16 +226,28 @@ impl Pipeline {
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
             }
-            RoundResult::Refused { reason, status, message } => {
+            RoundResult::Refused {
+                reason,
+                status,
+                message,
+            } => {
                 self.release(&keys).await;
                 report.status = Some(status);
                 report.outcome = Outcome::DeadLetter { reason, message };
                 report
             }
-            RoundResult::Failed { status, wait, message } => {
+            RoundResult::Failed {
+                status,
+                wait,
+                message,
+            } => {
                 self.release(&keys).await;
                 report.status = status;
-                tracing::debug!(notification_uuid = job.notification_uuid, message, "Delivery round failed.");
+                tracing::debug!(
+                    notification_uuid = job.notification_uuid,
+                    message,
+                    "Delivery round failed."
+                );
                 report.outcome = self.retry_outcome(attempt, &envelope, wait);
                 if let Outcome::DeadLetter { message: m, .. } = &mut report.outcome {
                     m.push_str(": ");

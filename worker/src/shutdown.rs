@@ -59,7 +59,10 @@ pub fn on_signals(trigger: ShutdownTrigger) -> std::io::Result<()> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "Shutting down: no new jobs; finishing the ones in flight.");
+        tracing::info!(
+            signal = name,
+            "Shutting down: no new jobs; finishing the ones in flight."
+        );
         trigger.trigger();
     });
     Ok(())
@@ -88,6 +91,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_sleep_without_trigger_completes() {
         let (_trigger, shutdown) = Shutdown::new();
-        assert!(shutdown.sleep_until(Instant::now() + Duration::from_secs(5)).await);
+        assert!(
+            shutdown
+                .sleep_until(Instant::now() + Duration::from_secs(5))
+                .await
+        );
     }
 }
