@@ -146,6 +146,9 @@ pub struct RunArgs {
     /// Time jobs in flight may take to finish after SIGTERM before they are returned to the queue.
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration_arg)]
     pub drain_timeout: Duration,
+    /// How often a summary line (delivered, retried, dead-lettered, in flight) is logged.
+    #[arg(long, env = "SUMMARY_INTERVAL", default_value = "60s", value_parser = parse_duration_arg)]
+    pub summary_interval: Duration,
 }
 
 impl RunArgs {

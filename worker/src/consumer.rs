@@ -17,13 +17,17 @@ use tokio::task::JoinSet;
 use crate::amqp::{self, DeadLetter, HEADER_ATTEMPTS, HEADER_FIRST_SEEN, Publisher, Topology};
 use crate::process::{Envelope, Outcome, Pipeline, Report};
 use crate::shutdown::Shutdown;
+use crate::telemetry::JobCounts;
 
 /// What the loop needs besides the pipeline.
 pub struct ConsumerSettings {
     pub amqp_url: String,
-    pub topology: Topology,
+    /// Shared by every job's task, so it is cloned as a pointer, not as a dozen strings.
+    pub topology: Arc<Topology>,
     pub prefetch: u16,
     pub drain_timeout: Duration,
+    /// Counts for the periodic summary line.
+    pub counts: Arc<JobCounts>,
 }
 
 /// Consumes until shutdown, reconnecting whenever the broker goes away, then drains.
@@ -59,9 +63,12 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                         let pipeline = Arc::clone(&pipeline);
                         let publisher = publisher.clone();
                         let shutdown = shutdown.clone();
-                        let topology = settings.topology.clone();
+                        let topology = Arc::clone(&settings.topology);
+                        let counts = Arc::clone(&settings.counts);
                         tasks.spawn(async move {
-                            handle(delivery, &pipeline, &publisher, &topology, &shutdown).await;
+                            counts.started();
+                            let outcome = handle(delivery, &pipeline, &publisher, &topology, &shutdown).await;
+                            counts.finished(outcome);
                         });
                     }
                     Some(Err(error)) => {
@@ -151,7 +158,7 @@ async fn handle(
     publisher: &Publisher,
     topology: &Topology,
     shutdown: &Shutdown,
-) {
+) -> &'static str {
     let started = Instant::now();
     metrics::gauge!("opsgenie_jobs_in_flight").increment(1.0);
     let now_ms = amqp::now_ms();
@@ -175,7 +182,7 @@ async fn handle(
         metrics::histogram!("opsgenie_delivery_duration_seconds")
             .record(started.elapsed().as_secs_f64());
     }
-    log_report(&report, latency_ms, settled.as_ref().err());
+    log_report(&report, latency_ms, settled.as_ref().err())
 }
 
 /// Makes the outcome durable, then acks; on any failure the job is not acked and returns to
@@ -242,7 +249,8 @@ async fn settle(
     }
 }
 
-fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) {
+/// Returns the `outcome` label it logged.
+fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) -> &'static str {
     let (reason, message) = match &report.outcome {
         Outcome::DeadLetter { reason, message } => (Some(reason.as_str()), Some(message.as_str())),
         _ => (None, None),
@@ -273,4 +281,5 @@ fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) {
         unsettled = unsettled.map(String::as_str),
         "Job finished."
     );
+    outcome
 }

@@ -124,9 +124,15 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         ),
     };
     metrics::gauge!("opsgenie_keyring_teams").set(keyring.load().len() as f64);
+    metrics::gauge!("opsgenie_keyring_reloaded_timestamp_seconds")
+        .set(amqp::now_ms() as f64 / 1000.0);
+    warn_if_readable_by_others(&args.keyring);
     reload_on_sighup(args.keyring.clone(), Arc::clone(&keyring));
     spawn_redis_probe(buffer.clone(), Arc::clone(&health), shutdown.clone());
 
+    let counts = Arc::new(telemetry::JobCounts::default());
+    let summary =
+        telemetry::spawn_summary(Arc::clone(&counts), args.summary_interval, shutdown.clone());
     let pipeline = Arc::new(Pipeline {
         keyring,
         sender,
@@ -137,15 +143,17 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     consumer::consume(
         ConsumerSettings {
             amqp_url: args.broker.amqp_url.clone(),
-            topology,
+            topology: Arc::new(topology),
             prefetch: args.prefetch,
             drain_timeout: args.drain_timeout,
+            counts: Arc::clone(&counts),
         },
         pipeline,
         shutdown,
     )
     .await;
     buffer.quit().await;
+    let _ = summary.await;
     if let Some(server) = server {
         let _ = server.await;
     }
@@ -162,6 +170,7 @@ fn reload_on_sighup(path: std::path::PathBuf, keyring: Arc<ArcSwap<Keyring>>) {
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            warn_if_readable_by_others(&path);
             match Keyring::load(&path) {
                 Ok(new) => {
                     let teams = new.team_ids().join(",");
@@ -192,4 +201,18 @@ fn spawn_redis_probe(buffer: Buffer, health: Arc<Health>, shutdown: Shutdown) {
             }
         }
     });
+}
+
+/// A keyring holds keys: say so when users other than its owner can read it.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        tracing::warn!(
+            keyring = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "The keyring is readable by every user of this machine; consider chmod 600 (or 640 for a group)."
+        );
+    }
 }
