@@ -12,7 +12,9 @@ use opsgenie_shared::retry::{RetryPolicy, parse_duration};
     name = "opsgenie-worker",
     version,
     about = "Turns alert jobs from RabbitMQ into Opsgenie alerts, with retries, dead letters and a Redis record of every delivery.",
-    after_help = "Every flag can also be set by the environment variable shown beside it."
+    after_help = "Every flag can also be set by the environment variable shown beside it.",
+    // A flag given twice takes its last value, so wrappers can append overrides.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
