@@ -333,3 +333,56 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Delays;
+
+    #[test]
+    fn names_follow_the_queue_flag() {
+        let args = BrokerArgs {
+            amqp_url: "amqps://user:pw@broker.internal:5671/prod".into(),
+            exchange: "opsgenie".into(),
+            queue: "team-a.alerts".into(),
+            routing_key: "alert".into(),
+            queue_type: QueueType::Quorum,
+            retry_delays: Delays(vec![
+                Duration::from_secs(5),
+                Duration::from_secs(120),
+                Duration::from_secs(1800),
+            ]),
+        };
+        let t = Topology::new(&args);
+        assert_eq!(t.dead_queue, "team-a.alerts.dead");
+        let names: Vec<&str> = t.retry_queues.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "team-a.alerts.retry.5s",
+                "team-a.alerts.retry.2m",
+                "team-a.alerts.retry.30m"
+            ]
+        );
+        assert!(
+            args.amqp_url.parse::<lapin::uri::AMQPUri>().is_ok(),
+            "amqps URLs parse"
+        );
+    }
+
+    #[test]
+    fn headers_of_any_integer_type_are_read() {
+        let mut table = FieldTable::default();
+        table.insert("a".into(), AMQPValue::LongInt(3));
+        table.insert("b".into(), AMQPValue::LongString("17".into()));
+        table.insert(
+            "x-death".into(),
+            AMQPValue::LongString("bookkeeping".into()),
+        );
+        let props = BasicProperties::default().with_headers(table);
+        assert_eq!(header_u64(&props, "a"), Some(3));
+        assert_eq!(header_u64(&props, "b"), Some(17));
+        assert_eq!(header_u64(&props, "missing"), None);
+        assert!(!job_headers(&props).inner().contains_key("x-death"));
+    }
+}

@@ -100,6 +100,19 @@ impl Buffer {
     ///
     /// Fails only when the URL cannot be parsed.
     pub fn new(url: &str, settings: BufferSettings) -> Result<Buffer, Error> {
+        // A cluster would split one job's keys across slots, which the scripts cannot span.
+        let scheme = url.split_once("://").map_or("", |(s, _)| s);
+        if !matches!(
+            scheme,
+            "redis" | "rediss" | "redis-sentinel" | "rediss-sentinel"
+        ) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "scheme \"{scheme}\" is not one of redis, rediss, redis-sentinel, rediss-sentinel"
+                ),
+            ));
+        }
         let config = Config::from_url(url)?;
         let client = Builder::from_config(config)
             .with_connection_config(|c| {
@@ -231,5 +244,43 @@ impl Buffer {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> BufferSettings {
+        BufferSettings {
+            prefix: "t:".into(),
+            stream_maxlen: 10,
+            dedupe_ttl: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn production_urls_are_understood() {
+        crate::init_tls();
+        for url in [
+            "redis://127.0.0.1:6379",
+            "rediss://user:pw@redis.internal:6380/2",
+            "redis-sentinel://sentinel-a:26379/0?sentinelServiceName=mymaster&node=sentinel-b:26379",
+            "rediss-sentinel://sentinel-a:26379/0?sentinelServiceName=mymaster",
+        ] {
+            assert!(Buffer::new(url, settings()).is_ok(), "{url}");
+        }
+        assert!(Buffer::new("http://nope", settings()).is_err());
+    }
+
+    #[test]
+    fn keys_carry_the_prefix() {
+        let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
+        let keys = buffer.keys("u-1", "incident_1_2", Some(5), "tok".into());
+        assert_eq!(keys.sent, "t:sent:u-1");
+        assert_eq!(keys.lease, "t:lease:incident_1_2");
+        assert_eq!(keys.sequence, "t:seq:incident_1_2");
+        assert_eq!(buffer.stream_key(), "t:deliveries");
     }
 }

@@ -276,7 +276,9 @@ fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) -> &
         request_id = report.request_id.as_deref(),
         latency_ms,
         reason,
-        message,
+        // Not `message`: that is the event's own text ("Job finished.") in JSON logs, and a
+        // second `message` key would replace it.
+        error_message = message,
         retry_tier,
         unsettled = unsettled.map(String::as_str),
         "Job finished."

@@ -148,7 +148,9 @@ impl Sender {
                     let request_id = serde_json::from_slice::<Accepted>(&body)
                         .map(|a| a.request_id)
                         .unwrap_or_default();
-                    let message = format!("Opsgenie answered {status}: {}", excerpt(&body));
+                    // An answer that echoes the key must not carry it into a dead letter.
+                    let message = format!("Opsgenie answered {status}: {}", excerpt(&body))
+                        .replace(team.key.expose(), "***");
                     (verdict, Some(status), request_id, message)
                 }
                 Err(error) => (
