@@ -382,3 +382,131 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Jobs, stand-ins and dead letters shared by the delivery-pipeline suites (`delivery`,
+// `enqueue`). Kept apart from the harness above so that each suite can grow its own block.
+
+/// The issue alert example of SPEC section 3, for `team`.
+pub fn spec_issue_job(uuid: &str, team: &str) -> serde_json::Value {
+    serde_json::json!({"version":1,"kind":"issue_alert","notification_uuid":uuid,
+     "team_id":team,"priority":"P2",
+     "organization":{"id":1,"slug":"acme","url":"https://acme.sentry.io"},
+     "project":{"id":7,"slug":"api","name":"API"},
+     "group":{"id":1234,"title":"ZeroDivisionError: division by zero","culprit":"app.views.divide","logger":"","level":"error"},
+     "event":{"event_id":"9fe1b6f0","message":"","title":"ZeroDivisionError: division by zero","release":"api@1.4.2",
+              "tags":[["level","error"],["environment","prod"]]},
+     "rules":[{"id":17,"label":"Errors in prod"}]})
+}
+
+/// The metric alert example of SPEC section 3, for `team`, without a sequence so that any
+/// status of incident `identifier` may follow any other.
+pub fn spec_metric_job(uuid: &str, team: &str, identifier: i64, status: &str) -> serde_json::Value {
+    serde_json::json!({"version":1,"kind":"metric_alert","notification_uuid":uuid,
+     "team_id":team,
+     "organization":{"id":1,"slug":"acme","url":"https://acme.sentry.io"},
+     "alert_rule":{"id":9,"name":"p95 latency above 2s"},
+     "incident":{"identifier":identifier,"status":status},
+     "text":"p95(transaction.duration) is 2480ms in the last 5 minutes"})
+}
+
+/// A stand-in that accepts only `key`, and a keyring in which `team` is served by it.
+pub async fn standin_for_team(env: &TestEnv, team: &str, key: &str) -> (StandIn, PathBuf) {
+    let standin = StandIn::start(StandInConfig {
+        keys: vec![key.to_owned()],
+        ..StandInConfig::default()
+    })
+    .await
+    .expect("start the stand-in");
+    let keyring = env.write_keyring(&[TeamSpec {
+        id: team,
+        key,
+        api_url: &standin.base_url(),
+    }]);
+    (standin, keyring)
+}
+
+/// A message taken from the dead-letter queue.
+pub struct TakenDeadLetter {
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+    /// Every header, rendered as text.
+    pub headers: HashMap<String, String>,
+}
+
+impl TestEnv {
+    /// Takes (and acks) every message in this test's dead-letter queue, oldest first.
+    pub async fn take_dead_letters(&self) -> Vec<TakenDeadLetter> {
+        let mut taken = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(
+                self.dead_queue().as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get on the dead-letter queue")
+        {
+            let properties = message.delivery.properties.clone();
+            let names: Vec<String> = properties
+                .headers()
+                .as_ref()
+                .map(|h| h.inner().keys().map(|k| k.to_string()).collect())
+                .unwrap_or_default();
+            let headers = names
+                .into_iter()
+                .filter_map(|name| {
+                    opsgenie_worker::amqp::header_str(&properties, &name).map(|v| (name, v))
+                })
+                .collect();
+            taken.push(TakenDeadLetter {
+                body: message.delivery.data,
+                properties,
+                headers,
+            });
+        }
+        taken
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection (`faults`): a relay to stage outages of RabbitMQ or Redis for one worker,
+// and a way to start a worker that reaches them through it.
+
+pub mod relay;
+
+impl TestEnv {
+    /// Like `spawn_worker`, but the worker reaches RabbitMQ at `amqp_url` and Redis at
+    /// `redis_url` (a `relay::Relay` in front of the real ones, for example).
+    pub fn spawn_worker_via(
+        &self,
+        keyring: &Path,
+        amqp_url: &str,
+        redis_url: &str,
+        extra: &[&str],
+    ) -> WorkerProcess {
+        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        let log = self.dir.join(format!("worker-{n}.log"));
+        let mut broker = self.broker_args();
+        if let Some(at) = broker.iter().position(|a| a == "--amqp-url") {
+            broker[at + 1] = amqp_url.to_owned();
+        }
+        let mut cmd = Command::new(worker_binary());
+        cmd.arg("run")
+            .args(broker)
+            .args(["--redis-url", redis_url, "--redis-prefix", &self.prefix])
+            .arg("--keyring")
+            .arg(keyring)
+            .args(["--log-format", "json"]);
+        if !extra.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", "off"]);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let child = cmd.spawn().expect("start opsgenie-worker");
+        WorkerProcess { child, log }
+    }
+}

@@ -2,6 +2,8 @@
 //! stale incident status? another replica on this incident?) and the atomic record after it.
 //! Each is one Lua script, so one round trip and no half-written state.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -42,7 +44,16 @@ return 'ok'
 /// Records a delivery and frees the lease:
 /// KEYS: stream, sent marker, sequence, lease. ARGV: maxlen, dedupe ttl s, sequence or "",
 /// sequence ttl s, lease token, then the stream entry's field/value pairs.
+/// Returns the new entry's id, or "" when the delivery was already recorded.
+///
+/// A record whose answer was lost (the connection dropped after Redis ran it) is sent again,
+/// by the client's own retry or by ours; the sent marker makes that second run add nothing,
+/// so that the stream keeps one entry per notification.
 const RECORD: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  if redis.call('GET', KEYS[4]) == ARGV[5] then redis.call('DEL', KEYS[4]) end
+  return ''
+end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 6))
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 if ARGV[3] ~= '' then
@@ -82,6 +93,9 @@ pub struct Buffer {
     acquire: Script,
     record: Script,
     release: Script,
+    /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
+    /// shut down on purpose.
+    quitting: Arc<AtomicBool>,
 }
 
 /// One job's keys, computed once.
@@ -131,13 +145,38 @@ impl Buffer {
             acquire: Script::from_lua(ACQUIRE),
             record: Script::from_lua(RECORD),
             release: Script::from_lua(RELEASE),
+            quitting: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// Starts connecting in the background; commands wait for the connection (up to their
     /// time-out) and the client reconnects by itself whenever it is lost.
+    ///
+    /// fred follows its reconnect policy only once it has been connected: when the very
+    /// first connection fails its connection task ends for good, and a worker started while
+    /// Redis is away would wait on it forever. So the task is started again until it
+    /// connects (or `quit` is called).
     pub fn start(&self) {
-        drop(self.client.connect());
+        let client = self.client.clone();
+        let quitting = Arc::clone(&self.quitting);
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            while !quitting.load(Ordering::SeqCst) {
+                match client.connect().await {
+                    Ok(Err(error)) => {
+                        tracing::warn!(
+                            error = %error,
+                            retry_in_ms = pause.as_millis() as u64,
+                            "Cannot connect to Redis; trying again."
+                        );
+                    }
+                    // Ended by `quit`, or by the runtime going away.
+                    Ok(Ok(())) | Err(_) => break,
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     /// Connects and waits for the first connection; for one-shot commands such as `check`.
@@ -150,6 +189,7 @@ impl Buffer {
     }
 
     pub async fn quit(&self) {
+        self.quitting.store(true, Ordering::SeqCst);
         let _ = self.client.quit().await;
     }
 
@@ -201,7 +241,8 @@ impl Buffer {
     }
 
     /// Writes the stream entry, the sent marker and the incident's sequence, and frees the
-    /// lease, atomically. Returns the stream entry id.
+    /// lease, atomically. Returns the stream entry id, or "" when the notification was
+    /// already recorded (nothing is written then but the lease is freed).
     pub async fn record(
         &self,
         keys: &JobKeys,

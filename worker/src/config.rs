@@ -65,11 +65,13 @@ pub enum QueueType {
 /// Where jobs come from: the broker and the names of SPEC section 8.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://). Default: the local broker as guest,
+    /// amqp://guest:***@127.0.0.1:5672/%2f.
     #[arg(
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = true,
         hide_env_values = true
     )]
     pub amqp_url: String,

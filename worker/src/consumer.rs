@@ -269,7 +269,7 @@ fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) -> &
         team_id = report.team_id.as_deref(),
         kind = report.kind,
         action = report.action,
-        alias = report.alias.as_deref(),
+        alias = report.alias.as_deref().unwrap_or(""),
         outcome,
         status = report.status,
         attempt = report.attempt,

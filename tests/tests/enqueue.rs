@@ -1,0 +1,216 @@
+//! `opsgenie-worker enqueue` end to end: jobs from files and from standard input are validated,
+//! published as persistent JSON messages with publisher confirms, and delivered by a worker;
+//! an invalid job is reported with its field path and never published.
+
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, BasicNackOptions};
+use opsgenie_e2e::*;
+use opsgenie_shared::{AlertJob, build_request};
+use serde_json::{Value, json};
+
+/// Generous: the machine is small and shared, and a passing run never waits this long.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn new_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Runs `enqueue` with `args` (and `stdin`) and checks it succeeded without complaint.
+fn enqueue_ok(env: &TestEnv, args: &[&str], stdin: Option<&[u8]>) {
+    let (code, stdout, stderr) = env.command(args, stdin);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(!stderr.contains("invalid"), "{stderr}");
+}
+
+/// The jobs are waiting in the work queue before any worker runs: published, not lost.
+async fn assert_queued(env: &TestEnv, n: u32) {
+    assert!(
+        wait_until(DEADLINE, || async { env.queue_len(&env.queue).await == n }).await,
+        "expected {n} jobs in {}, found {}",
+        env.queue,
+        env.queue_len(&env.queue).await
+    );
+}
+
+/// Starts a worker, lets it deliver `jobs`, stops it, and checks that the stand-in received
+/// exactly one request per job, each the one SPEC section 5 builds from it.
+async fn deliver_and_check(
+    env: &TestEnv,
+    standin: &StandIn,
+    keyring: &std::path::Path,
+    key: &str,
+    jobs: &[Value],
+) {
+    let mut worker = env.spawn_worker(keyring, &[]);
+    assert!(
+        standin
+            .wait_for_delivered(jobs.len() as u64, DEADLINE)
+            .await,
+        "{}",
+        worker.raw_log()
+    );
+    assert!(
+        wait_until(DEADLINE, || async {
+            worker.job_lines().len() >= jobs.len()
+        })
+        .await,
+        "{}",
+        worker.raw_log()
+    );
+    let status = worker.terminate(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.raw_log());
+    let lines = worker.job_lines();
+    assert_eq!(lines.len(), jobs.len(), "{}", worker.raw_log());
+    assert!(
+        lines.iter().all(|l| l["outcome"] == "delivered"),
+        "{lines:?}"
+    );
+
+    let mut requests = standin.requests();
+    assert_eq!(requests.len(), jobs.len());
+    for job in jobs {
+        let request = build_request(&AlertJob::parse(job.to_string().as_bytes()).expect("valid"));
+        let body: Value = serde_json::from_slice(&request.body).expect("JSON body");
+        let query = (!request.query.is_empty()).then(|| request.query.to_owned());
+        let found = requests.iter().position(|r| {
+            r.path == request.path
+                && r.query == query
+                && r.authorization.as_deref() == Some(format!("GenieKey {key}").as_str())
+                && r.json.as_ref() == Some(&body)
+        });
+        let Some(found) = found else {
+            panic!("no request for job {job}; expected body {body}");
+        };
+        requests.swap_remove(found);
+    }
+    let stream = env.stream().await;
+    assert_eq!(stream.len(), jobs.len());
+    for job in jobs {
+        let uuid = job["notification_uuid"].as_str().expect("uuid");
+        assert_eq!(
+            stream
+                .iter()
+                .filter(|e| e.get("notification_uuid").map(String::as_str) == Some(uuid))
+                .count(),
+            1,
+            "stream entries of {uuid}"
+        );
+    }
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_one_pretty_printed_job_is_published_and_delivered() {
+    let env = TestEnv::new("enq-pretty").await;
+    let (standin, keyring) = standin_for_team(&env, "backend", "key-e1").await;
+    let job = spec_issue_job(&new_uuid(), "backend");
+    let file = env.dir.join("job.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&job).expect("json")).expect("write");
+    enqueue_ok(&env, &["enqueue", file.to_str().expect("utf-8 path")], None);
+    assert_queued(&env, 1).await;
+
+    // SPEC section 3: a persistent AMQP message, content type application/json.
+    let message = env
+        .channel
+        .basic_get(env.queue.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("basic.get")
+        .expect("the job is in the queue");
+    let properties = &message.delivery.properties;
+    assert_eq!(*properties.delivery_mode(), Some(2));
+    assert_eq!(
+        properties.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/json")
+    );
+    let published: Value = serde_json::from_slice(&message.delivery.data).expect("JSON");
+    assert_eq!(published, job);
+    message
+        .delivery
+        .acker
+        .nack(BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        })
+        .await
+        .expect("put it back");
+    assert_queued(&env, 1).await;
+
+    deliver_and_check(&env, &standin, &keyring, "key-e1", &[job]).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_json_lines_publishes_every_job() {
+    let env = TestEnv::new("enq-lines").await;
+    let (standin, keyring) = standin_for_team(&env, "backend", "key-e2").await;
+    let jobs = [
+        spec_issue_job(&new_uuid(), "backend"),
+        spec_metric_job(&new_uuid(), "backend", 501, "critical"),
+        spec_metric_job(&new_uuid(), "backend", 502, "resolved"),
+    ];
+    let text: String = jobs.iter().map(|j| format!("{j}\n")).collect();
+    let file = env.dir.join("jobs.jsonl");
+    std::fs::write(&file, text).expect("write");
+    enqueue_ok(&env, &["enqueue", file.to_str().expect("utf-8 path")], None);
+    assert_queued(&env, 3).await;
+    deliver_and_check(&env, &standin, &keyring, "key-e2", &jobs).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_input_publishes_one_job_per_line() {
+    let env = TestEnv::new("enq-stdin").await;
+    let (standin, keyring) = standin_for_team(&env, "backend", "key-e3").await;
+    let jobs = [
+        spec_metric_job(&new_uuid(), "backend", 601, "warning"),
+        spec_issue_job(&new_uuid(), "backend"),
+        spec_metric_job(&new_uuid(), "backend", 602, "critical"),
+    ];
+    let input: String = jobs.iter().map(|j| format!("{j}\n")).collect();
+    enqueue_ok(&env, &["enqueue"], Some(input.as_bytes()));
+    assert_queued(&env, 3).await;
+    deliver_and_check(&env, &standin, &keyring, "key-e3", &jobs).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_job_is_reported_with_its_field_path_and_not_published() {
+    let env = TestEnv::new("enq-invalid").await;
+    let (standin, keyring) = standin_for_team(&env, "backend", "key-e4").await;
+    let valid = [
+        spec_issue_job(&new_uuid(), "backend"),
+        spec_metric_job(&new_uuid(), "backend", 701, "critical"),
+    ];
+    let invalid_uuid = new_uuid();
+    let mut invalid = spec_issue_job(&invalid_uuid, "backend");
+    invalid["event"]["tags"] = json!([["level"]]);
+    let input = format!("{}\n{invalid}\n{}\n", valid[0], valid[1]);
+    let (code, stdout, stderr) = env.command(&["enqueue"], Some(input.as_bytes()));
+    assert_ne!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stderr.contains("event.tags[0]"), "{stderr}");
+    // Only the invalid job is reported.
+    assert_eq!(
+        stderr.lines().filter(|l| l.contains("event.tags")).count(),
+        1,
+        "{stderr}"
+    );
+
+    assert_queued(&env, 2).await;
+    deliver_and_check(&env, &standin, &keyring, "key-e4", &valid).await;
+    assert!(
+        standin
+            .requests()
+            .iter()
+            .all(|r| !r.body.contains(&invalid_uuid)),
+        "the invalid job reached Opsgenie"
+    );
+    assert!(
+        env.stream()
+            .await
+            .iter()
+            .all(|e| e.get("notification_uuid") != Some(&invalid_uuid))
+    );
+    env.cleanup().await;
+}
