@@ -150,6 +150,10 @@ pub struct RunArgs {
     /// Time jobs in flight may take to finish after SIGTERM before they are returned to the queue.
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration_arg)]
     pub drain_timeout: Duration,
+    /// Threads that run jobs. One carries thousands of jobs a second; to use more cores,
+    /// prefer more replicas.
+    #[arg(long, env = "WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: u16,
     /// How often a summary line (delivered, retried, dead-lettered, in flight) is logged.
     #[arg(long, env = "SUMMARY_INTERVAL", default_value = "60s", value_parser = parse_duration_arg)]
     pub summary_interval: Duration,

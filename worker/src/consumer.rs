@@ -7,17 +7,21 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+
+use crate::acks::Settled;
 
 use crate::amqp::{self, DeadLetter, HEADER_ATTEMPTS, HEADER_FIRST_SEEN, Publisher, Topology};
 use crate::process::{Envelope, Outcome, Pipeline, Report};
 use crate::shutdown::Shutdown;
 use crate::telemetry::JobCounts;
+
+/// Where a job's task reports its delivery tag once settled.
+type Acks = mpsc::UnboundedSender<Settled>;
 
 /// What the loop needs besides the pipeline.
 pub struct ConsumerSettings {
@@ -34,7 +38,9 @@ pub struct ConsumerSettings {
 pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdown: Shutdown) {
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut pause = Duration::from_millis(200);
-    let mut session: Option<(Connection, Channel)> = None;
+    // Kept at shutdown until the drain is over: the channel (and its acker) must outlive the
+    // jobs in flight.
+    let mut session: Option<(Connection, Channel, Acks, tokio::task::JoinHandle<()>)> = None;
     while !shutdown.is_triggered() {
         let (connection, channel, publisher, mut consumer) = match open(&settings).await {
             Ok(opened) => {
@@ -53,6 +59,12 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
             prefetch = settings.prefetch,
             "Consuming."
         );
+        let (acks, settled) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(crate::acks::run(
+            channel.clone(),
+            settled,
+            settings.prefetch,
+        ));
         pipeline.health.set_consuming(true);
         loop {
             tokio::select! {
@@ -65,9 +77,10 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                         let shutdown = shutdown.clone();
                         let topology = Arc::clone(&settings.topology);
                         let counts = Arc::clone(&settings.counts);
+                        let acks = acks.clone();
                         tasks.spawn(async move {
                             counts.started();
-                            let outcome = handle(delivery, &pipeline, &publisher, &topology, &shutdown).await;
+                            let outcome = handle(delivery, &pipeline, &publisher, &topology, &shutdown, &acks).await;
                             counts.finished(outcome);
                         });
                     }
@@ -90,7 +103,7 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
             {
                 tracing::warn!(error = %error, "Could not cancel the consumer.");
             }
-            session = Some((connection, channel));
+            session = Some((connection, channel, acks, acker));
         } else {
             // In-flight jobs of the old connection cannot ack any more; the broker redelivers
             // them, and the Redis record makes a second delivery harmless.
@@ -98,7 +111,10 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
         }
     }
     drain(tasks, settings.drain_timeout).await;
-    if let Some((connection, channel)) = session {
+    if let Some((connection, channel, acks, acker)) = session {
+        // Every task's sender is gone with the drain; this last one lets the acker finish.
+        drop(acks);
+        let _ = acker.await;
         // Closing the channel returns every unacked job to the queue, as it was.
         let _ = channel.close(200, "shutting down".into()).await;
         let _ = connection.close(200, "shutting down".into()).await;
@@ -158,6 +174,7 @@ async fn handle(
     publisher: &Publisher,
     topology: &Topology,
     shutdown: &Shutdown,
+    acks: &Acks,
 ) -> &'static str {
     let started = Instant::now();
     metrics::gauge!("opsgenie_jobs_in_flight").increment(1.0);
@@ -171,6 +188,13 @@ async fn handle(
     };
     let report = pipeline.process(&delivery.data, envelope, shutdown).await;
     let settled = settle(&delivery, &report, publisher, topology, first_seen_ms).await;
+    let tag = delivery.delivery_tag;
+    // A send error means the acker is gone with its channel: the broker requeues the job.
+    let _ = acks.send(if settled.is_ok() {
+        Settled::Ack(tag)
+    } else {
+        Settled::Nacked(tag)
+    });
     metrics::gauge!("opsgenie_jobs_in_flight").decrement(1.0);
     let latency_ms = started.elapsed().as_millis() as u64;
     let reason = match &report.outcome {
@@ -185,8 +209,8 @@ async fn handle(
     log_report(&report, latency_ms, settled.as_ref().err())
 }
 
-/// Makes the outcome durable, then acks; on any failure the job is not acked and returns to
-/// the queue (explicitly, or when the channel closes).
+/// Makes the outcome durable (the ack follows, from `acks`); on any failure the job is nacked
+/// back to the queue (or returns there when the channel closes).
 async fn settle(
     delivery: &Delivery,
     report: &Report,
@@ -230,12 +254,8 @@ async fn settle(
         Outcome::Requeue => Err("shutting down".to_string()),
     };
     match durable {
-        Ok(()) => delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("could not ack: {e}")),
+        // Acked by the channel's acker, in a batch.
+        Ok(()) => Ok(()),
         Err(why) => {
             let _ = delivery
                 .acker

@@ -45,6 +45,8 @@ pub struct Team {
     pub api_base: String,
     /// `GenieKey <key>`, built once, marked sensitive so that HTTP debug output hides it.
     pub authorization: HeaderValue,
+    /// `{api_base}/v2/alerts`, parsed once: every create goes there.
+    pub create_url: reqwest::Url,
 }
 
 /// All teams, by id.
@@ -196,7 +198,10 @@ impl Keyring {
                     )
                 })?;
             authorization.set_sensitive(true);
+            let create_url = reqwest::Url::parse(&format!("{api_base}/v2/alerts"))
+                .map_err(|e| fail(span.clone(), format!("{}: {e}", at("api_url"))))?;
             let team = Team {
+                create_url,
                 id: id.clone(),
                 key: IntegrationKey(key),
                 api_base,

@@ -6,6 +6,7 @@
 //! `health` holds readiness, `shutdown` the stop signal. `enqueue`, `dead` and `check` are the
 //! other commands.
 
+pub mod acks;
 pub mod amqp;
 pub mod buffer;
 pub mod check;

@@ -7,15 +7,21 @@ use opsgenie_worker::{Fatal, check, dead, enqueue, run, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_format = match &cli.command {
-        Command::Run(args) => args.log_format,
-        _ => None,
+    let (log_format, threads) = match &cli.command {
+        Command::Run(args) => (args.log_format, args.worker_threads),
+        _ => (None, 1),
     };
     telemetry::init_logs(log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread by default: a job is mostly waiting on sockets, and keeping every task on
+    // one thread saves the cross-thread wake-ups that otherwise cost more than the work.
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(usize::from(threads));
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("opsgenie-worker: cannot start the runtime: {error}");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use backoff::backoff::Backoff;
 use opsgenie_shared::outcome::{classify_response, classify_transport_error};
 use opsgenie_shared::retry::RetryPolicy;
-use opsgenie_shared::{DeadReason, OpsgenieRequest, Verdict};
+use opsgenie_shared::{Action, DeadReason, OpsgenieRequest, Verdict};
 use reqwest::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -91,13 +91,27 @@ impl Sender {
             .with_max_interval(policy.quick_window)
             .with_max_elapsed_time(None)
             .build();
-        let url = format!(
-            "{}{}{}{}",
-            team.api_base,
-            request.path,
-            if request.query.is_empty() { "" } else { "?" },
-            request.query
-        );
+        let url = match request.action {
+            Action::Create => team.create_url.clone(),
+            Action::Close => {
+                let raw = format!("{}{}?{}", team.api_base, request.path, request.query);
+                match reqwest::Url::parse(&raw) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        return (
+                            RoundResult::Refused {
+                                reason: DeadReason::Rejected,
+                                status: 0,
+                                message: format!("cannot build the close URL: {e}"),
+                            },
+                            0,
+                        );
+                    }
+                }
+            }
+        };
+        // Shared, not copied, by every try.
+        let body = bytes::Bytes::copy_from_slice(&request.body);
         let mut tries = 0;
         loop {
             if let Some(until) = self.cooldown(&team.id) {
@@ -119,11 +133,11 @@ impl Sender {
             let started = std::time::Instant::now();
             let answer = self
                 .http
-                .post(&url)
+                .post(url.clone())
                 .header(reqwest::header::AUTHORIZATION, team.authorization.clone())
                 .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
                 .header(USER_AGENT, self.user_agent.clone())
-                .body(request.body.clone())
+                .body(body.clone())
                 .send()
                 .await;
             let (verdict, status, request_id, message) = match answer {
@@ -162,7 +176,7 @@ impl Sender {
             };
             metrics::histogram!("opsgenie_request_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
-            metrics::counter!("opsgenie_responses_total", "status" => status.map_or("error".to_string(), |s| s.to_string()))
+            metrics::counter!("opsgenie_responses_total", "status" => status_label(status))
                 .increment(1);
             match verdict {
                 Verdict::Delivered | Verdict::NothingToClose => {
@@ -285,5 +299,18 @@ fn transport_message(error: &reqwest::Error) -> String {
         kind.to_string()
     } else {
         format!("{kind}: {detail}")
+    }
+}
+
+/// The `status` label without an allocation for the answers that matter.
+fn status_label(status: Option<u16>) -> std::borrow::Cow<'static, str> {
+    match status {
+        None => "error".into(),
+        Some(200) => "200".into(),
+        Some(202) => "202".into(),
+        Some(404) => "404".into(),
+        Some(429) => "429".into(),
+        Some(503) => "503".into(),
+        Some(other) => other.to_string().into(),
     }
 }

@@ -139,12 +139,8 @@ impl Pipeline {
             (opsgenie_shared::Alert::Metric(_), Some(alias)) => alias.as_str(),
             _ => job.notification_uuid.as_str(),
         };
-        let token = format!(
-            "{}:{}:{}",
-            std::process::id(),
-            envelope.now_ms,
-            rand::random::<u64>()
-        );
+        // Random, so that only this round of this job can free the lease it takes.
+        let token = format!("{:032x}", rand::random::<u128>());
         let keys = self
             .buffer
             .keys(&job.notification_uuid, lease_on, job.sequence(), token);
