@@ -1157,6 +1157,11 @@ async fn dead_list_shows_a_letter_and_dead_replay_delivers_it_once_the_team_exis
     assert_eq!(standin.delivered(), 1);
     assert_eq!(env.stream().await.len(), 1);
     assert_eq!(stream_counts(&env).await.get(&uuid), Some(&1));
+    // Log lines are written in batches: wait for the second one rather than race it.
+    wait_until(SETTLE, || async {
+        outcomes(&[&worker]).get(&uuid).map_or(0, Vec::len) >= 2
+    })
+    .await;
     let outcomes = outcomes(&[&worker]);
     assert_eq!(
         outcomes[&uuid],

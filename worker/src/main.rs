@@ -5,6 +5,12 @@ use opsgenie_worker::config::{Cli, Command, DeadCommand};
 use opsgenie_worker::shutdown::{Shutdown, on_signals};
 use opsgenie_worker::{Fatal, check, dead, enqueue, run, telemetry};
 
+// Per job the worker allocates and frees many buffers and one large task; mimalloc's
+// thread-local free lists serve that pattern for about a tenth less CPU than the system
+// allocator (measured with the benchmark of the README).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (log_format, threads) = match &cli.command {
@@ -46,6 +52,7 @@ fn main() -> ExitCode {
     });
     // Background tasks (the Redis client's reconnects) must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    telemetry::flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(fatal) => {

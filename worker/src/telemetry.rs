@@ -1,9 +1,9 @@
 //! Logs (tracing, text or JSON) and the HTTP endpoints `/metrics`, `/healthz` and `/readyz`.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,6 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::LogFormat;
 use crate::health::Health;
@@ -30,7 +31,7 @@ pub fn init_logs(format: Option<LogFormat>) {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(LogBuffer::global());
     let _ = match format {
         LogFormat::Json => builder
             .json()
@@ -41,6 +42,102 @@ pub fn init_logs(format: Option<LogFormat>) {
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
     };
+}
+
+/// Log lines gathered in memory and written to standard error in batches: one `write` per
+/// line was a tenth of the worker's CPU at a few thousand jobs a second. A line at WARN or
+/// above is written at once, the rest within `LOG_FLUSH_EVERY` or when the buffer fills.
+#[derive(Clone, Copy)]
+pub struct LogBuffer {
+    lines: &'static Mutex<Vec<u8>>,
+}
+
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(100);
+const LOG_BUFFER_BYTES: usize = 64 * 1024;
+
+impl LogBuffer {
+    fn global() -> LogBuffer {
+        static LINES: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+        let lines = LINES.get_or_init(|| {
+            std::thread::Builder::new()
+                .name("log-flush".into())
+                .spawn(|| {
+                    loop {
+                        std::thread::sleep(LOG_FLUSH_EVERY);
+                        flush_logs();
+                    }
+                })
+                .ok();
+            Mutex::new(Vec::with_capacity(LOG_BUFFER_BYTES))
+        });
+        LogBuffer { lines }
+    }
+
+    fn flush(&self) {
+        let pending = {
+            let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+            if lines.is_empty() {
+                return;
+            }
+            std::mem::replace(&mut *lines, Vec::with_capacity(LOG_BUFFER_BYTES))
+        };
+        let _ = std::io::stderr().lock().write_all(&pending);
+    }
+}
+
+/// Writes out the buffered log lines; called at exit so that none is lost.
+pub fn flush_logs() {
+    LogBuffer::global().flush();
+}
+
+/// One event's line, appended to the buffer as it is written.
+pub struct LogLine {
+    buffer: LogBuffer,
+    urgent: bool,
+}
+
+impl Write for LogLine {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let full = {
+            let mut lines = self.buffer.lines.lock().unwrap_or_else(|p| p.into_inner());
+            lines.extend_from_slice(bytes);
+            lines.len() >= LOG_BUFFER_BYTES
+        };
+        if full {
+            self.buffer.flush();
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        if self.urgent {
+            self.buffer.flush();
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogBuffer {
+    type Writer = LogLine;
+
+    fn make_writer(&'a self) -> LogLine {
+        LogLine {
+            buffer: *self,
+            urgent: false,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LogLine {
+        LogLine {
+            buffer: *self,
+            urgent: *meta.level() <= tracing::Level::WARN,
+        }
+    }
 }
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
