@@ -216,22 +216,23 @@ impl Buffer {
         }
     }
 
+    // The client's futures are about 7 KiB each; boxed, every job's task stays small and is
+    // not copied around whole on each call.
+
     /// Checks whether the job may be sent now, taking the lease when it may.
     pub async fn admit(&self, keys: &JobKeys) -> Result<Admission, Error> {
         let seq = keys.seq.map(|s| s.to_string()).unwrap_or_default();
         let lease_ms = self.settings.lease_ttl.as_millis().to_string();
-        let answer: String = self
-            .acquire
-            .evalsha_with_reload(
-                &self.client,
-                vec![
-                    keys.sent.as_str(),
-                    keys.lease.as_str(),
-                    keys.sequence.as_str(),
-                ],
-                vec![keys.token.as_str(), lease_ms.as_str(), seq.as_str()],
-            )
-            .await?;
+        let answer: String = Box::pin(self.acquire.evalsha_with_reload(
+            &self.client,
+            vec![
+                keys.sent.as_str(),
+                keys.lease.as_str(),
+                keys.sequence.as_str(),
+            ],
+            vec![keys.token.as_str(), lease_ms.as_str(), seq.as_str()],
+        ))
+        .await?;
         Ok(match answer.as_str() {
             "duplicate" => Admission::Duplicate,
             "stale" => Admission::Stale,
@@ -260,30 +261,27 @@ impl Buffer {
             args.push(value.clone());
         }
         let stream = self.stream_key();
-        self.record
-            .evalsha_with_reload(
-                &self.client,
-                vec![
-                    stream.as_str(),
-                    keys.sent.as_str(),
-                    keys.sequence.as_str(),
-                    keys.lease.as_str(),
-                ],
-                args,
-            )
-            .await
+        Box::pin(self.record.evalsha_with_reload(
+            &self.client,
+            vec![
+                stream.as_str(),
+                keys.sent.as_str(),
+                keys.sequence.as_str(),
+                keys.lease.as_str(),
+            ],
+            args,
+        ))
+        .await
     }
 
     /// Frees the lease after a round that delivered nothing.
     pub async fn release(&self, keys: &JobKeys) -> Result<(), Error> {
-        let _: i64 = self
-            .release
-            .evalsha_with_reload(
-                &self.client,
-                vec![keys.lease.as_str()],
-                vec![keys.token.as_str()],
-            )
-            .await?;
+        let _: i64 = Box::pin(self.release.evalsha_with_reload(
+            &self.client,
+            vec![keys.lease.as_str()],
+            vec![keys.token.as_str()],
+        ))
+        .await?;
         Ok(())
     }
 }

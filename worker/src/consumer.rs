@@ -305,3 +305,55 @@ fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) -> &
     );
     outcome
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::buffer::{Buffer, BufferSettings};
+    use crate::process::{Envelope, Pipeline};
+
+    /// Every job is a task; a large task is allocated and copied per job. The Redis client's
+    /// futures alone are about 7 KiB, so they are boxed; this keeps them so.
+    #[test]
+    fn a_jobs_future_stays_small() {
+        fn size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        crate::init_tls();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (_trigger, shutdown) = crate::shutdown::Shutdown::new();
+            let settings = BufferSettings {
+                prefix: "size:".into(),
+                stream_maxlen: 1,
+                dedupe_ttl: Duration::from_secs(1),
+                lease_ttl: Duration::from_secs(1),
+            };
+            let buffer = Buffer::new("redis://127.0.0.1:6379", settings).unwrap();
+            let pipeline = Pipeline {
+                keyring: Arc::new(arc_swap::ArcSwap::from_pointee(
+                    crate::keyring::Keyring::default(),
+                )),
+                sender: crate::opsgenie::Sender::new(Duration::from_secs(1)).unwrap(),
+                buffer: buffer.clone(),
+                policy: Default::default(),
+                health: Default::default(),
+            };
+            let envelope = Envelope {
+                previous_attempts: 0,
+                first_seen_ms: 0,
+                now_ms: 0,
+            };
+            let job = pipeline.process(b"{}", envelope, &shutdown);
+            assert!(size(&job) < 4096, "process future: {} bytes", size(&job));
+            let keys = buffer.keys("u", "a", None, "t".into());
+            assert!(size(&buffer.record(&keys, &[])) < 256);
+            assert!(size(&buffer.admit(&keys)) < 256);
+        });
+    }
+}
