@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use fred::interfaces::KeysInterface;
 use opsgenie_e2e::relay::Relay;
 use opsgenie_e2e::*;
 use rand::SeedableRng;
@@ -312,6 +313,73 @@ async fn a_429_with_retry_after_holds_every_request_with_that_key() {
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
 
     stop(&mut worker).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_seen_by_one_replica_holds_the_others_too() {
+    let env = TestEnv::new("ratelimit-x").await;
+    let (standin, keyring) = standin_and_keyring(&env, None).await;
+    standin
+        .push_faults(vec![Fault::new(429).header("Retry-After", "3")])
+        .unwrap();
+    let mut first_replica = env.spawn_worker(&keyring, &[]);
+    let first = new_uuid();
+    env.publish(issue_job(&first, TEAM, 1).to_string().as_bytes())
+        .await;
+    // The cooldown is shared through Redis: once it is there, no replica may use the key.
+    let cooldown_key = format!("{}cooldown:{TEAM}", env.prefix);
+    assert!(
+        wait_until(SETTLE, || async {
+            env.redis
+                .exists::<i64, _>(cooldown_key.as_str())
+                .await
+                .unwrap_or(0)
+                == 1
+        })
+        .await,
+        "{}",
+        log_tail(&first_replica, 20)
+    );
+    // The replica that saw the 429 leaves (its job goes to a delay queue); a second one,
+    // which never saw it, takes every job from here on.
+    stop(&mut first_replica).await;
+    let mut second_replica = env.spawn_worker(&keyring, &[]);
+    assert!(
+        wait_until(SETTLE, || async {
+            second_replica
+                .logs()
+                .iter()
+                .any(|l| l["message"] == "Consuming.")
+        })
+        .await
+    );
+    let later = publish_issue_jobs(&env, 2, 6).await;
+    assert!(
+        wait_until(SETTLE, || async { env.stream().await.len() >= 7 }).await,
+        "{}\n{}",
+        log_tail(&first_replica, 20),
+        log_tail(&second_replica, 20)
+    );
+    let requests = standin.requests();
+    assert_eq!(requests[0].status, 429);
+    let limited_at = requests[0].received_at_ms;
+    let earliest = requests[1..]
+        .iter()
+        .map(|r| r.received_at_ms - limited_at)
+        .min()
+        .unwrap_or(0);
+    println!("429 Retry-After: 3 -> the first request by any replica came {earliest} ms later");
+    assert!(
+        earliest >= 2990,
+        "a request came {earliest} ms after the 429 that asked for 3 s"
+    );
+    let counts = stream_counts(&env).await;
+    assert_eq!(counts.get(&first), Some(&1));
+    for (_, uuid) in &later {
+        assert_eq!(counts.get(uuid), Some(&1));
+    }
+    stop(&mut second_replica).await;
     env.cleanup().await;
 }
 

@@ -23,10 +23,12 @@ pub struct BufferSettings {
 const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
 
 /// Checks and takes the lease in one step:
-/// KEYS: sent marker, lease, sequence. ARGV: lease token, lease ms, sequence or "".
-/// Returns "duplicate", "busy", "stale" or "ok" (lease taken).
+/// KEYS: sent marker, lease, sequence, the team's cooldown. ARGV: lease token, lease ms,
+/// sequence or "". Returns "duplicate", "cooldown:<ms>", "busy", "stale" or "ok" (lease taken).
 const ACQUIRE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
+local cool = redis.call('PTTL', KEYS[4])
+if cool > 0 then return 'cooldown:' .. cool end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) == false then
   if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'busy' end
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -66,6 +68,15 @@ if redis.call('GET', KEYS[4]) == ARGV[5] then redis.call('DEL', KEYS[4]) end
 return id
 "#;
 
+/// Starts or lengthens a team's cooldown after a 429, for every replica:
+/// KEYS: cooldown. ARGV: ms.
+const COOL_DOWN: &str = r#"
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+end
+return 0
+"#;
+
 /// Frees a lease this worker holds: KEYS: lease. ARGV: token.
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -83,6 +94,8 @@ pub enum Admission {
     Stale,
     /// Another request for the same incident is in flight: wait and ask again.
     Busy,
+    /// Opsgenie rate-limited this team's key (seen by any replica): wait this long.
+    Cooldown(Duration),
 }
 
 /// The Redis client with the scripts it runs.
@@ -93,6 +106,7 @@ pub struct Buffer {
     acquire: Script,
     record: Script,
     release: Script,
+    cool_down: Script,
     /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
     /// shut down on purpose.
     quitting: Arc<AtomicBool>,
@@ -104,6 +118,7 @@ pub struct JobKeys {
     sent: String,
     lease: String,
     sequence: String,
+    cooldown: String,
     /// Unique per job round, so that only the holder frees the lease.
     token: String,
     seq: Option<i64>,
@@ -145,6 +160,7 @@ impl Buffer {
             acquire: Script::from_lua(ACQUIRE),
             record: Script::from_lua(RECORD),
             release: Script::from_lua(RELEASE),
+            cool_down: Script::from_lua(COOL_DOWN),
             quitting: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -202,6 +218,7 @@ impl Buffer {
     pub fn keys(
         &self,
         notification_uuid: &str,
+        team: &str,
         lease_on: &str,
         seq: Option<i64>,
         token: String,
@@ -211,6 +228,7 @@ impl Buffer {
             sent: format!("{p}sent:{notification_uuid}"),
             lease: format!("{p}lease:{lease_on}"),
             sequence: format!("{p}seq:{lease_on}"),
+            cooldown: format!("{p}cooldown:{team}"),
             token,
             seq,
         }
@@ -229,10 +247,16 @@ impl Buffer {
                 keys.sent.as_str(),
                 keys.lease.as_str(),
                 keys.sequence.as_str(),
+                keys.cooldown.as_str(),
             ],
             vec![keys.token.as_str(), lease_ms.as_str(), seq.as_str()],
         ))
         .await?;
+        if let Some(ms) = answer.strip_prefix("cooldown:") {
+            return Ok(Admission::Cooldown(Duration::from_millis(
+                ms.parse().unwrap_or(1000),
+            )));
+        }
         Ok(match answer.as_str() {
             "duplicate" => Admission::Duplicate,
             "stale" => Admission::Stale,
@@ -272,6 +296,19 @@ impl Buffer {
             args,
         ))
         .await
+    }
+
+    /// Makes every replica wait `wait` before its next request for `team`.
+    pub async fn cool_down(&self, team: &str, wait: Duration) -> Result<(), Error> {
+        let key = format!("{}cooldown:{team}", self.settings.prefix);
+        let ms = wait.as_millis().max(1).to_string();
+        let _: i64 = Box::pin(self.cool_down.evalsha_with_reload(
+            &self.client,
+            vec![key],
+            vec![ms],
+        ))
+        .await?;
+        Ok(())
     }
 
     /// Frees the lease after a round that delivered nothing.
@@ -316,10 +353,11 @@ mod tests {
     #[test]
     fn keys_carry_the_prefix() {
         let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
-        let keys = buffer.keys("u-1", "incident_1_2", Some(5), "tok".into());
+        let keys = buffer.keys("u-1", "ops", "incident_1_2", Some(5), "tok".into());
         assert_eq!(keys.sent, "t:sent:u-1");
         assert_eq!(keys.lease, "t:lease:incident_1_2");
         assert_eq!(keys.sequence, "t:seq:incident_1_2");
+        assert_eq!(keys.cooldown, "t:cooldown:ops");
         assert_eq!(buffer.stream_key(), "t:deliveries");
     }
 }

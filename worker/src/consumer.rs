@@ -351,7 +351,7 @@ mod tests {
             };
             let job = pipeline.process(b"{}", envelope, &shutdown);
             assert!(size(&job) < 4096, "process future: {} bytes", size(&job));
-            let keys = buffer.keys("u", "a", None, "t".into());
+            let keys = buffer.keys("u", "team", "a", None, "t".into());
             assert!(size(&buffer.record(&keys, &[])) < 256);
             assert!(size(&buffer.admit(&keys)) < 256);
         });

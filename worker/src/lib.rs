@@ -110,6 +110,19 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     buffer.start();
     let sender =
         Sender::new(args.request_timeout).map_err(|e| Fatal::Other(format!("HTTP client: {e}")))?;
+    // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.
+    let (rate_limits, mut reported) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
+    let sender = sender.with_rate_limit_reports(rate_limits);
+    {
+        let buffer = buffer.clone();
+        tokio::spawn(async move {
+            while let Some((team, wait)) = reported.recv().await {
+                if let Err(error) = buffer.cool_down(&team, wait).await {
+                    tracing::warn!(team_id = team, error = %error, "Could not share the rate-limit cooldown.");
+                }
+            }
+        });
+    }
 
     let server = match args.metrics_addr {
         MetricsAddr::Off => None,

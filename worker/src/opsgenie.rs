@@ -13,6 +13,7 @@ use opsgenie_shared::retry::RetryPolicy;
 use opsgenie_shared::{Action, DeadReason, OpsgenieRequest, Verdict};
 use reqwest::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
 use serde::Deserialize;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::keyring::Team;
@@ -46,6 +47,8 @@ pub struct Sender {
     /// Until when requests with a key must wait after a 429, by team id. Shared by every task
     /// so that one 429 slows all requests with that key, not only the one that got it.
     cooldowns: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Where a 429 is reported (team id, wait), so that other replicas wait as well.
+    rate_limits: Option<mpsc::UnboundedSender<(String, Duration)>>,
 }
 
 #[derive(Deserialize)]
@@ -70,7 +73,17 @@ impl Sender {
             http,
             user_agent,
             cooldowns: Arc::new(Mutex::new(HashMap::new())),
+            rate_limits: None,
         })
+    }
+
+    /// Reports every 429 to `reports` as well.
+    pub fn with_rate_limit_reports(
+        mut self,
+        reports: mpsc::UnboundedSender<(String, Duration)>,
+    ) -> Sender {
+        self.rate_limits = Some(reports);
+        self
     }
 
     /// Sends `request` to `team` up to `policy.quick_tries` times within `policy.quick_window`.
@@ -211,6 +224,9 @@ impl Sender {
                     };
                     if rate_limited {
                         self.cool_down(&team.id, Instant::now() + pause);
+                        if let Some(reports) = &self.rate_limits {
+                            let _ = reports.send((team.id.clone(), pause));
+                        }
                     }
                     let resume = Instant::now() + pause;
                     if tries >= policy.quick_tries || resume > deadline {

@@ -141,9 +141,13 @@ impl Pipeline {
         };
         // Random, so that only this round of this job can free the lease it takes.
         let token = format!("{:032x}", rand::random::<u128>());
-        let keys = self
-            .buffer
-            .keys(&job.notification_uuid, lease_on, job.sequence(), token);
+        let keys = self.buffer.keys(
+            &job.notification_uuid,
+            &team.id,
+            lease_on,
+            job.sequence(),
+            token,
+        );
 
         let wait_deadline = Instant::now() + self.policy.quick_window;
         let mut pause = Duration::from_millis(20);
@@ -166,6 +170,17 @@ impl Pipeline {
                     return report;
                 }
                 Ok(Admission::Busy) => {}
+                Ok(Admission::Cooldown(wait)) => {
+                    // Another replica (or this one) was told to slow down for this key.
+                    if Instant::now() + wait > wait_deadline {
+                        report.outcome = self.retry_outcome(attempt, &envelope, Some(wait));
+                        return report;
+                    }
+                    if !shutdown.sleep_until(Instant::now() + wait).await {
+                        return report;
+                    }
+                    continue;
+                }
                 Err(error) => {
                     // Without Redis we cannot know whether the job was delivered: wait for it.
                     self.health.set_redis(false);
