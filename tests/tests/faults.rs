@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fred::interfaces::KeysInterface;
+use fred::interfaces::{ClientLike, KeysInterface};
 use opsgenie_e2e::relay::Relay;
 use opsgenie_e2e::*;
 use rand::SeedableRng;
@@ -380,6 +380,34 @@ async fn a_429_seen_by_one_replica_holds_the_others_too() {
         assert_eq!(counts.get(uuid), Some(&1));
     }
     stop(&mut second_replica).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_flow_on_after_redis_forgets_the_scripts() {
+    let env = TestEnv::new("noscript").await;
+    let (standin, keyring) = standin_and_keyring(&env, None).await;
+    let mut worker = env.spawn_worker(&keyring, &[]);
+    let before = publish_issue_jobs(&env, 1, 3).await;
+    assert!(wait_until(SETTLE, || async { env.stream().await.len() == 3 }).await);
+    // What a Redis restart does to the script cache.
+    let _: () = env
+        .redis
+        .custom(fred::cmd!("SCRIPT"), vec!["FLUSH"])
+        .await
+        .unwrap();
+    let after = publish_issue_jobs(&env, 4, 3).await;
+    assert!(
+        wait_until(SETTLE, || async { env.stream().await.len() == 6 }).await,
+        "{}",
+        log_tail(&worker, 20)
+    );
+    let counts = stream_counts(&env).await;
+    for (_, uuid) in before.iter().chain(&after) {
+        assert_eq!(counts.get(uuid), Some(&1));
+    }
+    assert_eq!(standin.delivered(), 6);
+    stop(&mut worker).await;
     env.cleanup().await;
 }
 

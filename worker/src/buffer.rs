@@ -2,12 +2,24 @@
 //! stale incident status? another replica on this incident?) and the atomic record after it.
 //! Each is one Lua script, so one round trip and no half-written state.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use tokio::sync::{mpsc, oneshot};
+
+/// The most calls sent in one pipeline.
+const MAX_BATCH: usize = 128;
+
+/// One script call waiting for a batch.
+struct Call {
+    record: bool,
+    keys: Vec<String>,
+    args: Vec<String>,
+    reply: oneshot::Sender<Result<Value, Error>>,
+}
 
 /// Keys and limits, from the command line.
 #[derive(Debug, Clone)]
@@ -107,6 +119,8 @@ pub struct Buffer {
     record: Script,
     release: Script,
     cool_down: Script,
+    /// The batching task's inbox, started with the first call (which runs on the runtime).
+    batches: Arc<OnceLock<mpsc::UnboundedSender<Call>>>,
     /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
     /// shut down on purpose.
     quitting: Arc<AtomicBool>,
@@ -161,6 +175,7 @@ impl Buffer {
             record: Script::from_lua(RECORD),
             release: Script::from_lua(RELEASE),
             cool_down: Script::from_lua(COOL_DOWN),
+            batches: Arc::new(OnceLock::new()),
             quitting: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -241,17 +256,19 @@ impl Buffer {
     pub async fn admit(&self, keys: &JobKeys) -> Result<Admission, Error> {
         let seq = keys.seq.map(|s| s.to_string()).unwrap_or_default();
         let lease_ms = self.settings.lease_ttl.as_millis().to_string();
-        let answer: String = Box::pin(self.acquire.evalsha_with_reload(
-            &self.client,
-            vec![
-                keys.sent.as_str(),
-                keys.lease.as_str(),
-                keys.sequence.as_str(),
-                keys.cooldown.as_str(),
-            ],
-            vec![keys.token.as_str(), lease_ms.as_str(), seq.as_str()],
-        ))
-        .await?;
+        let answer: String = self
+            .batched(
+                false,
+                vec![
+                    keys.sent.clone(),
+                    keys.lease.clone(),
+                    keys.sequence.clone(),
+                    keys.cooldown.clone(),
+                ],
+                vec![keys.token.clone(), lease_ms, seq],
+            )
+            .await?
+            .convert()?;
         if let Some(ms) = answer.strip_prefix("cooldown:") {
             return Ok(Admission::Cooldown(Duration::from_millis(
                 ms.parse().unwrap_or(1000),
@@ -284,18 +301,47 @@ impl Buffer {
             args.push((*name).to_string());
             args.push(value.clone());
         }
-        let stream = self.stream_key();
-        Box::pin(self.record.evalsha_with_reload(
-            &self.client,
-            vec![
-                stream.as_str(),
-                keys.sent.as_str(),
-                keys.sequence.as_str(),
-                keys.lease.as_str(),
-            ],
-            args,
-        ))
-        .await
+        let keys = vec![
+            self.stream_key(),
+            keys.sent.clone(),
+            keys.sequence.clone(),
+            keys.lease.clone(),
+        ];
+        self.batched(true, keys, args).await?.convert()
+    }
+
+    /// Runs the admission or the record script as part of the next pipeline. Concurrent jobs'
+    /// calls share one write and one round trip instead of one each: per job, two writes
+    /// to Redis were a large share of the worker's CPU. A batch is sent as soon as the one
+    /// before it is answered, so a lone call waits for nothing.
+    async fn batched(
+        &self,
+        record: bool,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, Error> {
+        let inbox = self.batches.get_or_init(|| {
+            let (inbox, calls) = mpsc::unbounded_channel();
+            tokio::spawn(run_batches(
+                self.client.clone(),
+                self.acquire.clone(),
+                self.record.clone(),
+                calls,
+            ));
+            inbox
+        });
+        let (reply, answer) = oneshot::channel();
+        inbox
+            .send(Call {
+                record,
+                keys,
+                args,
+                reply,
+            })
+            .map_err(|_| Error::new(ErrorKind::Canceled, "the Redis batching task is gone"))?;
+        answer
+            .await
+            .map_err(|_| Error::new(ErrorKind::Canceled, "the Redis batching task is gone"))?
     }
 
     /// Makes every replica wait `wait` before its next request for `team`.
@@ -359,5 +405,65 @@ mod tests {
         assert_eq!(keys.sequence, "t:seq:incident_1_2");
         assert_eq!(keys.cooldown, "t:cooldown:ops");
         assert_eq!(buffer.stream_key(), "t:deliveries");
+    }
+}
+
+/// Sends the calls that are waiting as one pipeline, answers each, and goes on.
+async fn run_batches(
+    client: Client,
+    acquire: Script,
+    record: Script,
+    mut calls: mpsc::UnboundedReceiver<Call>,
+) {
+    let mut batch: Vec<Call> = Vec::with_capacity(MAX_BATCH);
+    // A pipeline cannot load a script on demand: load them first (again after a NOSCRIPT).
+    let _ = acquire.load(&client).await;
+    let _ = record.load(&client).await;
+    while let Some(first) = calls.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match calls.try_recv() {
+                Ok(call) => batch.push(call),
+                Err(_) => break,
+            }
+        }
+        let pipeline = client.pipeline();
+        let mut replies = Vec::with_capacity(batch.len());
+        for call in batch.drain(..) {
+            let script = if call.record { &record } else { &acquire };
+            let mut words: Vec<String> = Vec::with_capacity(2 + call.keys.len() + call.args.len());
+            words.push(script.sha1().to_string());
+            words.push(call.keys.len().to_string());
+            words.extend(call.keys);
+            words.extend(call.args);
+            // Queued, not sent: a pipeline answers at `try_all`.
+            let queued: Result<(), Error> = pipeline.custom(fred::cmd!("EVALSHA"), words).await;
+            match queued {
+                Ok(()) => replies.push(call.reply),
+                Err(error) => {
+                    let _ = call.reply.send(Err(error));
+                }
+            }
+        }
+        if replies.is_empty() {
+            continue;
+        }
+        let results = pipeline.try_all::<Value>().await;
+        let mut reload = false;
+        let mut results = results.into_iter();
+        for reply in replies {
+            let result = results.next().unwrap_or_else(|| {
+                Err(Error::new(ErrorKind::Unknown, "no answer in the pipeline"))
+            });
+            if let Err(error) = &result {
+                reload |= error.details().contains("NOSCRIPT");
+            }
+            let _ = reply.send(result);
+        }
+        // After a Redis restart the scripts are gone: load them; the callers try again.
+        if reload {
+            let _ = acquire.load(&client).await;
+            let _ = record.load(&client).await;
+        }
     }
 }
