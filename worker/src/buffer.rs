@@ -369,45 +369,6 @@ impl Buffer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> BufferSettings {
-        BufferSettings {
-            prefix: "t:".into(),
-            stream_maxlen: 10,
-            dedupe_ttl: Duration::from_secs(1),
-            lease_ttl: Duration::from_secs(1),
-        }
-    }
-
-    #[test]
-    fn production_urls_are_understood() {
-        crate::init_tls();
-        for url in [
-            "redis://127.0.0.1:6379",
-            "rediss://user:pw@redis.internal:6380/2",
-            "redis-sentinel://sentinel-a:26379/0?sentinelServiceName=mymaster&node=sentinel-b:26379",
-            "rediss-sentinel://sentinel-a:26379/0?sentinelServiceName=mymaster",
-        ] {
-            assert!(Buffer::new(url, settings()).is_ok(), "{url}");
-        }
-        assert!(Buffer::new("http://nope", settings()).is_err());
-    }
-
-    #[test]
-    fn keys_carry_the_prefix() {
-        let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
-        let keys = buffer.keys("u-1", "ops", "incident_1_2", Some(5), "tok".into());
-        assert_eq!(keys.sent, "t:sent:u-1");
-        assert_eq!(keys.lease, "t:lease:incident_1_2");
-        assert_eq!(keys.sequence, "t:seq:incident_1_2");
-        assert_eq!(keys.cooldown, "t:cooldown:ops");
-        assert_eq!(buffer.stream_key(), "t:deliveries");
-    }
-}
-
 /// Sends the calls that are waiting as one pipeline, answers each, and goes on.
 async fn run_batches(
     client: Client,
@@ -465,5 +426,44 @@ async fn run_batches(
             let _ = acquire.load(&client).await;
             let _ = record.load(&client).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> BufferSettings {
+        BufferSettings {
+            prefix: "t:".into(),
+            stream_maxlen: 10,
+            dedupe_ttl: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn production_urls_are_understood() {
+        crate::init_tls();
+        for url in [
+            "redis://127.0.0.1:6379",
+            "rediss://user:pw@redis.internal:6380/2",
+            "redis-sentinel://sentinel-a:26379/0?sentinelServiceName=mymaster&node=sentinel-b:26379",
+            "rediss-sentinel://sentinel-a:26379/0?sentinelServiceName=mymaster",
+        ] {
+            assert!(Buffer::new(url, settings()).is_ok(), "{url}");
+        }
+        assert!(Buffer::new("http://nope", settings()).is_err());
+    }
+
+    #[test]
+    fn keys_carry_the_prefix() {
+        let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
+        let keys = buffer.keys("u-1", "ops", "incident_1_2", Some(5), "tok".into());
+        assert_eq!(keys.sent, "t:sent:u-1");
+        assert_eq!(keys.lease, "t:lease:incident_1_2");
+        assert_eq!(keys.sequence, "t:seq:incident_1_2");
+        assert_eq!(keys.cooldown, "t:cooldown:ops");
+        assert_eq!(buffer.stream_key(), "t:deliveries");
     }
 }
