@@ -8,7 +8,7 @@
 //! 4. CPU seconds per 1,000 jobs and peak RSS of the worker, from /proc;
 //! 5. the drain with 1, 2 and 4 replicas.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -231,7 +231,13 @@ impl Bench<'_> {
         Ok(rate)
     }
 
-    fn spawn_worker(&self, topology: &Topology, phase: &str, extra: &[&str]) -> Result<Child> {
+    fn spawn_worker(
+        &self,
+        topology: &Topology,
+        phase: &str,
+        keyring: &Path,
+        extra: &[&str],
+    ) -> Result<Child> {
         let log = std::fs::File::create(
             self.dir
                 .join(format!("{phase}-{}.log", uuid::Uuid::new_v4().simple())),
@@ -248,7 +254,7 @@ impl Bench<'_> {
             .args(["--retry-delays", "5s,30s"])
             .args(["--redis-prefix", &format!("bench:{}:{phase}:", self.run_id)])
             .arg("--keyring")
-            .arg(&self.keyring)
+            .arg(keyring)
             .args(["--metrics-addr", "off", "--log-format", "json"])
             .args(extra)
             .stdin(Stdio::null())
@@ -275,7 +281,7 @@ impl Bench<'_> {
         let started = Instant::now();
         let mut workers = Vec::new();
         for _ in 0..replicas {
-            workers.push(self.spawn_worker(&topology, phase, extra)?);
+            workers.push(self.spawn_worker(&topology, phase, &self.keyring, extra)?);
         }
         let done = self
             .standin
@@ -319,24 +325,7 @@ impl Bench<'_> {
         let topology = self.topology("latency");
         let channel = self.channel().await?;
         topology.declare(&channel).await?;
-        let mut worker = Command::new(&self.worker)
-            .arg("run")
-            .args([
-                "--amqp-url",
-                &self.args.amqp_url,
-                "--redis-url",
-                &self.args.redis_url,
-            ])
-            .args(["--exchange", &topology.exchange, "--queue", &topology.queue])
-            .args(["--retry-delays", "5s,30s"])
-            .args(["--redis-prefix", &format!("bench:{}:latency:", self.run_id)])
-            .arg("--keyring")
-            .arg(&keyring)
-            .args(["--metrics-addr", "off", "--log-format", "json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join("latency.log"))?)
-            .spawn()?;
+        let mut worker = self.spawn_worker(&topology, "latency", &keyring, &[])?;
         // Wait until the worker consumes: one job through before the clock starts.
         let warm = realistic_jobs(1, 99);
         publish_all(&channel, &topology.exchange, &topology.routing_key, &warm).await?;

@@ -155,25 +155,7 @@ impl TestEnv {
     /// Starts `opsgenie-worker run` with this test's names, JSON logs to a file, no metrics
     /// endpoint unless `extra` asks for one, and `extra` flags last.
     pub fn spawn_worker(&self, keyring: &Path, extra: &[&str]) -> WorkerProcess {
-        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
-        let log = self.dir.join(format!("worker-{n}.log"));
-        let mut cmd = Command::new(worker_binary());
-        cmd.arg("run")
-            .args(self.broker_args())
-            .args(["--redis-url", REDIS_URL, "--redis-prefix", &self.prefix])
-            .arg("--keyring")
-            .arg(keyring)
-            .args(["--log-format", "json"]);
-        if !extra.contains(&"--metrics-addr") {
-            cmd.args(["--metrics-addr", "off"]);
-        }
-        cmd.args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        let child = cmd.spawn().expect("start opsgenie-worker");
-        WorkerProcess { child, log }
+        self.spawn_worker_via(keyring, AMQP_URL, REDIS_URL, extra)
     }
 
     /// Runs another `opsgenie-worker` command with this test's names; returns its exit code,
