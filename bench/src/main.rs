@@ -76,14 +76,7 @@ async fn main() -> Result<()> {
         ..StandInConfig::default()
     })
     .await?;
-    let keyring = dir.join("keyring.toml");
-    std::fs::write(
-        &keyring,
-        format!(
-            "[[team]]\nid = \"backend\"\nintegration_key = \"bench-key\"\napi_url = \"{}\"\n",
-            standin.base_url()
-        ),
-    )?;
+    let keyring = write_keyring(&dir.join("keyring.toml"), &standin)?;
     let connection = Connection::connect(&args.amqp_url, ConnectionProperties::default()).await?;
     let bench = Bench {
         args: &args,
@@ -314,14 +307,7 @@ impl Bench<'_> {
     /// with the stand-in's receipt through its notification_uuid.
     async fn latency(&self) -> Result<Latency> {
         let standin = StandIn::start(StandInConfig::default()).await?;
-        let keyring = self.dir.join("keyring-latency.toml");
-        std::fs::write(
-            &keyring,
-            format!(
-                "[[team]]\nid = \"backend\"\nintegration_key = \"bench-key\"\napi_url = \"{}\"\n",
-                standin.base_url()
-            ),
-        )?;
+        let keyring = write_keyring(&self.dir.join("keyring-latency.toml"), &standin)?;
         let topology = self.topology("latency");
         let channel = self.channel().await?;
         topology.declare(&channel).await?;
@@ -395,11 +381,9 @@ impl Bench<'_> {
     }
 
     async fn remove(&self, channel: &Channel, topology: &Topology, phase: &str) {
-        let mut queues = vec![topology.queue.clone(), topology.dead_queue.clone()];
-        queues.extend(topology.retry_queues.iter().map(|(q, _)| q.clone()));
-        for q in queues {
+        for q in topology.queue_names() {
             let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .queue_delete(q.into(), QueueDeleteOptions::default())
                 .await;
         }
         let _ = channel
@@ -414,6 +398,18 @@ impl Bench<'_> {
             .stdout(Stdio::null())
             .status();
     }
+}
+
+/// A keyring whose one team, `backend`, is served by `standin`.
+fn write_keyring(path: &Path, standin: &StandIn) -> Result<PathBuf> {
+    std::fs::write(
+        path,
+        format!(
+            "[[team]]\nid = \"backend\"\nintegration_key = \"bench-key\"\napi_url = \"{}\"\n",
+            standin.base_url()
+        ),
+    )?;
+    Ok(path.to_path_buf())
 }
 
 fn job_properties() -> BasicProperties {

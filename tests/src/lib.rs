@@ -250,11 +250,9 @@ impl TestEnv {
     pub async fn cleanup(&self) {
         let channel = self.connection.create_channel().await.expect("channel");
         let topology = self.topology();
-        let mut queues = vec![topology.queue.clone(), topology.dead_queue.clone()];
-        queues.extend(topology.retry_queues.iter().map(|(name, _)| name.clone()));
-        for q in queues {
+        for q in topology.queue_names() {
             let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .queue_delete(q.into(), QueueDeleteOptions::default())
                 .await;
         }
         let _ = channel

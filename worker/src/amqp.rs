@@ -55,6 +55,13 @@ impl Topology {
         }
     }
 
+    /// Every queue this topology declares: work, delay and dead-letter queues.
+    pub fn queue_names(&self) -> Vec<&str> {
+        let mut names = vec![self.queue.as_str(), self.dead_queue.as_str()];
+        names.extend(self.retry_queues.iter().map(|(name, _)| name.as_str()));
+        names
+    }
+
     fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         if self.queue_type == QueueType::Quorum {

@@ -115,6 +115,8 @@ pub enum Admission {
 pub struct Buffer {
     client: Client,
     settings: BufferSettings,
+    /// The script arguments that are the same for every job, written once at start-up.
+    fixed: Arc<FixedArgs>,
     acquire: Script,
     record: Script,
     release: Script,
@@ -124,6 +126,16 @@ pub struct Buffer {
     /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
     /// shut down on purpose.
     quitting: Arc<AtomicBool>,
+}
+
+/// Keys and script arguments derived from the settings.
+#[derive(Debug)]
+struct FixedArgs {
+    stream_key: String,
+    lease_ms: String,
+    stream_maxlen: String,
+    dedupe_ttl_s: String,
+    sequence_ttl_s: String,
 }
 
 /// One job's keys, computed once.
@@ -168,7 +180,15 @@ impl Buffer {
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build()?;
+        let fixed = Arc::new(FixedArgs {
+            stream_key: format!("{}deliveries", settings.prefix),
+            lease_ms: settings.lease_ttl.as_millis().to_string(),
+            stream_maxlen: settings.stream_maxlen.to_string(),
+            dedupe_ttl_s: settings.dedupe_ttl.as_secs().max(1).to_string(),
+            sequence_ttl_s: SEQUENCE_TTL_SECS.to_string(),
+        });
         Ok(Buffer {
+            fixed,
             client,
             settings,
             acquire: Script::from_lua(ACQUIRE),
@@ -224,8 +244,8 @@ impl Buffer {
         let _ = self.client.quit().await;
     }
 
-    pub fn stream_key(&self) -> String {
-        format!("{}deliveries", self.settings.prefix)
+    pub fn stream_key(&self) -> &str {
+        &self.fixed.stream_key
     }
 
     /// The keys one job touches. `lease_on` is the incident alias for a metric alert, else the
@@ -255,7 +275,7 @@ impl Buffer {
     /// Checks whether the job may be sent now, taking the lease when it may.
     pub async fn admit(&self, keys: &JobKeys) -> Result<Admission, Error> {
         let seq = keys.seq.map(|s| s.to_string()).unwrap_or_default();
-        let lease_ms = self.settings.lease_ttl.as_millis().to_string();
+
         let answer: String = self
             .batched(
                 false,
@@ -265,7 +285,7 @@ impl Buffer {
                     keys.sequence.clone(),
                     keys.cooldown.clone(),
                 ],
-                vec![keys.token.clone(), lease_ms, seq],
+                vec![keys.token.clone(), self.fixed.lease_ms.clone(), seq],
             )
             .await?
             .convert()?;
@@ -292,17 +312,17 @@ impl Buffer {
     ) -> Result<String, Error> {
         let seq = keys.seq.map(|s| s.to_string()).unwrap_or_default();
         let mut args: Vec<String> = Vec::with_capacity(5 + fields.len() * 2);
-        args.push(self.settings.stream_maxlen.to_string());
-        args.push(self.settings.dedupe_ttl.as_secs().max(1).to_string());
+        args.push(self.fixed.stream_maxlen.clone());
+        args.push(self.fixed.dedupe_ttl_s.clone());
         args.push(seq);
-        args.push(SEQUENCE_TTL_SECS.to_string());
+        args.push(self.fixed.sequence_ttl_s.clone());
         args.push(keys.token.clone());
         for (name, value) in fields {
             args.push((*name).to_string());
             args.push(value.clone());
         }
         let keys = vec![
-            self.stream_key(),
+            self.fixed.stream_key.clone(),
             keys.sent.clone(),
             keys.sequence.clone(),
             keys.lease.clone(),
