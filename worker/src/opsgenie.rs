@@ -95,7 +95,7 @@ impl Sender {
         request: &OpsgenieRequest,
         policy: &RetryPolicy,
         shutdown: &Shutdown,
-    ) -> (RoundResult, u32) {
+    ) -> RoundResult {
         let deadline = Instant::now() + policy.quick_window;
         let mut backoff = backoff::ExponentialBackoffBuilder::new()
             .with_initial_interval(Duration::from_millis(200))
@@ -111,35 +111,29 @@ impl Sender {
                 match reqwest::Url::parse(&raw) {
                     Ok(url) => url,
                     Err(e) => {
-                        return (
-                            RoundResult::Refused {
-                                reason: DeadReason::Rejected,
-                                status: 0,
-                                message: format!("cannot build the close URL: {e}"),
-                            },
-                            0,
-                        );
+                        return RoundResult::Refused {
+                            reason: DeadReason::Rejected,
+                            status: 0,
+                            message: format!("cannot build the close URL: {e}"),
+                        };
                     }
                 }
             }
         };
         // Shared, not copied, by every try.
         let body = bytes::Bytes::copy_from_slice(&request.body);
-        let mut tries = 0;
+        let mut tries = 0u32;
         loop {
             if let Some(until) = self.cooldown(&team.id) {
                 if until > deadline {
-                    return (
-                        RoundResult::Failed {
-                            status: Some(429),
-                            wait: Some(until - Instant::now()),
-                            message: "rate limited: the key is cooling down".into(),
-                        },
-                        tries,
-                    );
+                    return RoundResult::Failed {
+                        status: Some(429),
+                        wait: Some(until - Instant::now()),
+                        message: "rate limited: the key is cooling down".into(),
+                    };
                 }
                 if !shutdown.sleep_until(until).await {
-                    return (interrupted(), tries);
+                    return interrupted();
                 }
             }
             tries += 1;
@@ -199,23 +193,17 @@ impl Sender {
                             "Nothing open to close; counted as delivered."
                         );
                     }
-                    return (
-                        RoundResult::Delivered {
-                            status: status.unwrap_or(0),
-                            request_id,
-                        },
-                        tries,
-                    );
+                    return RoundResult::Delivered {
+                        status: status.unwrap_or(0),
+                        request_id,
+                    };
                 }
                 Verdict::DeadLetter(reason) => {
-                    return (
-                        RoundResult::Refused {
-                            reason,
-                            status: status.unwrap_or(0),
-                            message,
-                        },
-                        tries,
-                    );
+                    return RoundResult::Refused {
+                        reason,
+                        status: status.unwrap_or(0),
+                        message,
+                    };
                 }
                 Verdict::Retry { wait, rate_limited } => {
                     let pause = match wait {
@@ -230,14 +218,11 @@ impl Sender {
                     }
                     let resume = Instant::now() + pause;
                     if tries >= policy.quick_tries || resume > deadline {
-                        return (
-                            RoundResult::Failed {
-                                status,
-                                wait,
-                                message,
-                            },
-                            tries,
-                        );
+                        return RoundResult::Failed {
+                            status,
+                            wait,
+                            message,
+                        };
                     }
                     tracing::debug!(
                         status,
@@ -246,14 +231,11 @@ impl Sender {
                     );
                     metrics::counter!("opsgenie_retries_total", "kind" => "quick").increment(1);
                     if !shutdown.sleep_until(resume).await {
-                        return (
-                            RoundResult::Failed {
-                                status,
-                                wait,
-                                message,
-                            },
-                            tries,
-                        );
+                        return RoundResult::Failed {
+                            status,
+                            wait,
+                            message,
+                        };
                     }
                 }
             }

@@ -194,7 +194,7 @@ impl Pipeline {
             pause = (pause * 2).min(Duration::from_millis(500));
         }
 
-        let (round, _tries) = self
+        let round = self
             .sender
             .deliver(&team, &request, &self.policy, shutdown)
             .await;
