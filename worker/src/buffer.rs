@@ -10,15 +10,18 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::{mpsc, oneshot};
 
-/// The most calls sent in one pipeline.
+/// The most calls run by one script call.
 const MAX_BATCH: usize = 128;
 
-/// One script call waiting for a batch.
+/// A stream entry's field/value pairs.
+pub type Fields = Arc<[(&'static str, String)]>;
+
+/// One job's admission check or record, waiting for the next batch.
 struct Call {
-    record: bool,
-    keys: Vec<String>,
-    args: Vec<String>,
-    reply: oneshot::Sender<Result<Value, Error>>,
+    keys: Arc<JobKeys>,
+    /// `None`: the admission check; else the record, with the stream entry's fields.
+    record: Option<Fields>,
+    reply: oneshot::Sender<Result<String, Error>>,
 }
 
 /// Keys and limits, from the command line.
@@ -34,50 +37,72 @@ pub struct BufferSettings {
 /// How long the last delivered sequence of an incident is kept (SPEC section 7: 7 days).
 const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
 
-/// Checks and takes the lease in one step:
-/// KEYS: sent marker, lease, sequence, the team's cooldown. ARGV: lease token, lease ms,
-/// sequence or "". Returns "duplicate", "cooldown:<ms>", "busy", "stale" or "ok" (lease taken).
-const ACQUIRE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
-local cool = redis.call('PTTL', KEYS[4])
-if cool > 0 then return 'cooldown:' .. cool end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) == false then
-  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'busy' end
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-end
-if ARGV[3] ~= '' then
-  local last = redis.call('GET', KEYS[3])
-  if last and tonumber(last) >= tonumber(ARGV[3]) then
-    redis.call('DEL', KEYS[2])
-    return 'stale'
-  end
-end
-return 'ok'
-"#;
-
-/// Records a delivery and frees the lease:
-/// KEYS: stream, sent marker, sequence, lease. ARGV: maxlen, dedupe ttl s, sequence or "",
-/// sequence ttl s, lease token, then the stream entry's field/value pairs.
-/// Returns the new entry's id, or "" when the delivery was already recorded.
+/// The admission checks and records of a batch of jobs, in the order they came, in one
+/// atomic step.
 ///
-/// A record whose answer was lost (the connection dropped after Redis ran it) is sent again,
-/// by the client's own retry or by ours; the sent marker makes that second run add nothing,
-/// so that the stream keeps one entry per notification.
-const RECORD: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  if redis.call('GET', KEYS[4]) == ARGV[5] then redis.call('DEL', KEYS[4]) end
-  return ''
-end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 6))
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-if ARGV[3] ~= '' then
-  local last = redis.call('GET', KEYS[3])
-  if (not last) or tonumber(last) < tonumber(ARGV[3]) then
-    redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+/// KEYS[1] is the deliveries stream; then four keys per job: its sent marker, its lease, its
+/// incident's sequence and its team's cooldown. ARGV[1..4]: lease ms, stream maxlen, dedupe
+/// ttl s, sequence ttl s; then per job: `a` (admission) or `r` (record), the lease token, the
+/// sequence or "", and the number of stream words that follow (0 for an admission), then
+/// those field/value words.
+///
+/// An admission answers "duplicate", "cooldown:<ms>", "busy", "stale" or "ok" (the lease is
+/// taken). A record writes the stream entry, the sent marker and the incident's sequence,
+/// frees the lease, and answers the entry's id, or "" when the delivery was already recorded.
+///
+/// Running a step twice changes nothing the first run did not: a lease is taken again by its
+/// own token, and a record whose answer was lost (the connection dropped after Redis ran it)
+/// finds its sent marker and adds nothing, so the stream keeps one entry per notification.
+const STEPS: &str = r#"
+local lease_ms, maxlen, dedupe_ttl, seq_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = {}
+local a = 5
+for k = 2, #KEYS, 4 do
+  local sent, lease, seqkey, cool = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local op, token, seq, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local first = a + 4
+  a = first + n
+  local answer
+  if op == 'a' then
+    if redis.call('EXISTS', sent) == 1 then
+      answer = 'duplicate'
+    else
+      local cooling = redis.call('PTTL', cool)
+      if cooling > 0 then
+        answer = 'cooldown:' .. cooling
+      elseif not redis.call('SET', lease, token, 'NX', 'PX', lease_ms)
+          and redis.call('GET', lease) ~= token then
+        answer = 'busy'
+      else
+        -- Taken now, or already ours from a step that ran twice.
+        redis.call('PEXPIRE', lease, lease_ms)
+        answer = 'ok'
+        if seq ~= '' then
+          local last = redis.call('GET', seqkey)
+          if last and tonumber(last) >= tonumber(seq) then
+            redis.call('DEL', lease)
+            answer = 'stale'
+          end
+        end
+      end
+    end
+  else
+    answer = ''
+    if redis.call('EXISTS', sent) == 0 then
+      answer = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, a - 1))
+      redis.call('SET', sent, '1', 'EX', dedupe_ttl)
+      if seq ~= '' then
+        local last = redis.call('GET', seqkey)
+        if (not last) or tonumber(last) < tonumber(seq) then
+          redis.call('SET', seqkey, seq, 'EX', seq_ttl)
+        end
+      end
+    end
+    if redis.call('GET', lease) == token then redis.call('DEL', lease) end
   end
+  out[#out + 1] = answer
 end
-if redis.call('GET', KEYS[4]) == ARGV[5] then redis.call('DEL', KEYS[4]) end
-return id
+return out
 "#;
 
 /// Starts or lengthens a team's cooldown after a 429, for every replica:
@@ -117,8 +142,7 @@ pub struct Buffer {
     settings: BufferSettings,
     /// The script arguments that are the same for every job, written once at start-up.
     fixed: Arc<FixedArgs>,
-    acquire: Script,
-    record: Script,
+    steps: Script,
     release: Script,
     cool_down: Script,
     /// The batching task's inbox, started with the first call (which runs on the runtime).
@@ -191,8 +215,7 @@ impl Buffer {
             fixed,
             client,
             settings,
-            acquire: Script::from_lua(ACQUIRE),
-            record: Script::from_lua(RECORD),
+            steps: Script::from_lua(STEPS),
             release: Script::from_lua(RELEASE),
             cool_down: Script::from_lua(COOL_DOWN),
             batches: Arc::new(OnceLock::new()),
@@ -257,38 +280,21 @@ impl Buffer {
         lease_on: &str,
         seq: Option<i64>,
         token: String,
-    ) -> JobKeys {
+    ) -> Arc<JobKeys> {
         let p = &self.settings.prefix;
-        JobKeys {
+        Arc::new(JobKeys {
             sent: format!("{p}sent:{notification_uuid}"),
             lease: format!("{p}lease:{lease_on}"),
             sequence: format!("{p}seq:{lease_on}"),
             cooldown: format!("{p}cooldown:{team}"),
             token,
             seq,
-        }
+        })
     }
 
-    // The client's futures are about 7 KiB each; boxed, every job's task stays small and is
-    // not copied around whole on each call.
-
     /// Checks whether the job may be sent now, taking the lease when it may.
-    pub async fn admit(&self, keys: &JobKeys) -> Result<Admission, Error> {
-        let seq = keys.seq.map(|s| s.to_string()).unwrap_or_default();
-
-        let answer: String = self
-            .batched(
-                false,
-                vec![
-                    keys.sent.clone(),
-                    keys.lease.clone(),
-                    keys.sequence.clone(),
-                    keys.cooldown.clone(),
-                ],
-                vec![keys.token.clone(), self.fixed.lease_ms.clone(), seq],
-            )
-            .await?
-            .convert()?;
+    pub async fn admit(&self, keys: &Arc<JobKeys>) -> Result<Admission, Error> {
+        let answer = self.batched(Arc::clone(keys), None).await?;
         if let Some(ms) = answer.strip_prefix("cooldown:") {
             return Ok(Admission::Cooldown(Duration::from_millis(
                 ms.parse().unwrap_or(1000),
@@ -305,47 +311,22 @@ impl Buffer {
     /// Writes the stream entry, the sent marker and the incident's sequence, and frees the
     /// lease, atomically. Returns the stream entry id, or "" when the notification was
     /// already recorded (nothing is written then but the lease is freed).
-    pub async fn record(
-        &self,
-        keys: &JobKeys,
-        fields: &[(&'static str, String)],
-    ) -> Result<String, Error> {
-        let seq = keys.seq.map(|s| s.to_string()).unwrap_or_default();
-        let mut args: Vec<String> = Vec::with_capacity(5 + fields.len() * 2);
-        args.push(self.fixed.stream_maxlen.clone());
-        args.push(self.fixed.dedupe_ttl_s.clone());
-        args.push(seq);
-        args.push(self.fixed.sequence_ttl_s.clone());
-        args.push(keys.token.clone());
-        for (name, value) in fields {
-            args.push((*name).to_string());
-            args.push(value.clone());
-        }
-        let keys = vec![
-            self.fixed.stream_key.clone(),
-            keys.sent.clone(),
-            keys.sequence.clone(),
-            keys.lease.clone(),
-        ];
-        self.batched(true, keys, args).await?.convert()
+    pub async fn record(&self, keys: &Arc<JobKeys>, fields: &Fields) -> Result<String, Error> {
+        self.batched(Arc::clone(keys), Some(Arc::clone(fields)))
+            .await
     }
 
-    /// Runs the admission or the record script as part of the next pipeline. Concurrent jobs'
-    /// calls share one write and one round trip instead of one each: per job, two writes
-    /// to Redis were a large share of the worker's CPU. A batch is sent as soon as the one
-    /// before it is answered, so a lone call waits for nothing.
-    async fn batched(
-        &self,
-        record: bool,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> Result<Value, Error> {
+    /// Runs an admission check or a record as part of the next batch. The calls of concurrent
+    /// jobs share one script call, one write and one round trip instead of one each: per job,
+    /// the Redis client's work was a large share of the worker's CPU. A batch is sent as soon
+    /// as the one before it is answered, so a lone call waits for nothing.
+    async fn batched(&self, keys: Arc<JobKeys>, record: Option<Fields>) -> Result<String, Error> {
         let inbox = self.batches.get_or_init(|| {
             let (inbox, calls) = mpsc::unbounded_channel();
             tokio::spawn(run_batches(
                 self.client.clone(),
-                self.acquire.clone(),
-                self.record.clone(),
+                self.steps.clone(),
+                Arc::clone(&self.fixed),
                 calls,
             ));
             inbox
@@ -353,9 +334,8 @@ impl Buffer {
         let (reply, answer) = oneshot::channel();
         inbox
             .send(Call {
-                record,
                 keys,
-                args,
+                record,
                 reply,
             })
             .map_err(|_| Error::new(ErrorKind::Canceled, "the Redis batching task is gone"))?;
@@ -389,17 +369,16 @@ impl Buffer {
     }
 }
 
-/// Sends the calls that are waiting as one pipeline, answers each, and goes on.
+/// Runs the calls that are waiting as one script call, answers each, and goes on.
 async fn run_batches(
     client: Client,
-    acquire: Script,
-    record: Script,
+    steps: Script,
+    fixed: Arc<FixedArgs>,
     mut calls: mpsc::UnboundedReceiver<Call>,
 ) {
     let mut batch: Vec<Call> = Vec::with_capacity(MAX_BATCH);
-    // A pipeline cannot load a script on demand: load them first (again after a NOSCRIPT).
-    let _ = acquire.load(&client).await;
-    let _ = record.load(&client).await;
+    // Loaded up front so that the first batch finds it (and again after a NOSCRIPT).
+    let _ = steps.load(&client).await;
     while let Some(first) = calls.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -408,45 +387,72 @@ async fn run_batches(
                 Err(_) => break,
             }
         }
-        let pipeline = client.pipeline();
-        let mut replies = Vec::with_capacity(batch.len());
-        for call in batch.drain(..) {
-            let script = if call.record { &record } else { &acquire };
-            let mut words: Vec<String> = Vec::with_capacity(2 + call.keys.len() + call.args.len());
-            words.push(script.sha1().to_string());
-            words.push(call.keys.len().to_string());
-            words.extend(call.keys);
-            words.extend(call.args);
-            // Queued, not sent: a pipeline answers at `try_all`.
-            let queued: Result<(), Error> = pipeline.custom(fred::cmd!("EVALSHA"), words).await;
-            match queued {
-                Ok(()) => replies.push(call.reply),
-                Err(error) => {
-                    let _ = call.reply.send(Err(error));
+        let (keys, args) = step_words(&fixed, &batch);
+        let answers: Result<Vec<String>, Error> =
+            client.evalsha(steps.sha1().clone(), keys, args).await;
+        match answers {
+            Ok(answers) if answers.len() == batch.len() => {
+                for (call, answer) in batch.drain(..).zip(answers) {
+                    let _ = call.reply.send(Ok(answer));
+                }
+            }
+            Ok(answers) => {
+                let error = Error::new(
+                    ErrorKind::Protocol,
+                    format!("{} answers to {} calls", answers.len(), batch.len()),
+                );
+                for call in batch.drain(..) {
+                    let _ = call.reply.send(Err(error.clone()));
+                }
+            }
+            Err(error) => {
+                // After a Redis restart the script is gone: load it; the callers try again.
+                let reload = error.details().contains("NOSCRIPT");
+                for call in batch.drain(..) {
+                    let _ = call.reply.send(Err(error.clone()));
+                }
+                if reload {
+                    let _ = steps.load(&client).await;
                 }
             }
         }
-        if replies.is_empty() {
-            continue;
-        }
-        let results = pipeline.try_all::<Value>().await;
-        let mut reload = false;
-        let mut results = results.into_iter();
-        for reply in replies {
-            let result = results.next().unwrap_or_else(|| {
-                Err(Error::new(ErrorKind::Unknown, "no answer in the pipeline"))
-            });
-            if let Err(error) = &result {
-                reload |= error.details().contains("NOSCRIPT");
-            }
-            let _ = reply.send(result);
-        }
-        // After a Redis restart the scripts are gone: load them; the callers try again.
-        if reload {
-            let _ = acquire.load(&client).await;
-            let _ = record.load(&client).await;
+    }
+}
+
+/// The keys and arguments of one `STEPS` call.
+fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
+    let mut keys: Vec<Key> = Vec::with_capacity(1 + 4 * batch.len());
+    keys.push(fixed.stream_key.as_str().into());
+    let words: usize = batch
+        .iter()
+        .map(|c| 4 + c.record.as_ref().map_or(0, |f| 2 * f.len()))
+        .sum();
+    let mut args: Vec<Value> = Vec::with_capacity(4 + words);
+    args.extend([
+        Value::from(fixed.lease_ms.as_str()),
+        Value::from(fixed.stream_maxlen.as_str()),
+        Value::from(fixed.dedupe_ttl_s.as_str()),
+        Value::from(fixed.sequence_ttl_s.as_str()),
+    ]);
+    for call in batch {
+        let k = &call.keys;
+        keys.extend([
+            Key::from(k.sent.as_str()),
+            Key::from(k.lease.as_str()),
+            Key::from(k.sequence.as_str()),
+            Key::from(k.cooldown.as_str()),
+        ]);
+        let fields: &[(&'static str, String)] = call.record.as_deref().unwrap_or_default();
+        args.push(Value::from(if call.record.is_some() { "r" } else { "a" }));
+        args.push(Value::from(k.token.as_str()));
+        args.push(k.seq.map_or_else(|| Value::from(""), Value::from));
+        args.push(Value::from(2 * fields.len() as i64));
+        for (name, value) in fields {
+            args.push(Value::from(*name));
+            args.push(Value::from(value.as_str()));
         }
     }
+    (keys, args)
 }
 
 #[cfg(test)]

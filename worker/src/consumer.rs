@@ -339,7 +339,7 @@ mod tests {
                 keyring: Arc::new(arc_swap::ArcSwap::from_pointee(
                     crate::keyring::Keyring::default(),
                 )),
-                sender: crate::opsgenie::Sender::new(Duration::from_secs(1)).unwrap(),
+                sender: crate::opsgenie::Sender::new(Duration::from_secs(1)),
                 buffer: buffer.clone(),
                 policy: Default::default(),
                 health: Default::default(),
@@ -352,7 +352,8 @@ mod tests {
             let job = pipeline.process(b"{}", envelope, &shutdown);
             assert!(size(&job) < 4096, "process future: {} bytes", size(&job));
             let keys = buffer.keys("u", "team", "a", None, "t".into());
-            assert!(size(&buffer.record(&keys, &[])) < 256);
+            let fields: crate::buffer::Fields = Vec::new().into();
+            assert!(size(&buffer.record(&keys, &fields)) < 256);
             assert!(size(&buffer.admit(&keys)) < 256);
         });
     }

@@ -6,8 +6,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use reqwest::header::HeaderValue;
 use serde::Deserialize;
+
+use crate::opsgenie::Endpoint;
 
 const US_API: &str = "https://api.opsgenie.com";
 const EU_API: &str = "https://api.eu.opsgenie.com";
@@ -43,10 +44,8 @@ pub struct Team {
     pub key: IntegrationKey,
     /// The API base URL without a trailing `/`.
     pub api_base: String,
-    /// `GenieKey <key>`, built once, marked sensitive so that HTTP debug output hides it.
-    pub authorization: HeaderValue,
-    /// `{api_base}/v2/alerts`, parsed once: every create goes there.
-    pub create_url: reqwest::Url,
+    /// `api_base`, parsed once: where every request of the team goes.
+    pub endpoint: Endpoint,
 }
 
 /// All teams, by id.
@@ -164,20 +163,7 @@ impl Keyring {
                 ));
             }
             let api_base = match (entry.api_url, entry.region.as_deref()) {
-                (Some(url), _) => {
-                    let trimmed = url.trim_end_matches('/');
-                    match reqwest::Url::parse(trimmed) {
-                        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
-                            trimmed.to_string()
-                        }
-                        _ => {
-                            return Err(fail(
-                                span,
-                                format!("{}: \"{url}\" is not an http(s) URL", at("api_url")),
-                            ));
-                        }
-                    }
-                }
+                (Some(url), _) => url.trim_end_matches('/').to_string(),
                 (None, None | Some("us")) => US_API.to_string(),
                 (None, Some("eu")) => EU_API.to_string(),
                 (None, Some(other)) => {
@@ -187,25 +173,29 @@ impl Keyring {
                     ));
                 }
             };
-            let mut authorization =
-                HeaderValue::from_str(&format!("GenieKey {key}")).map_err(|_| {
-                    fail(
-                        span.clone(),
-                        format!(
-                            "{}: the key has characters a header cannot carry",
-                            at("integration_key")
-                        ),
-                    )
-                })?;
-            authorization.set_sensitive(true);
-            let create_url = reqwest::Url::parse(&format!("{api_base}/v2/alerts"))
-                .map_err(|e| fail(span.clone(), format!("{}: {e}", at("api_url"))))?;
+            let endpoint = Endpoint::parse(&api_base).map_err(|e| {
+                fail(
+                    span.clone(),
+                    format!(
+                        "{}: \"{api_base}\" is not an http(s) URL: {e}",
+                        at("api_url")
+                    ),
+                )
+            })?;
+            if key.chars().any(|c| c.is_control()) {
+                return Err(fail(
+                    span,
+                    format!(
+                        "{}: the key has characters a header cannot carry",
+                        at("integration_key")
+                    ),
+                ));
+            }
             let team = Team {
-                create_url,
                 id: id.clone(),
                 key: IntegrationKey(key),
                 api_base,
-                authorization,
+                endpoint,
             };
             if teams.insert(id.clone(), Arc::new(team)).is_some() {
                 return Err(fail(span, format!("{}: \"{id}\" appears twice", at("id"))));
@@ -304,7 +294,7 @@ api_url = "http://127.0.0.1:18080/"
         assert_eq!(ops.api_base, "https://api.opsgenie.com");
         let local = ring.team("local").unwrap();
         assert_eq!(local.api_base, "http://127.0.0.1:18080");
-        assert_eq!(local.authorization.to_str().unwrap(), "GenieKey inline");
+        assert_eq!(local.key.expose(), "inline");
         assert_eq!(ring.team_ids(), vec!["backend", "local", "ops"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,7 +1,11 @@
-//! The Opsgenie boundary: one HTTP client for the process, one round of quick retries with
-//! exponential backoff and jitter, and the per-key cooldown after a 429. What each answer
-//! means is decided by `opsgenie_shared::outcome::classify_response`; this file only moves
-//! bytes and waits.
+//! The Opsgenie boundary: one HTTP client for the process (`http`), one round of quick
+//! retries with exponential backoff and jitter, and the per-key cooldown after a 429. What
+//! each answer means is decided by `opsgenie_shared::outcome::classify_response`; this file
+//! only moves bytes and waits.
+
+mod http;
+
+pub use http::{Endpoint, HttpError};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,14 +14,16 @@ use std::time::Duration;
 use backoff::backoff::Backoff;
 use opsgenie_shared::outcome::{classify_response, classify_transport_error};
 use opsgenie_shared::retry::RetryPolicy;
-use opsgenie_shared::{Action, DeadReason, OpsgenieRequest, Verdict};
-use reqwest::header::{CONTENT_TYPE, HeaderValue, USER_AGENT};
+use opsgenie_shared::{DeadReason, OpsgenieRequest, Verdict};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::keyring::Team;
 use crate::shutdown::Shutdown;
+use http::{HttpClient, RequestHead};
+
+const USER_AGENT: &str = concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION"));
 
 /// The end of one delivery round.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +48,7 @@ pub enum RoundResult {
 /// The HTTP client and the cooldowns of rate-limited keys.
 #[derive(Clone)]
 pub struct Sender {
-    http: reqwest::Client,
-    user_agent: HeaderValue,
+    http: Arc<HttpClient>,
     /// Until when requests with a key must wait after a 429, by team id. Shared by every task
     /// so that one 429 slows all requests with that key, not only the one that got it.
     cooldowns: Arc<Mutex<HashMap<String, Instant>>>,
@@ -58,23 +63,15 @@ struct Accepted {
 }
 
 impl Sender {
-    /// Fails only when the TLS back-end cannot start.
-    pub fn new(request_timeout: Duration) -> Result<Sender, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5).min(request_timeout))
-            .timeout(request_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()?;
-        let user_agent =
-            HeaderValue::from_static(concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION")));
-        Ok(Sender {
-            http,
-            user_agent,
+    pub fn new(request_timeout: Duration) -> Sender {
+        Sender {
+            http: Arc::new(HttpClient::new(
+                Duration::from_secs(5).min(request_timeout),
+                request_timeout,
+            )),
             cooldowns: Arc::new(Mutex::new(HashMap::new())),
             rate_limits: None,
-        })
+        }
     }
 
     /// Reports every 429 to `reports` as well.
@@ -104,24 +101,12 @@ impl Sender {
             .with_max_interval(policy.quick_window)
             .with_max_elapsed_time(None)
             .build();
-        let url = match request.action {
-            Action::Create => team.create_url.clone(),
-            Action::Close => {
-                let raw = format!("{}{}?{}", team.api_base, request.path, request.query);
-                match reqwest::Url::parse(&raw) {
-                    Ok(url) => url,
-                    Err(e) => {
-                        return RoundResult::Refused {
-                            reason: DeadReason::Rejected,
-                            status: 0,
-                            message: format!("cannot build the close URL: {e}"),
-                        };
-                    }
-                }
-            }
+        // The key goes into the request bytes and nowhere else.
+        let authorization = format!("GenieKey {}", team.key.expose());
+        let head = RequestHead {
+            authorization: &authorization,
+            user_agent: USER_AGENT,
         };
-        // Shared, not copied, by every try.
-        let body = bytes::Bytes::copy_from_slice(&request.body);
         let mut tries = 0u32;
         loop {
             if let Some(until) = self.cooldown(&team.id) {
@@ -140,37 +125,28 @@ impl Sender {
             let started = std::time::Instant::now();
             let answer = self
                 .http
-                .post(url.clone())
-                .header(reqwest::header::AUTHORIZATION, team.authorization.clone())
-                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-                .header(USER_AGENT, self.user_agent.clone())
-                .body(body.clone())
-                .send()
+                .post(
+                    &team.endpoint,
+                    &request.path,
+                    request.query,
+                    &head,
+                    &request.body,
+                )
                 .await;
             let (verdict, status, request_id, message) = match answer {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let header = |name: &str| {
-                        response
-                            .headers()
-                            .get(name)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_string)
-                    };
-                    let retry_after = header("retry-after");
-                    let period = header("x-ratelimit-period-in-sec");
+                Ok(answer) => {
+                    let status = answer.status;
                     let verdict = classify_response(
                         request.action,
                         status,
-                        retry_after.as_deref(),
-                        period.as_deref(),
+                        answer.retry_after.as_deref(),
+                        answer.rate_limit_period.as_deref(),
                     );
-                    let body = response.bytes().await.unwrap_or_default();
-                    let request_id = serde_json::from_slice::<Accepted>(&body)
+                    let request_id = serde_json::from_slice::<Accepted>(&answer.body)
                         .map(|a| a.request_id)
                         .unwrap_or_default();
                     // An answer that echoes the key must not carry it into a dead letter.
-                    let message = format!("Opsgenie answered {status}: {}", excerpt(&body))
+                    let message = format!("Opsgenie answered {status}: {}", excerpt(&answer.body))
                         .replace(team.key.expose(), "***");
                     (verdict, Some(status), request_id, message)
                 }
@@ -178,7 +154,7 @@ impl Sender {
                     classify_transport_error(),
                     None,
                     String::new(),
-                    transport_message(&error),
+                    error.to_string(),
                 ),
             };
             metrics::histogram!("opsgenie_request_duration_seconds")
@@ -276,28 +252,6 @@ fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let trimmed: String = text.chars().take(200).collect();
     trimmed.trim().to_string()
-}
-
-/// A transport error without the URL (which is ours, not secret, but long) and never a header.
-fn transport_message(error: &reqwest::Error) -> String {
-    let kind = if error.is_timeout() {
-        "timed out"
-    } else if error.is_connect() {
-        "could not connect"
-    } else {
-        "request failed"
-    };
-    let mut source = std::error::Error::source(error);
-    let mut detail = String::new();
-    while let Some(s) = source {
-        detail = s.to_string();
-        source = s.source();
-    }
-    if detail.is_empty() {
-        kind.to_string()
-    } else {
-        format!("{kind}: {detail}")
-    }
 }
 
 /// The `status` label without an allocation for the answers that matter.

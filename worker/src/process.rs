@@ -201,7 +201,7 @@ impl Pipeline {
         match round {
             RoundResult::Delivered { status, request_id } => {
                 report.status = Some(status);
-                let fields = delivery_fields(
+                let fields: crate::buffer::Fields = delivery_fields(
                     &job,
                     &request,
                     &Delivery {
@@ -210,7 +210,8 @@ impl Pipeline {
                         attempts: attempt,
                         delivered_at_ms: crate::amqp::now_ms(),
                     },
-                );
+                )
+                .into();
                 report.request_id = Some(request_id);
                 // The request went out: the record must land before the ack, however long
                 // Redis is away, or a redelivery would page twice.
