@@ -42,9 +42,9 @@ const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
 ///
 /// KEYS[1] is the deliveries stream; then four keys per job: its sent marker, its lease, its
 /// incident's sequence and its team's cooldown. ARGV[1..4]: lease ms, stream maxlen, dedupe
-/// ttl s, sequence ttl s; then per job: `a` (admission) or `r` (record), the lease token, the
-/// sequence or "", and the number of stream words that follow (0 for an admission), then
-/// those field/value words.
+/// ttl s, sequence ttl s. ARGV[5]: a JSON array with one array per job: `a` (admission) or
+/// `r` (record), the lease token, the sequence or "", then a record's stream field/value
+/// pairs.
 ///
 /// An admission answers "duplicate", "cooldown:<ms>", "busy", "stale" or "ok" (the lease is
 /// taken). A record writes the stream entry, the sent marker and the incident's sequence,
@@ -55,13 +55,12 @@ const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// finds its sent marker and adds nothing, so the stream keeps one entry per notification.
 const STEPS: &str = r#"
 local lease_ms, maxlen, dedupe_ttl, seq_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local calls = cjson.decode(ARGV[5])
 local out = {}
-local a = 5
-for k = 2, #KEYS, 4 do
+for i, call in ipairs(calls) do
+  local k = 4 * i - 2
   local sent, lease, seqkey, cool = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local op, token, seq, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  local first = a + 4
-  a = first + n
+  local op, token, seq = call[1], call[2], call[3]
   local answer
   if op == 'a' then
     if redis.call('EXISTS', sent) == 1 then
@@ -89,7 +88,7 @@ for k = 2, #KEYS, 4 do
   else
     answer = ''
     if redis.call('EXISTS', sent) == 0 then
-      answer = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, a - 1))
+      answer = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(call, 4))
       redis.call('SET', sent, '1', 'EX', dedupe_ttl)
       if seq ~= '' then
         local last = redis.call('GET', seqkey)
@@ -100,7 +99,7 @@ for k = 2, #KEYS, 4 do
     end
     if redis.call('GET', lease) == token then redis.call('DEL', lease) end
   end
-  out[#out + 1] = answer
+  out[i] = answer
 end
 return out
 "#;
@@ -423,18 +422,11 @@ async fn run_batches(
 fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
     let mut keys: Vec<Key> = Vec::with_capacity(1 + 4 * batch.len());
     keys.push(fixed.stream_key.as_str().into());
-    let words: usize = batch
-        .iter()
-        .map(|c| 4 + c.record.as_ref().map_or(0, |f| 2 * f.len()))
-        .sum();
-    let mut args: Vec<Value> = Vec::with_capacity(4 + words);
-    args.extend([
-        Value::from(fixed.lease_ms.as_str()),
-        Value::from(fixed.stream_maxlen.as_str()),
-        Value::from(fixed.dedupe_ttl_s.as_str()),
-        Value::from(fixed.sequence_ttl_s.as_str()),
-    ]);
-    for call in batch {
+    // Every job's arguments in one JSON word: one string to build and send instead of a
+    // dozen or more per job, which the client would each copy, frame and free.
+    let mut calls: Vec<u8> = Vec::with_capacity(64 + 512 * batch.len());
+    calls.push(b'[');
+    for (i, call) in batch.iter().enumerate() {
         let k = &call.keys;
         keys.extend([
             Key::from(k.sent.as_str()),
@@ -442,21 +434,49 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
             Key::from(k.sequence.as_str()),
             Key::from(k.cooldown.as_str()),
         ]);
-        let fields: &[(&'static str, String)] = call.record.as_deref().unwrap_or_default();
-        args.push(Value::from(if call.record.is_some() { "r" } else { "a" }));
-        args.push(Value::from(k.token.as_str()));
-        args.push(k.seq.map_or_else(|| Value::from(""), Value::from));
-        args.push(Value::from(2 * fields.len() as i64));
-        for (name, value) in fields {
-            args.push(Value::from(*name));
-            args.push(Value::from(value.as_str()));
+        if i > 0 {
+            calls.push(b',');
         }
+        calls.extend_from_slice(if call.record.is_some() {
+            b"[\"r\","
+        } else {
+            b"[\"a\","
+        });
+        json_string(&mut calls, &k.token);
+        calls.extend_from_slice(b",\"");
+        if let Some(seq) = k.seq {
+            calls.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+        }
+        calls.push(b'"');
+        for (name, value) in call.record.as_deref().unwrap_or_default() {
+            calls.push(b',');
+            json_string(&mut calls, name);
+            calls.push(b',');
+            json_string(&mut calls, value);
+        }
+        calls.push(b']');
     }
+    calls.push(b']');
+    let args = vec![
+        Value::from(fixed.lease_ms.as_str()),
+        Value::from(fixed.stream_maxlen.as_str()),
+        Value::from(fixed.dedupe_ttl_s.as_str()),
+        Value::from(fixed.sequence_ttl_s.as_str()),
+        Value::Bytes(calls.into()),
+    ];
     (keys, args)
+}
+
+/// `s` as a JSON string.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn settings() -> BufferSettings {
@@ -491,5 +511,130 @@ mod tests {
         assert_eq!(keys.sequence, "t:seq:incident_1_2");
         assert_eq!(keys.cooldown, "t:cooldown:ops");
         assert_eq!(buffer.stream_key(), "t:deliveries");
+    }
+
+    /// Against the machine's Redis, under a prefix of its own.
+    async fn live_buffer() -> (Buffer, String) {
+        let prefix = format!("test:buffer:{:x}:", rand::random::<u64>());
+        let buffer = Buffer::new(
+            "redis://127.0.0.1:6379",
+            BufferSettings {
+                prefix: prefix.clone(),
+                stream_maxlen: 1000,
+                dedupe_ttl: Duration::from_secs(60),
+                lease_ttl: Duration::from_secs(60),
+            },
+        )
+        .unwrap();
+        buffer.connect().await.expect("Redis at 127.0.0.1:6379");
+        (buffer, prefix)
+    }
+
+    async fn clean(buffer: &Buffer, prefix: &str) {
+        let keys: Vec<String> = buffer
+            .client
+            .custom(fred::cmd!("KEYS"), vec![format!("{prefix}*")])
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: i64 = buffer.client.del(keys).await.unwrap();
+        }
+        buffer.quit().await;
+    }
+
+    fn token() -> String {
+        format!("{:032x}", rand::random::<u128>())
+    }
+
+    #[tokio::test]
+    async fn each_call_of_a_batch_gets_its_own_answer() {
+        let (buffer, prefix) = live_buffer().await;
+        let fields = |uuid: &str| -> Fields {
+            vec![
+                ("notification_uuid", uuid.to_string()),
+                (
+                    "title",
+                    "Quote \" back\\slash \u{0} nul, é, 🚨, \n".to_string(),
+                ),
+            ]
+            .into()
+        };
+        // Twenty notifications already recorded, twenty new ones, asked about all at once:
+        // the answers must not be shuffled between the callers of one batch.
+        let mut recorded = Vec::new();
+        for i in 0..20 {
+            let uuid = format!("old-{i}");
+            let keys = buffer.keys(&uuid, "ops", &uuid, None, token());
+            assert_eq!(buffer.admit(&keys).await.unwrap(), Admission::Go);
+            assert!(
+                !buffer
+                    .record(&keys, &fields(&uuid))
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            recorded.push(uuid);
+        }
+        let mut asks = Vec::new();
+        for (i, old) in recorded.iter().enumerate() {
+            asks.push((format!("new-{i}"), Admission::Go));
+            asks.push((old.clone(), Admission::Duplicate));
+        }
+        let answers = futures_util::future::join_all(asks.iter().map(|(uuid, _)| {
+            let keys = buffer.keys(uuid, "ops", uuid, None, token());
+            let buffer = buffer.clone();
+            async move { buffer.admit(&keys).await.unwrap() }
+        }))
+        .await;
+        for ((uuid, expected), answer) in asks.iter().zip(answers) {
+            assert_eq!(&answer, expected, "{uuid}");
+        }
+        // The stream holds each recorded notification once, with its fields as they were.
+        let entries: Vec<(String, HashMap<String, String>)> = buffer
+            .client
+            .xrange(buffer.stream_key(), "-", "+", None)
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 20);
+        assert_eq!(entries[3].1["notification_uuid"], "old-3");
+        assert_eq!(entries[3].1["title"], fields("x")[1].1);
+        clean(&buffer, &prefix).await;
+    }
+
+    #[tokio::test]
+    async fn leases_sequences_cooldowns_and_a_repeated_record() {
+        let (buffer, prefix) = live_buffer().await;
+        let alias = "incident_1_9";
+        let first = buffer.keys("m-1", "ops", alias, Some(5), token());
+        assert_eq!(buffer.admit(&first).await.unwrap(), Admission::Go);
+        // Asked again by the same round (a step that ran twice): still ours.
+        assert_eq!(buffer.admit(&first).await.unwrap(), Admission::Go);
+        let rival = buffer.keys("m-2", "ops", alias, Some(6), token());
+        assert_eq!(buffer.admit(&rival).await.unwrap(), Admission::Busy);
+        let fields: Fields = vec![("notification_uuid", "m-1".to_string())].into();
+        let id = buffer.record(&first, &fields).await.unwrap();
+        assert!(id.contains('-'), "{id}");
+        // A record whose answer was lost is sent again: it adds nothing.
+        assert_eq!(buffer.record(&first, &fields).await.unwrap(), "");
+        let length: u64 = buffer.client.xlen(buffer.stream_key()).await.unwrap();
+        assert_eq!(length, 1);
+        // The lease is free again; an older or equal status of the incident is stale.
+        let older = buffer.keys("m-0", "ops", alias, Some(5), token());
+        assert_eq!(buffer.admit(&older).await.unwrap(), Admission::Stale);
+        assert_eq!(buffer.admit(&rival).await.unwrap(), Admission::Go);
+        buffer.release(&rival).await.unwrap();
+        // A 429 on the team's key holds every admission of the team.
+        buffer
+            .cool_down("ops", Duration::from_secs(30))
+            .await
+            .unwrap();
+        let later = buffer.keys("u-9", "ops", "u-9", None, token());
+        match buffer.admit(&later).await.unwrap() {
+            Admission::Cooldown(wait) => assert!(wait > Duration::from_secs(25), "{wait:?}"),
+            other => panic!("{other:?}"),
+        }
+        let other_team = buffer.keys("u-9", "dev", "u-9", None, token());
+        assert_eq!(buffer.admit(&other_team).await.unwrap(), Admission::Go);
+        clean(&buffer, &prefix).await;
     }
 }
