@@ -39,9 +39,9 @@ struct Args {
     /// Length of the latency phase, seconds.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
-    /// Replica counts for the scaling drains (empty to skip).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
-    replicas: Vec<usize>,
+    /// Replica counts for the scaling drains, comma-separated ("" to skip them).
+    #[arg(long, default_value = "1,2,4", value_parser = replica_counts)]
+    replicas: ReplicaCounts,
     /// The worker binary (default: opsgenie-worker beside this one).
     #[arg(long)]
     worker: Option<PathBuf>,
@@ -49,6 +49,21 @@ struct Args {
     amqp_url: String,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+}
+
+#[derive(Debug, Clone)]
+struct ReplicaCounts(Vec<usize>);
+
+fn replica_counts(text: &str) -> Result<ReplicaCounts, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| match t.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("\"{t}\" is not a replica count")),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(ReplicaCounts)
 }
 
 #[tokio::main]
@@ -125,7 +140,7 @@ async fn main() -> Result<()> {
         args.rate, args.seconds, latency.p50, latency.p99, latency.max, latency.count
     );
 
-    for &replicas in &args.replicas {
+    for &replicas in &args.replicas.0 {
         let r = bench
             .drain(&format!("replicas{replicas}"), &bodies, replicas, &[])
             .await?;

@@ -120,13 +120,18 @@ fn issue_body<'a>(
         tags.iter()
             .take(MAX_TAGS)
             .map(|(k, v)| {
-                let tag: String = k
-                    .chars()
-                    .filter(|&c| c != ',')
-                    .chain([':'])
-                    .chain(v.chars().filter(|&c| c != ','))
-                    .collect();
-                truncate(&tag, TAG_LIMIT)
+                let mut tag = String::with_capacity(k.len() + 1 + v.len());
+                for part in [k.as_str(), ":", v.as_str()] {
+                    if part.contains(',') {
+                        tag.extend(part.chars().filter(|&c| c != ','));
+                    } else {
+                        tag.push_str(part);
+                    }
+                }
+                if tag.len() > TAG_LIMIT {
+                    tag = truncate(&tag, TAG_LIMIT);
+                }
+                tag
             })
             .collect()
     });

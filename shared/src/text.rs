@@ -2,7 +2,11 @@
 
 /// The number of Unicode scalar values in `s`.
 pub fn chars(s: &str) -> usize {
-    s.chars().count()
+    if s.is_ascii() {
+        s.len()
+    } else {
+        s.chars().count()
+    }
 }
 
 /// `s` when it has at most `n` chars, else its first `n - 1` chars and `…` (U+2026).
@@ -10,6 +14,10 @@ pub fn chars(s: &str) -> usize {
 pub fn truncate(s: &str, n: usize) -> String {
     if n == 0 {
         return String::new();
+    }
+    // A char is at least one byte: a short string needs no counting.
+    if s.len() <= n {
+        return s.to_owned();
     }
     let mut indices = s.char_indices();
     let Some((cut, _)) = indices.nth(n - 1) else {

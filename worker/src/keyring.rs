@@ -46,6 +46,8 @@ pub struct Team {
     pub api_base: String,
     /// `api_base`, parsed once: where every request of the team goes.
     pub endpoint: Endpoint,
+    /// `GenieKey <key>`, the `Authorization` header, built once; it prints as `***` too.
+    pub authorization: IntegrationKey,
 }
 
 /// All teams, by id.
@@ -193,6 +195,7 @@ impl Keyring {
             }
             let team = Team {
                 id: id.clone(),
+                authorization: IntegrationKey(format!("GenieKey {key}")),
                 key: IntegrationKey(key),
                 api_base,
                 endpoint,

@@ -101,10 +101,8 @@ impl Sender {
             .with_max_interval(policy.quick_window)
             .with_max_elapsed_time(None)
             .build();
-        // The key goes into the request bytes and nowhere else.
-        let authorization = format!("GenieKey {}", team.key.expose());
         let head = RequestHead {
-            authorization: &authorization,
+            authorization: team.authorization.expose(),
             user_agent: USER_AGENT,
         };
         let mut tries = 0u32;
@@ -145,9 +143,12 @@ impl Sender {
                     let request_id = serde_json::from_slice::<Accepted>(&answer.body)
                         .map(|a| a.request_id)
                         .unwrap_or_default();
-                    // An answer that echoes the key must not carry it into a dead letter.
-                    let message = format!("Opsgenie answered {status}: {}", excerpt(&answer.body))
-                        .replace(team.key.expose(), "***");
+                    let message = match verdict {
+                        Verdict::Delivered | Verdict::NothingToClose => String::new(),
+                        // An answer that echoes the key must not carry it into a dead letter.
+                        _ => format!("Opsgenie answered {status}: {}", excerpt(&answer.body))
+                            .replace(team.key.expose(), "***"),
+                    };
                     (verdict, Some(status), request_id, message)
                 }
                 Err(error) => (

@@ -15,6 +15,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
+mod json_lines;
+
 use crate::config::LogFormat;
 use crate::health::Health;
 use crate::shutdown::Shutdown;
@@ -33,11 +35,7 @@ pub fn init_logs(format: Option<LogFormat>) {
         .with_env_filter(filter)
         .with_writer(LogBuffer::global());
     let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+        LogFormat::Json => builder.event_format(json_lines::JsonLines).try_init(),
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),

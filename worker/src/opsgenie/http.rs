@@ -432,8 +432,21 @@ struct Head {
 
 /// The answer's head, once all of it is in `buf`.
 fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut response = httparse::Response::new(&mut headers);
+    // Opsgenie answers with about a dozen headers; room for many more only when needed.
+    let mut few = [httparse::EMPTY_HEADER; 32];
+    match read_head(buf, &mut few) {
+        Err(HttpError::Protocol(e)) if e == httparse::Error::TooManyHeaders.to_string() => {
+            read_head(buf, &mut vec![httparse::EMPTY_HEADER; 512])
+        }
+        read => read,
+    }
+}
+
+fn read_head<'b>(
+    buf: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+) -> Result<Option<Head>, HttpError> {
+    let mut response = httparse::Response::new(headers);
     let len = match response.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -622,6 +635,11 @@ mod tests {
             head("HTTP/1.1 204 No Content\r\n\r\n").framing,
             Framing::Empty
         );
+        let crowded: String = (0..100).map(|i| format!("X-Proxy-{i}: yes\r\n")).collect();
+        let h = head(&format!(
+            "HTTP/1.1 202 Accepted\r\n{crowded}Content-Length: 2\r\n\r\n{{}}"
+        ));
+        assert_eq!((h.status, h.framing), (202, Framing::Length(2)));
         assert!(
             parse_head(b"HTTP/1.1 200 OK\r\nContent-Le")
                 .unwrap()
