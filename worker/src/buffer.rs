@@ -469,8 +469,9 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
 
 /// `s` as a JSON string.
 fn json_string(out: &mut Vec<u8>, s: &str) {
-    // Writing a str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    out.push(b'"');
+    opsgenie_shared::text::json_escaped(s, |piece| out.extend_from_slice(piece.as_bytes()));
+    out.push(b'"');
 }
 
 #[cfg(test)]

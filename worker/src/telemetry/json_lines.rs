@@ -141,29 +141,7 @@ impl Write for Escaped<'_> {
 }
 
 fn escape_into(line: &mut String, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut plain = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let escape = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        line.push_str(&s[plain..i]);
-        if escape.is_empty() {
-            line.push_str("\\u00");
-            line.push(char::from(HEX[usize::from(b >> 4)]));
-            line.push(char::from(HEX[usize::from(b & 0xf)]));
-        } else {
-            line.push_str(escape);
-        }
-        plain = i + 1;
-    }
-    line.push_str(&s[plain..]);
+    opsgenie_shared::text::json_escaped(s, |piece| line.push_str(piece));
 }
 
 /// `t` in RFC 3339, UTC, to the microsecond: `2026-11-27T05:36:42.123456Z`.
