@@ -112,9 +112,11 @@ async fn main() -> Result<()> {
     let mean = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len().max(1);
     println!("jobs: realistic issue alerts, mean body {mean} bytes\n");
 
+    settle().await;
     let ceiling = bench.ceiling(&bodies).await?;
     println!("ceiling (plain consumer, prefetch 256, no work): {ceiling:.0} msg/s");
 
+    settle().await;
     let drain = bench.drain("drain", &bodies, 1, &[]).await?;
     println!(
         "backlog drain (worker defaults, prefetch 64): {:.0} jobs/s = {:.2} x ceiling; worker CPU {:.1} ms per 1,000 jobs; peak RSS {:.1} MiB",
@@ -123,6 +125,7 @@ async fn main() -> Result<()> {
         drain.cpu_ms_per_1000,
         drain.peak_rss_mib
     );
+    settle().await;
     let drain256 = bench
         .drain("drain256", &bodies, 1, &["--prefetch", "256"])
         .await?;
@@ -134,6 +137,7 @@ async fn main() -> Result<()> {
         drain256.peak_rss_mib
     );
 
+    settle().await;
     let latency = bench.latency().await?;
     println!(
         "latency at {} jobs/s for {} s (publish -> stand-in receipt): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} jobs)",
@@ -141,6 +145,7 @@ async fn main() -> Result<()> {
     );
 
     for &replicas in &args.replicas.0 {
+        settle().await;
         let r = bench
             .drain(&format!("replicas{replicas}"), &bodies, replicas, &[])
             .await?;
@@ -514,6 +519,39 @@ fn uuid_of(body: &[u8]) -> String {
         .ok()
         .and_then(|v| v["notification_uuid"].as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// Waits (up to 30 s) until the machine is mostly idle again: after a phase the broker goes
+/// on compacting its message store for a while, which would be charged to the next phase.
+async fn settle() {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let before = cpu_times();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = cpu_times();
+        let (busy, idle) = (after.0 - before.0, after.1 - before.1);
+        if busy + idle > 0 && idle * 4 >= (busy + idle) * 3 {
+            return;
+        }
+    }
+    println!("(the machine stayed busy for 30 s before the next phase; its figures are noisier)");
+}
+
+/// Busy and idle jiffies of the whole machine, from /proc/stat.
+fn cpu_times() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    let busy = fields.iter().take(8).sum::<u64>().saturating_sub(idle);
+    (busy, idle)
 }
 
 fn now_us() -> u64 {

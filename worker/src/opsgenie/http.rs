@@ -244,7 +244,12 @@ fn tls_connector() -> Result<TlsConnector, String> {
     if added == 0 {
         return Err("no CA certificates found on this system".into());
     }
-    let mut config = tokio_rustls::rustls::ClientConfig::builder()
+    // The provider named here, not the process default, so that no caller has to have
+    // installed one first.
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -739,6 +744,22 @@ mod tests {
             seen.iter()
                 .all(|r| r.starts_with(b"POST /v2/alerts HTTP/1.1\r\n"))
         );
+    }
+
+    #[tokio::test]
+    async fn https_reads_the_system_roots_and_fails_a_handshake_cleanly() {
+        // Something that is no TLS server: the handshake must fail as a connect error, with
+        // the system's CA certificates loaded on the way.
+        let (addr, _server) = scripted_server(vec![vec![&[b"HTTP/1.1 400 Bad\r\n\r\n"]]]).await;
+        let client = HttpClient::new(Duration::from_secs(2), Duration::from_secs(5));
+        let endpoint = Endpoint::parse(&format!("https://localhost:{}", addr.port())).unwrap();
+        let head = RequestHead {
+            authorization: "GenieKey k",
+            user_agent: "t",
+        };
+        let error = client.post(&endpoint, "/v2/alerts", "", &head, b"{}").await;
+        assert!(matches!(error, Err(HttpError::Connect(_))), "{error:?}");
+        assert!(matches!(client.tls.get(), Some(Ok(_))));
     }
 
     #[tokio::test]
