@@ -123,19 +123,29 @@ async fn send(channel: &Channel, batch: AckBatch) {
 mod tests {
     use super::*;
 
+    /// One `multiple` ack up to `tag`.
+    fn up_to(tag: u64) -> AckBatch {
+        AckBatch {
+            up_to: Some(tag),
+            single: vec![],
+        }
+    }
+
+    /// These tags acked one by one.
+    fn singles(tags: &[u64]) -> AckBatch {
+        AckBatch {
+            up_to: None,
+            single: tags.to_vec(),
+        }
+    }
+
     #[test]
     fn a_contiguous_run_is_one_multiple_ack() {
         let mut plan = AckPlan::new(16);
         for tag in [3, 1, 2] {
             plan.settle(Settled::Ack(tag));
         }
-        assert_eq!(
-            plan.take(false),
-            AckBatch {
-                up_to: Some(3),
-                single: vec![]
-            }
-        );
+        assert_eq!(plan.take(false), up_to(3));
         assert_eq!(plan.take(false), AckBatch::default());
     }
 
@@ -146,13 +156,7 @@ mod tests {
         plan.settle(Settled::Ack(3));
         assert_eq!(plan.take(false), AckBatch::default());
         plan.settle(Settled::Ack(1));
-        assert_eq!(
-            plan.take(false),
-            AckBatch {
-                up_to: Some(3),
-                single: vec![]
-            }
-        );
+        assert_eq!(plan.take(false), up_to(3));
     }
 
     #[test]
@@ -162,21 +166,9 @@ mod tests {
         assert_eq!(plan.take(false), AckBatch::default());
         plan.settle(Settled::Ack(2));
         plan.settle(Settled::Nacked(3));
-        assert_eq!(
-            plan.take(false),
-            AckBatch {
-                up_to: Some(2),
-                single: vec![]
-            }
-        );
+        assert_eq!(plan.take(false), up_to(2));
         plan.settle(Settled::Ack(4));
-        assert_eq!(
-            plan.take(false),
-            AckBatch {
-                up_to: Some(4),
-                single: vec![]
-            }
-        );
+        assert_eq!(plan.take(false), up_to(4));
     }
 
     #[test]
@@ -186,42 +178,18 @@ mod tests {
         assert_eq!(plan.take(false), AckBatch::default());
         plan.settle(Settled::Ack(3));
         // Patience ran out: acked one by one while tag 1 is still in flight.
-        assert_eq!(
-            plan.take(false),
-            AckBatch {
-                up_to: None,
-                single: vec![2, 3]
-            }
-        );
+        assert_eq!(plan.take(false), singles(&[2, 3]));
         // When tag 1 settles, the run passes 2 and 3 without acking them again.
         plan.settle(Settled::Ack(1));
-        assert_eq!(
-            plan.take(false),
-            AckBatch {
-                up_to: Some(1),
-                single: vec![]
-            }
-        );
+        assert_eq!(plan.take(false), up_to(1));
         plan.settle(Settled::Ack(4));
-        assert_eq!(
-            plan.take(false),
-            AckBatch {
-                up_to: Some(4),
-                single: vec![]
-            }
-        );
+        assert_eq!(plan.take(false), up_to(4));
     }
 
     #[test]
     fn a_flush_acks_out_of_order_tags() {
         let mut plan = AckPlan::new(64);
         plan.settle(Settled::Ack(5));
-        assert_eq!(
-            plan.take(true),
-            AckBatch {
-                up_to: None,
-                single: vec![5]
-            }
-        );
+        assert_eq!(plan.take(true), singles(&[5]));
     }
 }

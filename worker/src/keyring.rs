@@ -106,6 +106,8 @@ impl Keyring {
         let file: KeyringFile =
             toml::from_str(text).map_err(|e| fail(e.span(), e.message().to_string()))?;
         let mut teams = HashMap::new();
+        // Teams on the same API base share one endpoint, and so its kept-alive connections.
+        let mut endpoints: HashMap<String, Endpoint> = HashMap::new();
         for (index, entry) in file.team.into_iter().enumerate() {
             let span = Some(entry.id.span());
             let id = entry.id.into_inner();
@@ -175,15 +177,22 @@ impl Keyring {
                     ));
                 }
             };
-            let endpoint = Endpoint::parse(&api_base).map_err(|e| {
-                fail(
-                    span.clone(),
-                    format!(
-                        "{}: \"{api_base}\" is not an http(s) URL: {e}",
-                        at("api_url")
-                    ),
-                )
-            })?;
+            let endpoint = match endpoints.get(&api_base) {
+                Some(shared) => shared.clone(),
+                None => {
+                    let parsed = Endpoint::parse(&api_base).map_err(|e| {
+                        fail(
+                            span.clone(),
+                            format!(
+                                "{}: \"{api_base}\" is not an http(s) URL: {e}",
+                                at("api_url")
+                            ),
+                        )
+                    })?;
+                    endpoints.insert(api_base.clone(), parsed.clone());
+                    parsed
+                }
+            };
             if key.chars().any(|c| c.is_control()) {
                 return Err(fail(
                     span,

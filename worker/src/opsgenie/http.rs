@@ -4,7 +4,7 @@
 //! connection) cost several times more CPU per alert than the request itself; the Alert API
 //! needs none of that: one POST, a small JSON answer, a keep-alive connection.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -25,8 +25,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections kept per endpoint.
 const MAX_IDLE: usize = 256;
 
-/// Where requests for one API base go: parsed once, when the keyring is read.
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// Where requests for one API base go: parsed once, when the keyring is read. Clones share
+/// the kept-alive connections, so that a request finds them without a lookup.
+#[derive(Clone)]
 pub struct Endpoint {
     tls: bool,
     host: String,
@@ -35,6 +36,8 @@ pub struct Endpoint {
     authority: String,
     /// The path of the API base without a trailing `/` (usually empty).
     base_path: String,
+    /// Idle connections, the most recently used last.
+    idle: Arc<Mutex<VecDeque<(Connection, Instant)>>>,
 }
 
 impl fmt::Debug for Endpoint {
@@ -84,7 +87,40 @@ impl Endpoint {
             port,
             authority,
             base_path: url.path().trim_end_matches('/').to_string(),
+            idle: Arc::default(),
         })
+    }
+}
+
+impl Endpoint {
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<(Connection, Instant)>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used idle connection that is not too old.
+    fn checkout(&self) -> Option<Connection> {
+        let mut idle = self.idle();
+        while let Some((connection, since)) = idle.pop_back() {
+            if since.elapsed() < IDLE_TIMEOUT {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    /// Keeps `connection` for the next request, and closes those idle for too long: the
+    /// least recently used are at the front, and would otherwise never be looked at again.
+    fn checkin(&self, connection: Connection) {
+        let mut idle = self.idle();
+        while idle
+            .front()
+            .is_some_and(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back((connection, Instant::now()));
+        }
     }
 }
 
@@ -122,9 +158,8 @@ pub struct RequestHead<'a> {
     pub user_agent: &'a str,
 }
 
-/// Connections by endpoint, shared by every task.
+/// Connects, sends and reads; the connections themselves are kept by their `Endpoint`.
 pub struct HttpClient {
-    idle: Mutex<HashMap<Endpoint, Vec<(Connection, Instant)>>>,
     /// Built on the first https request: reading the system's CA certificates is wasted on a
     /// worker that only talks to a local endpoint.
     tls: OnceLock<Result<TlsConnector, String>>,
@@ -135,7 +170,6 @@ pub struct HttpClient {
 impl HttpClient {
     pub fn new(connect_timeout: Duration, request_timeout: Duration) -> HttpClient {
         HttpClient {
-            idle: Mutex::new(HashMap::new()),
             tls: OnceLock::new(),
             connect_timeout,
             request_timeout,
@@ -158,20 +192,20 @@ impl HttpClient {
         let request = encode_post(endpoint, path, query, head, body);
         let exchange = async {
             loop {
-                let (mut connection, reused) = match self.checkout(endpoint) {
+                let (mut connection, reused) = match endpoint.checkout() {
                     Some(connection) => (connection, true),
                     None => (self.connect(endpoint).await?, false),
                 };
                 match connection.exchange(&request).await {
                     Ok((answer, keep_alive)) => {
                         if keep_alive {
-                            self.checkin(endpoint, connection);
+                            endpoint.checkin(connection);
                         }
                         return Ok(answer);
                     }
                     // A kept-alive connection the server had already closed: the request
                     // never reached it. The others kept with it are likely closed too.
-                    Err(HttpError::Closed) if reused => self.forget(endpoint),
+                    Err(HttpError::Closed) if reused => endpoint.idle().clear(),
                     Err(error) => return Err(error),
                 }
             }
@@ -179,33 +213,6 @@ impl HttpClient {
         tokio::time::timeout(self.request_timeout, exchange)
             .await
             .map_err(|_| HttpError::Timeout)?
-    }
-
-    fn checkout(&self, endpoint: &Endpoint) -> Option<Connection> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let kept = idle.get_mut(endpoint)?;
-        while let Some((connection, since)) = kept.pop() {
-            if since.elapsed() < IDLE_TIMEOUT {
-                return Some(connection);
-            }
-        }
-        None
-    }
-
-    fn checkin(&self, endpoint: &Endpoint, connection: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let kept = match idle.get_mut(endpoint) {
-            Some(kept) => kept,
-            None => idle.entry(endpoint.clone()).or_default(),
-        };
-        if kept.len() < MAX_IDLE {
-            kept.push((connection, Instant::now()));
-        }
-    }
-
-    fn forget(&self, endpoint: &Endpoint) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.remove(endpoint);
     }
 
     async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, HttpError> {
@@ -439,24 +446,25 @@ struct Head {
 fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     // Opsgenie answers with about a dozen headers; room for many more only when needed.
     let mut few = [httparse::EMPTY_HEADER; 32];
-    match read_head(buf, &mut few) {
-        Err(HttpError::Protocol(e)) if e == httparse::Error::TooManyHeaders.to_string() => {
-            read_head(buf, &mut vec![httparse::EMPTY_HEADER; 512])
+    let mut response = httparse::Response::new(&mut few);
+    match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => interpret(&response, len).map(Some),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            let mut many = vec![httparse::EMPTY_HEADER; 512];
+            let mut response = httparse::Response::new(&mut many);
+            match response.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => interpret(&response, len).map(Some),
+                Ok(httparse::Status::Partial) => Ok(None),
+                Err(error) => Err(HttpError::Protocol(error.to_string())),
+            }
         }
-        read => read,
+        Err(error) => Err(HttpError::Protocol(error.to_string())),
     }
 }
 
-fn read_head<'b>(
-    buf: &'b [u8],
-    headers: &mut [httparse::Header<'b>],
-) -> Result<Option<Head>, HttpError> {
-    let mut response = httparse::Response::new(headers);
-    let len = match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(error) => return Err(HttpError::Protocol(error.to_string())),
-    };
+/// What a complete head of `len` bytes says.
+fn interpret(response: &httparse::Response<'_, '_>, len: usize) -> Result<Head, HttpError> {
     let status = response.code.unwrap_or(0);
     let mut keep_alive = response.version == Some(1);
     let mut length = None;
@@ -505,14 +513,14 @@ fn read_head<'b>(
         keep_alive = false;
         Framing::UntilClose
     };
-    Ok(Some(Head {
+    Ok(Head {
         len,
         status,
         framing,
         keep_alive,
         retry_after,
         rate_limit_period,
-    }))
+    })
 }
 
 /// A chunked body, once all of it is in `buf`: the body and the bytes it took.
@@ -744,6 +752,30 @@ mod tests {
             seen.iter()
                 .all(|r| r.starts_with(b"POST /v2/alerts HTTP/1.1\r\n"))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_shared_by_clones_and_closed_when_old() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connection = || async {
+            Connection {
+                io: Io::Plain(TcpStream::connect(addr).await.unwrap()),
+                buf: Vec::new(),
+            }
+        };
+        let endpoint = Endpoint::parse(&format!("http://{addr}")).unwrap();
+        let other = endpoint.clone();
+        endpoint.checkin(connection().await);
+        assert!(other.checkout().is_some(), "a clone finds the connection");
+        assert!(other.checkout().is_none());
+        endpoint.checkin(connection().await);
+        tokio::time::advance(IDLE_TIMEOUT).await;
+        // Checking a fresh one in closes the one idle for too long.
+        endpoint.checkin(connection().await);
+        assert_eq!(endpoint.idle().len(), 1);
+        assert!(other.checkout().is_some());
+        assert!(other.checkout().is_none());
     }
 
     #[tokio::test]
