@@ -2,6 +2,12 @@
 
 use crate::job::{Alert, AlertJob};
 use crate::request::OpsgenieRequest;
+use crate::text::cap_bytes;
+
+/// The most bytes a stream field's value holds (SPEC section 8); a longer one is cut on a
+/// character boundary and ends with `…`. Ids and numbers never come near it; a producer's
+/// slug or team id, or an answer's request id, can.
+pub const FIELD_LIMIT_BYTES: usize = 1024;
 
 /// What the shell knows once a request was delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,7 +23,7 @@ pub struct Delivery<'a> {
 /// `team_id`, `alias` (empty when none), `organization_id`, then for an issue alert
 /// `project_slug`, `group_id` (empty without a group), `rule_ids` (comma-separated), or for a
 /// metric alert `incident_identifier`; then `status`, `request_id`, `attempts`,
-/// `delivered_at_ms`.
+/// `delivered_at_ms`. Every value is at most `FIELD_LIMIT_BYTES` long.
 pub fn delivery_fields(
     job: &AlertJob,
     request: &OpsgenieRequest,
@@ -61,6 +67,11 @@ pub fn delivery_fields(
         ("attempts", delivery.attempts.to_string()),
         ("delivered_at_ms", delivery.delivered_at_ms.to_string()),
     ]);
+    for (_, value) in &mut fields {
+        if value.len() > FIELD_LIMIT_BYTES {
+            *value = cap_bytes(value, FIELD_LIMIT_BYTES).into_owned();
+        }
+    }
     fields
 }
 
@@ -158,5 +169,39 @@ mod tests {
                 ("delivered_at_ms", "1732665600123"),
             ])
         );
+    }
+
+    #[test]
+    fn every_field_is_capped_at_a_kilobyte() {
+        let rules: Vec<String> = (0..5000)
+            .map(|i| format!(r#"{{"id":{i},"label":"x"}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"version":1,"kind":"issue_alert","notification_uuid":"n-2","team_id":"{team}",
+            "organization":{{"id":1,"slug":"acme","url":"https://acme.sentry.io"}},
+            "project":{{"id":7,"slug":"{slug}","name":"API"}},
+            "event":{{"title":"Boom"}},"rules":[{rules}]}}"#,
+            team = "t".repeat(3000),
+            slug = "é".repeat(400_000),
+            rules = rules.join(",")
+        );
+        let job = job(&body);
+        let request_id = "r".repeat(5000);
+        let delivery = Delivery {
+            request_id: &request_id,
+            ..DELIVERY
+        };
+        let fields = fields(&job, &delivery);
+        for (name, value) in &fields {
+            assert!(
+                value.len() <= FIELD_LIMIT_BYTES,
+                "{name}: {} bytes",
+                value.len()
+            );
+        }
+        let get = |name: &str| &fields.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert!(get("project_slug").starts_with("éé") && get("project_slug").ends_with('…'));
+        assert!(get("rule_ids").starts_with("0,1,2,3,") && get("rule_ids").ends_with('…'));
+        assert_eq!(get("notification_uuid"), "n-2");
     }
 }

@@ -32,6 +32,27 @@ pub fn truncate(s: &str, n: usize) -> String {
     out
 }
 
+/// `s` when it has at most `max` bytes, else as many of its first chars as fit in `max`
+/// bytes together with a closing `…` (U+2026, 3 bytes). For the sizes SPEC section 8 caps in
+/// bytes: headers, stream fields. `max` below 3 gives the empty string for a long `s`.
+pub fn cap_bytes(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let room = max.saturating_sub('…'.len_utf8());
+    if max < '…'.len_utf8() {
+        return std::borrow::Cow::Borrowed("");
+    }
+    let mut cut = room;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut out = String::with_capacity(cut + '…'.len_utf8());
+    out.push_str(&s[..cut]);
+    out.push('…');
+    std::borrow::Cow::Owned(out)
+}
+
 /// `s` percent-encoded for a URL path segment or query value: every byte of its UTF-8 form
 /// outside `A-Z a-z 0-9 - . _ ~` becomes `%XX` (uppercase hex).
 pub fn seg(s: &str) -> String {
@@ -87,6 +108,26 @@ pub fn json_escaped(s: &str, mut push: impl FnMut(&str)) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn cap_bytes_table() {
+        let table = [
+            ("", 4, ""),
+            ("abcd", 4, "abcd"),
+            ("abcde", 4, "a…"),
+            ("abcde", 3, "…"),
+            ("abcde", 2, ""),
+            ("héllo", 6, "héllo"),
+            // "h" + "é" is 3 bytes; with the 3-byte marker that is 6 of 6.
+            ("héllo!", 6, "hé…"),
+            ("😀😀", 8, "😀😀"),
+            ("😀😀😀", 8, "😀…"),
+            ("😀😀😀", 6, "…"),
+        ];
+        for (s, n, expected) in table {
+            assert_eq!(cap_bytes(s, n), expected, "cap_bytes({s:?}, {n})");
+        }
+    }
 
     #[test]
     fn truncate_table() {
@@ -149,6 +190,19 @@ mod tests {
             }
         }
         out
+    }
+
+    proptest! {
+        #[test]
+        fn cap_bytes_fits_and_keeps_a_prefix(s in any::<String>(), max in 0usize..64) {
+            let capped = cap_bytes(&s, max);
+            prop_assert!(capped.len() <= max || capped == s);
+            prop_assert!(capped.len() <= max.max(s.len()));
+            if capped != s {
+                prop_assert!(capped.is_empty() || capped.ends_with('…'));
+                prop_assert!(s.starts_with(capped.trim_end_matches('…')) || s.starts_with(&capped[..capped.len() - 3]));
+            }
+        }
     }
 
     proptest! {
