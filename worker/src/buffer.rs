@@ -53,8 +53,22 @@ const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
 /// Running a step twice changes nothing the first run did not: a lease is taken again by its
 /// own token, and a record whose answer was lost (the connection dropped after Redis ran it)
 /// finds its sent marker and adds nothing, so the stream keeps one entry per notification.
+/// Sequences are 64-bit integers and Lua numbers are doubles (exact only up to 2^53: a
+/// nanosecond timestamp is past that), so they are compared as the decimal strings the worker
+/// wrote: a shorter number is the smaller, an equal length compares as text, and a negative
+/// number turns both around.
 const STEPS: &str = r#"
 local lease_ms, maxlen, dedupe_ttl, seq_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local function seq_above(a, b)
+  local a_neg, b_neg = a:sub(1, 1) == '-', b:sub(1, 1) == '-'
+  if a_neg ~= b_neg then return b_neg end
+  if #a ~= #b then
+    if a_neg then return #a < #b end
+    return #a > #b
+  end
+  if a_neg then return a < b end
+  return a > b
+end
 local calls = cjson.decode(ARGV[5])
 local out = {}
 for i, call in ipairs(calls) do
@@ -78,7 +92,7 @@ for i, call in ipairs(calls) do
         answer = 'ok'
         if seq ~= '' then
           local last = redis.call('GET', seqkey)
-          if last and tonumber(last) >= tonumber(seq) then
+          if last and not seq_above(seq, last) then
             redis.call('DEL', lease)
             answer = 'stale'
           end
@@ -92,7 +106,7 @@ for i, call in ipairs(calls) do
       redis.call('SET', sent, '1', 'EX', dedupe_ttl)
       if seq ~= '' then
         local last = redis.call('GET', seqkey)
-        if (not last) or tonumber(last) < tonumber(seq) then
+        if (not last) or seq_above(seq, last) then
           redis.call('SET', seqkey, seq, 'EX', seq_ttl)
         end
       end
@@ -270,21 +284,31 @@ impl Buffer {
         &self.fixed.stream_key
     }
 
-    /// The keys one job touches. `lease_on` is the incident alias for a metric alert, else the
-    /// notification uuid (so two copies of one notification are never sent at once).
+    /// The keys one job touches. A metric alert takes turns with its incident's other jobs
+    /// (`lease:<alias>`, `seq:<alias>`); any other job only guards against two copies of
+    /// itself (`lease:notification:<uuid>`). An incident alias is `incident_<int>_<int>` and
+    /// never has a colon, so no notification uuid can name an incident's lease.
     pub fn keys(
         &self,
         notification_uuid: &str,
         team: &str,
-        lease_on: &str,
+        incident: Option<&str>,
         seq: Option<i64>,
         token: String,
     ) -> Arc<JobKeys> {
         let p = &self.settings.prefix;
+        let (lease, sequence) = match incident {
+            Some(alias) => (format!("{p}lease:{alias}"), format!("{p}seq:{alias}")),
+            // No sequence without an incident: the script never reads or writes this key.
+            None => (
+                format!("{p}lease:notification:{notification_uuid}"),
+                format!("{p}seq:notification:{notification_uuid}"),
+            ),
+        };
         Arc::new(JobKeys {
             sent: format!("{p}sent:{notification_uuid}"),
-            lease: format!("{p}lease:{lease_on}"),
-            sequence: format!("{p}seq:{lease_on}"),
+            lease,
+            sequence,
             cooldown: format!("{p}cooldown:{team}"),
             token,
             seq,
@@ -294,17 +318,25 @@ impl Buffer {
     /// Checks whether the job may be sent now, taking the lease when it may.
     pub async fn admit(&self, keys: &Arc<JobKeys>) -> Result<Admission, Error> {
         let answer = self.batched(Arc::clone(keys), None).await?;
-        if let Some(ms) = answer.strip_prefix("cooldown:") {
-            return Ok(Admission::Cooldown(Duration::from_millis(
-                ms.parse().unwrap_or(1000),
-            )));
+        if let Some(ms) = answer.strip_prefix("cooldown:")
+            && let Ok(ms) = ms.parse()
+        {
+            return Ok(Admission::Cooldown(Duration::from_millis(ms)));
         }
-        Ok(match answer.as_str() {
-            "duplicate" => Admission::Duplicate,
-            "stale" => Admission::Stale,
-            "busy" => Admission::Busy,
-            _ => Admission::Go,
-        })
+        match answer.as_str() {
+            "ok" => Ok(Admission::Go),
+            "duplicate" => Ok(Admission::Duplicate),
+            "stale" => Ok(Admission::Stale),
+            "busy" => Ok(Admission::Busy),
+            // Never "go and send" on an answer this worker cannot read.
+            _ => Err(Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "unexpected admission answer {:?}",
+                    opsgenie_shared::text::cap_bytes(&answer, 64)
+                ),
+            )),
+        }
     }
 
     /// Writes the stream entry, the sent marker and the incident's sequence, and frees the
@@ -506,7 +538,7 @@ mod tests {
     #[test]
     fn keys_carry_the_prefix() {
         let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
-        let keys = buffer.keys("u-1", "ops", "incident_1_2", Some(5), "tok".into());
+        let keys = buffer.keys("u-1", "ops", Some("incident_1_2"), Some(5), "tok".into());
         assert_eq!(keys.sent, "t:sent:u-1");
         assert_eq!(keys.lease, "t:lease:incident_1_2");
         assert_eq!(keys.sequence, "t:seq:incident_1_2");
@@ -565,7 +597,7 @@ mod tests {
         let mut recorded = Vec::new();
         for i in 0..20 {
             let uuid = format!("old-{i}");
-            let keys = buffer.keys(&uuid, "ops", &uuid, None, token());
+            let keys = buffer.keys(&uuid, "ops", None, None, token());
             assert_eq!(buffer.admit(&keys).await.unwrap(), Admission::Go);
             assert!(
                 !buffer
@@ -582,7 +614,7 @@ mod tests {
             asks.push((old.clone(), Admission::Duplicate));
         }
         let answers = futures_util::future::join_all(asks.iter().map(|(uuid, _)| {
-            let keys = buffer.keys(uuid, "ops", uuid, None, token());
+            let keys = buffer.keys(uuid, "ops", None, None, token());
             let buffer = buffer.clone();
             async move { buffer.admit(&keys).await.unwrap() }
         }))
@@ -606,11 +638,11 @@ mod tests {
     async fn leases_sequences_cooldowns_and_a_repeated_record() {
         let (buffer, prefix) = live_buffer().await;
         let alias = "incident_1_9";
-        let first = buffer.keys("m-1", "ops", alias, Some(5), token());
+        let first = buffer.keys("m-1", "ops", Some(alias), Some(5), token());
         assert_eq!(buffer.admit(&first).await.unwrap(), Admission::Go);
         // Asked again by the same round (a step that ran twice): still ours.
         assert_eq!(buffer.admit(&first).await.unwrap(), Admission::Go);
-        let rival = buffer.keys("m-2", "ops", alias, Some(6), token());
+        let rival = buffer.keys("m-2", "ops", Some(alias), Some(6), token());
         assert_eq!(buffer.admit(&rival).await.unwrap(), Admission::Busy);
         let fields: Fields = vec![("notification_uuid", "m-1".to_string())].into();
         let id = buffer.record(&first, &fields).await.unwrap();
@@ -620,7 +652,7 @@ mod tests {
         let length: u64 = buffer.client.xlen(buffer.stream_key()).await.unwrap();
         assert_eq!(length, 1);
         // The lease is free again; an older or equal status of the incident is stale.
-        let older = buffer.keys("m-0", "ops", alias, Some(5), token());
+        let older = buffer.keys("m-0", "ops", Some(alias), Some(5), token());
         assert_eq!(buffer.admit(&older).await.unwrap(), Admission::Stale);
         assert_eq!(buffer.admit(&rival).await.unwrap(), Admission::Go);
         buffer.release(&rival).await.unwrap();
@@ -629,13 +661,65 @@ mod tests {
             .cool_down("ops", Duration::from_secs(30))
             .await
             .unwrap();
-        let later = buffer.keys("u-9", "ops", "u-9", None, token());
+        let later = buffer.keys("u-9", "ops", None, None, token());
         match buffer.admit(&later).await.unwrap() {
             Admission::Cooldown(wait) => assert!(wait > Duration::from_secs(25), "{wait:?}"),
             other => panic!("{other:?}"),
         }
-        let other_team = buffer.keys("u-9", "dev", "u-9", None, token());
+        let other_team = buffer.keys("u-9", "dev", None, None, token());
         assert_eq!(buffer.admit(&other_team).await.unwrap(), Admission::Go);
+        clean(&buffer, &prefix).await;
+    }
+
+    /// Past 2^53 a double cannot tell neighbours apart; the script must.
+    #[tokio::test]
+    async fn sequences_compare_exactly_across_the_whole_64_bit_range() {
+        let (buffer, prefix) = live_buffer().await;
+        let fields: Fields = vec![("notification_uuid", "x".to_string())].into();
+        // (delivered, then asked) -> expected answer for the second.
+        let cases = [
+            (9_007_199_254_740_992, 9_007_199_254_740_993, Admission::Go),
+            (9_007_199_254_740_993, 9_007_199_254_740_992, Admission::Stale),
+            (i64::MAX - 1, i64::MAX, Admission::Go),
+            (i64::MAX, i64::MAX, Admission::Stale),
+            (-1, 0, Admission::Go),
+            (-10, -9, Admission::Go),
+            (-9, -10, Admission::Stale),
+            (i64::MIN, i64::MIN + 1, Admission::Go),
+            (99, 100, Admission::Go),
+            (100, 99, Admission::Stale),
+            (5, -5, Admission::Stale),
+        ];
+        for (i, (delivered, asked, expected)) in cases.into_iter().enumerate() {
+            let alias = format!("incident_1_{i}");
+            let first = buffer.keys(&format!("s-{i}-a"), "ops", Some(&alias), Some(delivered), token());
+            assert_eq!(buffer.admit(&first).await.unwrap(), Admission::Go);
+            buffer.record(&first, &fields).await.unwrap();
+            let second = buffer.keys(&format!("s-{i}-b"), "ops", Some(&alias), Some(asked), token());
+            assert_eq!(
+                buffer.admit(&second).await.unwrap(),
+                expected,
+                "{asked} after {delivered}"
+            );
+            if expected == Admission::Go {
+                buffer.record(&second, &fields).await.unwrap();
+                let last: String = buffer.client.get(&second.sequence).await.unwrap();
+                assert_eq!(last, asked.to_string());
+            }
+        }
+        clean(&buffer, &prefix).await;
+    }
+
+    /// An issue alert whose uuid is spelled like an incident alias holds only its own lease.
+    #[tokio::test]
+    async fn a_notification_never_holds_an_incidents_lease() {
+        let (buffer, prefix) = live_buffer().await;
+        let alias = "incident_1_9001";
+        let issue = buffer.keys(alias, "ops", None, None, token());
+        assert_eq!(buffer.admit(&issue).await.unwrap(), Admission::Go);
+        let metric = buffer.keys("m-1", "ops", Some(alias), Some(1), token());
+        assert_eq!(buffer.admit(&metric).await.unwrap(), Admission::Go);
+        assert_ne!(issue.lease, metric.lease);
         clean(&buffer, &prefix).await;
     }
 }

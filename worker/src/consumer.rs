@@ -353,7 +353,7 @@ mod tests {
             };
             let job = pipeline.process(b"{}", envelope, &shutdown);
             assert!(size(&job) < 4096, "process future: {} bytes", size(&job));
-            let keys = buffer.keys("u", "team", "a", None, "t".into());
+            let keys = buffer.keys("u", "team", None, None, "t".into());
             let fields: crate::buffer::Fields = Vec::new().into();
             assert!(size(&buffer.record(&keys, &fields)) < 256);
             assert!(size(&buffer.admit(&keys)) < 256);

@@ -135,16 +135,16 @@ impl Pipeline {
 
         // Metric alerts of one incident take turns through its alias; anything else only
         // guards against two copies of itself.
-        let lease_on = match (&job.alert, &request.alias) {
-            (opsgenie_shared::Alert::Metric(_), Some(alias)) => alias.as_str(),
-            _ => job.notification_uuid.as_str(),
+        let incident = match (&job.alert, &request.alias) {
+            (opsgenie_shared::Alert::Metric(_), Some(alias)) => Some(alias.as_str()),
+            _ => None,
         };
         // Random, so that only this round of this job can free the lease it takes.
         let token = format!("{:032x}", rand::random::<u128>());
         let keys = self.buffer.keys(
             &job.notification_uuid,
             &team.id,
-            lease_on,
+            incident,
             job.sequence(),
             token,
         );
