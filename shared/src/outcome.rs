@@ -13,19 +13,24 @@ pub enum DeadReason {
     Unauthorized,
     Rejected,
     Exhausted,
+    /// Processing was started several times and never finished: the message keeps killing
+    /// the attempt (the worker dies or is cut off with it in hand).
+    Poison,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 6] = [
+    pub const ALL: [DeadReason; 7] = [
         DeadReason::InvalidJob,
         DeadReason::TooLarge,
         DeadReason::UnknownTeam,
         DeadReason::Unauthorized,
         DeadReason::Rejected,
         DeadReason::Exhausted,
+        DeadReason::Poison,
     ];
 
-    /// `invalid_job`, `too_large`, `unknown_team`, `unauthorized`, `rejected`, `exhausted`.
+    /// `invalid_job`, `too_large`, `unknown_team`, `unauthorized`, `rejected`, `exhausted`,
+    /// `poison`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadReason::InvalidJob => "invalid_job",
@@ -34,6 +39,7 @@ impl DeadReason {
             DeadReason::Unauthorized => "unauthorized",
             DeadReason::Rejected => "rejected",
             DeadReason::Exhausted => "exhausted",
+            DeadReason::Poison => "poison",
         }
     }
 
@@ -244,7 +250,8 @@ mod tests {
                 "unknown_team",
                 "unauthorized",
                 "rejected",
-                "exhausted"
+                "exhausted",
+                "poison"
             ]
         );
         for reason in DeadReason::ALL {

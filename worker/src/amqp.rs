@@ -13,6 +13,7 @@ use lapin::{
 };
 use opsgenie_shared::DeadReason;
 use opsgenie_shared::retry::format_duration;
+use opsgenie_shared::text::cap_bytes;
 
 use crate::config::{BrokerArgs, QueueType};
 
@@ -24,6 +25,16 @@ pub const HEADER_ATTEMPTS: &str = "x-opsgenie-attempts";
 pub const HEADER_FIRST_SEEN: &str = "x-opsgenie-first-seen-ms";
 /// When the job was dead-lettered (ms since the epoch), for `dead list`.
 pub const HEADER_DEAD_AT: &str = "x-opsgenie-dead-at-ms";
+/// Set (to the bytes they took) when a message's own headers were left off its copy because
+/// the copy would not have fitted in one frame with them.
+pub const HEADER_DROPPED: &str = "x-opsgenie-headers-dropped";
+
+/// The most bytes a header value the worker writes holds (SPEC section 8).
+pub const HEADER_VALUE_LIMIT: usize = 1024;
+
+/// A content header frame's bytes besides the properties: frame type, channel and size (7),
+/// class, weight and body size (12), frame end (1).
+const HEADER_FRAME_OVERHEAD: usize = 20;
 
 /// The names of SPEC section 8, derived once from the flags.
 #[derive(Debug, Clone)]
@@ -158,6 +169,10 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
+    /// The most bytes the properties of one message may take: the content header must fit
+    /// in one frame of the size the broker negotiated, or the broker closes the connection
+    /// (FRAME_ERROR) and with it the consumer that shares it.
+    properties_budget: usize,
 }
 
 /// Why a publish did not become durable.
@@ -177,7 +192,12 @@ impl Publisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Publisher { channel })
+        let frame_max =
+            usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX);
+        Ok(Publisher {
+            channel,
+            properties_budget: properties_budget(frame_max),
+        })
     }
 
     /// Publishes and waits for the broker's confirm. `mandatory` so that a missing queue is an
@@ -219,17 +239,15 @@ impl Publisher {
         attempts: u32,
         first_seen_ms: u64,
     ) -> Result<(), PublishError> {
-        let mut headers = job_headers(properties);
-        headers.insert(
-            HEADER_ATTEMPTS.into(),
-            AMQPValue::LongLongInt(attempts.into()),
-        );
-        headers.insert(
-            HEADER_FIRST_SEEN.into(),
-            AMQPValue::LongLongInt(i64::try_from(first_seen_ms).unwrap_or(i64::MAX)),
-        );
-        self.publish("", queue, body, persistent(properties, headers))
-            .await
+        let ours = [
+            (HEADER_ATTEMPTS, AMQPValue::LongLongInt(attempts.into())),
+            (
+                HEADER_FIRST_SEEN,
+                AMQPValue::LongLongInt(i64::try_from(first_seen_ms).unwrap_or(i64::MAX)),
+            ),
+        ];
+        let copy = copy_properties(properties, &ours, self.properties_budget);
+        self.publish("", queue, body, copy).await
     }
 
     /// Sends a job to the dead-letter queue with the original body and properties and the
@@ -241,29 +259,99 @@ impl Publisher {
         properties: &BasicProperties,
         letter: &DeadLetter,
     ) -> Result<(), PublishError> {
-        let mut headers = job_headers(properties);
-        headers.insert(
-            HEADER_ERROR.into(),
-            AMQPValue::LongString(letter.reason.as_str().into()),
-        );
-        headers.insert(
-            HEADER_ERROR_MESSAGE.into(),
-            AMQPValue::LongString(letter.message.as_str().into()),
-        );
+        let mut ours = vec![
+            (
+                HEADER_ERROR,
+                AMQPValue::LongString(letter.reason.as_str().into()),
+            ),
+            (
+                HEADER_ERROR_MESSAGE,
+                AMQPValue::LongString(
+                    cap_bytes(&letter.message, HEADER_VALUE_LIMIT)
+                        .as_ref()
+                        .into(),
+                ),
+            ),
+            (
+                HEADER_ATTEMPTS,
+                AMQPValue::LongLongInt(letter.attempts.into()),
+            ),
+            (
+                HEADER_DEAD_AT,
+                AMQPValue::LongLongInt(i64::try_from(now_ms()).unwrap_or(i64::MAX)),
+            ),
+        ];
         if let Some(status) = letter.status {
-            headers.insert(HEADER_STATUS.into(), AMQPValue::LongLongInt(status.into()));
+            ours.push((HEADER_STATUS, AMQPValue::LongLongInt(status.into())));
         }
-        headers.insert(
-            HEADER_ATTEMPTS.into(),
-            AMQPValue::LongLongInt(letter.attempts.into()),
-        );
-        headers.insert(
-            HEADER_DEAD_AT.into(),
-            AMQPValue::LongLongInt(i64::try_from(now_ms()).unwrap_or(i64::MAX)),
-        );
-        self.publish("", queue, body, persistent(properties, headers))
-            .await
+        let copy = copy_properties(properties, &ours, self.properties_budget);
+        self.publish("", queue, body, copy).await
     }
+}
+
+/// The properties budget for a broker's `frame_max`, with room to spare.
+fn properties_budget(frame_max: usize) -> usize {
+    frame_max.saturating_sub(HEADER_FRAME_OVERHEAD + 64)
+}
+
+/// The properties of a job's copy (a retry or a dead letter): the original's, less RabbitMQ's
+/// `x-death`, with `ours` added, persistent. When that would not fit in `budget` bytes, the
+/// original's own headers are left off (`x-opsgenie-headers-dropped` says how many bytes they
+/// took); when even that would not fit (other properties at their 255-byte maximum under a
+/// tiny frame size), only the content type, the message id and `ours` are kept. A copy can
+/// therefore always be published: a message can never come back because its dead letter was
+/// too large.
+pub fn copy_properties(
+    properties: &BasicProperties,
+    ours: &[(&str, AMQPValue)],
+    budget: usize,
+) -> BasicProperties {
+    let with = |mut headers: FieldTable| {
+        for (name, value) in ours {
+            headers.insert((*name).into(), value.clone());
+        }
+        headers
+    };
+    let full = persistent(properties, with(job_headers(properties)));
+    if encoded_size(&full) <= budget {
+        return full;
+    }
+    let dropped = properties.headers().as_ref().map_or(0, |h| {
+        encoded_size(&BasicProperties::default().with_headers(h.clone()))
+    });
+    let mut headers = with(FieldTable::default());
+    headers.insert(
+        HEADER_DROPPED.into(),
+        AMQPValue::LongLongInt(i64::try_from(dropped).unwrap_or(i64::MAX)),
+    );
+    tracing::warn!(
+        header_bytes = dropped,
+        budget,
+        "The message's own headers do not fit in one frame with ours; its copy goes without them."
+    );
+    let lean = persistent(properties, headers.clone());
+    if encoded_size(&lean) <= budget {
+        return lean;
+    }
+    let mut minimal = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(content_type) = properties.content_type() {
+        minimal = minimal.with_content_type(content_type.clone());
+    }
+    if let Some(message_id) = properties.message_id() {
+        minimal = minimal.with_message_id(message_id.clone());
+    }
+    minimal
+}
+
+/// The bytes `properties` take in a content header frame, as the AMQP library writes them.
+pub fn encoded_size(properties: &BasicProperties) -> usize {
+    cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::new(),
+    )
+    .map_or(usize::MAX, |bytes| bytes.len())
 }
 
 /// What a dead letter says about itself.
@@ -391,5 +479,84 @@ mod tests {
         assert_eq!(header_u64(&props, "b"), Some(17));
         assert_eq!(header_u64(&props, "missing"), None);
         assert!(!job_headers(&props).inner().contains_key("x-death"));
+    }
+
+    fn big_headers(bytes: usize) -> FieldTable {
+        let mut table = FieldTable::default();
+        table.insert(
+            "x-producer-trace".into(),
+            AMQPValue::LongString("t".repeat(bytes).into()),
+        );
+        table.insert(
+            "x-death".into(),
+            AMQPValue::LongString("d".repeat(bytes).into()),
+        );
+        table
+    }
+
+    fn letter_headers(message: &str) -> Vec<(&'static str, AMQPValue)> {
+        vec![
+            (HEADER_ERROR, AMQPValue::LongString("invalid_job".into())),
+            (
+                HEADER_ERROR_MESSAGE,
+                AMQPValue::LongString(cap_bytes(message, HEADER_VALUE_LIMIT).as_ref().into()),
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_copy_always_fits_the_negotiated_frame() {
+        let budget = properties_budget(131_072);
+        let long_id = ShortString::from("m".repeat(255));
+        for (own, message) in [(0, "short"), (10_000, "x"), (130_000, "y"), (131_000, "z")] {
+            let original = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_message_id(long_id.clone())
+                .with_headers(big_headers(own));
+            let copy =
+                copy_properties(&original, &letter_headers(&message.repeat(200_000)), budget);
+            assert!(
+                encoded_size(&copy) <= budget,
+                "{own}: {}",
+                encoded_size(&copy)
+            );
+            let headers = copy.headers().as_ref().unwrap().inner();
+            assert!(!headers.contains_key("x-death"));
+            let message_len = match &headers[HEADER_ERROR_MESSAGE] {
+                AMQPValue::LongString(s) => s.as_bytes().len(),
+                other => panic!("{other:?}"),
+            };
+            assert!(message_len <= HEADER_VALUE_LIMIT);
+            // Kept when they fit, left off (and said so) when they do not.
+            let kept = headers.contains_key("x-producer-trace");
+            assert_eq!(kept, own < 100_000, "{own}");
+            assert_eq!(headers.contains_key(HEADER_DROPPED), !kept);
+            assert_eq!(copy.message_id().as_ref(), Some(&long_id));
+            assert_eq!(copy.delivery_mode(), &Some(2));
+        }
+        // The smallest frame AMQP allows, and every other property at its largest.
+        let budget = properties_budget(4096);
+        let s = || ShortString::from("p".repeat(255));
+        let crowded = BasicProperties::default()
+            .with_content_type(s())
+            .with_content_encoding(s())
+            .with_correlation_id(s())
+            .with_reply_to(s())
+            .with_expiration(s())
+            .with_message_id(s())
+            .with_type(s())
+            .with_user_id(s())
+            .with_app_id(s())
+            .with_cluster_id(s())
+            .with_headers(big_headers(50));
+        let copy = copy_properties(&crowded, &letter_headers(&"w".repeat(5000)), budget);
+        assert!(encoded_size(&copy) <= budget, "{}", encoded_size(&copy));
+        assert!(
+            copy.headers()
+                .as_ref()
+                .unwrap()
+                .inner()
+                .contains_key(HEADER_ERROR)
+        );
     }
 }

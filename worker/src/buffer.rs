@@ -127,6 +127,18 @@ end
 return 0
 "#;
 
+/// Counts an attempt at a message that has started: KEYS: its counter. ARGV: ttl s.
+/// Answers the count, this attempt included.
+const ATTEMPT_STARTED: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return n
+"#;
+
+/// How long an unfinished attempt is remembered: past it, a message that killed its
+/// attempts long ago is given a fresh count.
+const ATTEMPTS_TTL_SECS: u64 = 24 * 3600;
+
 /// Frees a lease this worker holds: KEYS: lease. ARGV: token.
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -158,6 +170,7 @@ pub struct Buffer {
     steps: Script,
     release: Script,
     cool_down: Script,
+    attempt_started: Script,
     /// The batching task's inbox, started with the first call (which runs on the runtime).
     batches: Arc<OnceLock<mpsc::UnboundedSender<Call>>>,
     /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
@@ -231,6 +244,7 @@ impl Buffer {
             steps: Script::from_lua(STEPS),
             release: Script::from_lua(RELEASE),
             cool_down: Script::from_lua(COOL_DOWN),
+            attempt_started: Script::from_lua(ATTEMPT_STARTED),
             batches: Arc::new(OnceLock::new()),
             quitting: Arc::new(AtomicBool::new(false)),
         })
@@ -385,6 +399,43 @@ impl Buffer {
             vec![ms],
         ))
         .await?;
+        Ok(())
+    }
+
+    /// The key that counts the unfinished attempts at a message, named by a digest of its body
+    /// (a message that cannot be parsed has no other name).
+    pub fn attempts_key(&self, body: &[u8]) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(body);
+        let mut key = String::with_capacity(self.settings.prefix.len() + 9 + 64);
+        key.push_str(&self.settings.prefix);
+        key.push_str("attempts:");
+        for byte in digest {
+            use std::fmt::Write;
+            let _ = write!(key, "{byte:02x}");
+        }
+        key
+    }
+
+    /// Attempts at a message that started and never finished.
+    pub async fn unfinished_attempts(&self, key: &str) -> Result<u32, Error> {
+        let count: Option<u32> = Box::pin(self.client.get(key)).await?;
+        Ok(count.unwrap_or(0))
+    }
+
+    /// Counts an attempt that starts now; answers the count with it.
+    pub async fn attempt_started(&self, key: &str) -> Result<u32, Error> {
+        Box::pin(self.attempt_started.evalsha_with_reload(
+            &self.client,
+            vec![key],
+            vec![ATTEMPTS_TTL_SECS.to_string()],
+        ))
+        .await
+    }
+
+    /// The attempt finished, whatever its outcome: the message is not poison.
+    pub async fn attempt_finished(&self, key: &str) -> Result<(), Error> {
+        let _: i64 = Box::pin(self.client.del(key)).await?;
         Ok(())
     }
 
@@ -679,7 +730,11 @@ mod tests {
         // (delivered, then asked) -> expected answer for the second.
         let cases = [
             (9_007_199_254_740_992, 9_007_199_254_740_993, Admission::Go),
-            (9_007_199_254_740_993, 9_007_199_254_740_992, Admission::Stale),
+            (
+                9_007_199_254_740_993,
+                9_007_199_254_740_992,
+                Admission::Stale,
+            ),
             (i64::MAX - 1, i64::MAX, Admission::Go),
             (i64::MAX, i64::MAX, Admission::Stale),
             (-1, 0, Admission::Go),
@@ -692,10 +747,22 @@ mod tests {
         ];
         for (i, (delivered, asked, expected)) in cases.into_iter().enumerate() {
             let alias = format!("incident_1_{i}");
-            let first = buffer.keys(&format!("s-{i}-a"), "ops", Some(&alias), Some(delivered), token());
+            let first = buffer.keys(
+                &format!("s-{i}-a"),
+                "ops",
+                Some(&alias),
+                Some(delivered),
+                token(),
+            );
             assert_eq!(buffer.admit(&first).await.unwrap(), Admission::Go);
             buffer.record(&first, &fields).await.unwrap();
-            let second = buffer.keys(&format!("s-{i}-b"), "ops", Some(&alias), Some(asked), token());
+            let second = buffer.keys(
+                &format!("s-{i}-b"),
+                "ops",
+                Some(&alias),
+                Some(asked),
+                token(),
+            );
             assert_eq!(
                 buffer.admit(&second).await.unwrap(),
                 expected,

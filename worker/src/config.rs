@@ -132,6 +132,11 @@ pub struct RunArgs {
     /// Seconds a delivered notification_uuid is remembered, so that a redelivery is not sent again.
     #[arg(long, env = "DEDUPE_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub dedupe_ttl: u64,
+    /// Attempts at one message that were started and never finished (the worker died or
+    /// was cut off in the middle) before it is dead-lettered as poison instead of being
+    /// tried again. Counted in Redis for redelivered messages only.
+    #[arg(long, env = "POISON_AFTER", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub poison_after: u32,
     /// Delivery rounds before a job is dead-lettered as exhausted.
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,

@@ -5,18 +5,21 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use opsgenie_shared::DeadReason;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::acks::Settled;
 
 use crate::amqp::{self, DeadLetter, HEADER_ATTEMPTS, HEADER_FIRST_SEEN, Publisher, Topology};
-use crate::process::{Envelope, Outcome, Pipeline, Report};
+use crate::process::{Admitted, Envelope, Outcome, Pipeline, Report};
 use crate::shutdown::Shutdown;
 use crate::telemetry::JobCounts;
 
@@ -188,8 +191,55 @@ async fn handle(
         first_seen_ms,
         now_ms,
     };
-    let report = pipeline.process(&delivery.data, envelope, shutdown).await;
+    let admitted = pipeline
+        .admit_delivery(&delivery.data, delivery.redelivered)
+        .await;
+    let report = match &admitted {
+        Admitted::Poison { unfinished, .. } => Report::new(
+            Outcome::dead_letter(
+                DeadReason::Poison,
+                format!(
+                    "{unfinished} attempts at this message were started and never finished (the worker died or was cut off with it in hand)"
+                ),
+            ),
+            envelope.previous_attempts.saturating_add(1),
+        ),
+        Admitted::Beside { .. } | Admitted::Alone { .. } => {
+            // A panic is a bug, and most likely this message's: it must not leave the
+            // message unacked in this channel for good. It goes back to the queue, and its
+            // unfinished attempt stays counted, so a message that always panics ends as
+            // poison.
+            match AssertUnwindSafe(pipeline.process(&delivery.data, envelope, shutdown))
+                .catch_unwind()
+                .await
+            {
+                Ok(report) => report,
+                Err(_) => {
+                    drop(admitted);
+                    tracing::error!("Processing a job panicked; the job returns to the queue.");
+                    let _ = delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await;
+                    let _ = acks.send(Settled::Nacked(delivery.delivery_tag));
+                    metrics::gauge!("opsgenie_jobs_in_flight").decrement(1.0);
+                    metrics::counter!("opsgenie_jobs_total", "outcome" => "requeued", "reason" => "panic").increment(1);
+                    return "requeued";
+                }
+            }
+        }
+    };
     let settled = settle(&delivery, &report, publisher, topology, first_seen_ms).await;
+    if let Some(counter) = admitted.counter() {
+        // Finished, whatever the outcome: not this message's fault if it comes back.
+        if let Err(error) = pipeline.buffer.attempt_finished(counter).await {
+            tracing::warn!(error = %error, "Could not clear a message's unfinished attempts.");
+        }
+    }
+    drop(admitted);
     let tag = delivery.delivery_tag;
     // A send error means the acker is gone with its channel: the broker requeues the job.
     let _ = acks.send(if settled.is_ok() {
@@ -345,6 +395,8 @@ mod tests {
                 buffer: buffer.clone(),
                 policy: Default::default(),
                 health: Default::default(),
+                poison_after: 3,
+                quarantine: Default::default(),
             };
             let envelope = Envelope {
                 previous_attempts: 0,

@@ -152,6 +152,8 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         buffer: buffer.clone(),
         policy: args.retry_policy(),
         health,
+        poison_after: args.poison_after,
+        quarantine: tokio::sync::RwLock::new(()),
     });
     consumer::consume(
         ConsumerSettings {

@@ -7,9 +7,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use opsgenie_shared::record::{Delivery, delivery_fields};
 use opsgenie_shared::retry::{NextStep, RetryPolicy};
+use opsgenie_shared::text::cap_bytes;
 use opsgenie_shared::{AlertJob, DeadReason, JobError, build_request};
 use tokio::time::Instant;
 
+use crate::amqp::HEADER_VALUE_LIMIT;
 use crate::buffer::{Admission, Buffer};
 use crate::health::Health;
 use crate::keyring::Keyring;
@@ -34,6 +36,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// A dead letter whose message is cut to what a header may hold (SPEC section 8), so that
+    /// neither the dead letter nor the job's log line grows with the job.
+    pub fn dead_letter(reason: DeadReason, message: impl AsRef<str>) -> Outcome {
+        Outcome::DeadLetter {
+            reason,
+            message: cap_bytes(message.as_ref(), HEADER_VALUE_LIMIT).into_owned(),
+        }
+    }
+
     /// The `outcome` log field and metric label.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -73,21 +84,14 @@ pub struct Report {
     pub request_id: Option<String>,
 }
 
-/// Everything `process` needs, shared by every task.
-pub struct Pipeline {
-    pub keyring: Arc<ArcSwap<Keyring>>,
-    pub sender: Sender,
-    pub buffer: Buffer,
-    pub policy: RetryPolicy,
-    pub health: Arc<Health>,
-}
+/// The most bytes of a producer's team id that a log line repeats.
+const LOGGED_TEAM_ID_BYTES: usize = 256;
 
-impl Pipeline {
-    /// Processes one job body. Never fails: every way a job can end is an `Outcome`.
-    pub async fn process(&self, body: &[u8], envelope: Envelope, shutdown: &Shutdown) -> Report {
-        let attempt = envelope.previous_attempts.saturating_add(1);
-        let mut report = Report {
-            outcome: Outcome::Requeue,
+impl Report {
+    /// A report that knows nothing of the job yet.
+    pub fn new(outcome: Outcome, attempt: u32) -> Report {
+        Report {
+            outcome,
             notification_uuid: None,
             team_id: None,
             kind: None,
@@ -96,7 +100,111 @@ impl Pipeline {
             status: None,
             attempt,
             request_id: None,
+        }
+    }
+}
+
+/// Everything `process` needs, shared by every task.
+pub struct Pipeline {
+    pub keyring: Arc<ArcSwap<Keyring>>,
+    pub sender: Sender,
+    pub buffer: Buffer,
+    pub policy: RetryPolicy,
+    pub health: Arc<Health>,
+    /// Unfinished attempts after which a redelivered message is dead-lettered as poison.
+    pub poison_after: u32,
+    /// A redelivered message that was in hand when the worker died before runs alone (the
+    /// write side), so that if it kills its attempt again it is the only one counted; every
+    /// other job holds the read side while it runs.
+    pub quarantine: tokio::sync::RwLock<()>,
+}
+
+/// How a delivery may proceed, decided by its count of unfinished attempts.
+pub enum Admitted<'a> {
+    /// Not counted (first delivery, or Redis unreachable) or counted with no attempt left
+    /// unfinished: run beside the others.
+    Beside {
+        counter: Option<String>,
+        _turn: tokio::sync::RwLockReadGuard<'a, ()>,
+    },
+    /// Attempts at it died before: run it alone.
+    Alone {
+        counter: String,
+        _turn: tokio::sync::RwLockWriteGuard<'a, ()>,
+    },
+    /// It killed `poison_after` attempts: do not try again.
+    Poison { counter: String, unfinished: u32 },
+}
+
+impl Admitted<'_> {
+    /// The Redis key counting this message's unfinished attempts, if it is counted.
+    pub fn counter(&self) -> Option<&str> {
+        match self {
+            Admitted::Beside { counter, .. } => counter.as_deref(),
+            Admitted::Alone { counter, .. } | Admitted::Poison { counter, .. } => Some(counter),
+        }
+    }
+}
+
+impl Pipeline {
+    /// Decides whether a delivery runs beside the others, alone, or not at all.
+    ///
+    /// Only redelivered messages are counted (the broker sets the flag when a message comes
+    /// back unacked: its worker died, or lost its connection, with it in hand), so a first
+    /// delivery costs nothing here. The count goes up when an attempt starts and is cleared
+    /// when it finishes, whatever its outcome; what is left counts the attempts that died.
+    /// A count goes up only once the attempt has its turn, so a message waiting behind a
+    /// poison one is never charged for the poison's deaths.
+    pub async fn admit_delivery(&self, body: &[u8], redelivered: bool) -> Admitted<'_> {
+        if !redelivered {
+            return Admitted::Beside {
+                counter: None,
+                _turn: self.quarantine.read().await,
+            };
+        }
+        let counter = self.buffer.attempts_key(body);
+        let unfinished = match self.buffer.unfinished_attempts(&counter).await {
+            Ok(n) => n,
+            Err(error) => {
+                // Best effort: without Redis the job waits for it in `process` anyway.
+                tracing::warn!(error = %error, "Could not read a redelivered message's unfinished attempts.");
+                return Admitted::Beside {
+                    counter: None,
+                    _turn: self.quarantine.read().await,
+                };
+            }
         };
+        if unfinished >= self.poison_after {
+            return Admitted::Poison {
+                counter,
+                unfinished,
+            };
+        }
+        let admitted = if unfinished == 0 {
+            Admitted::Beside {
+                counter: Some(counter.clone()),
+                _turn: self.quarantine.read().await,
+            }
+        } else {
+            tracing::warn!(
+                unfinished,
+                "A message whose earlier attempts never finished runs alone."
+            );
+            Admitted::Alone {
+                counter: counter.clone(),
+                _turn: self.quarantine.write().await,
+            }
+        };
+        if let Err(error) = self.buffer.attempt_started(&counter).await {
+            tracing::warn!(error = %error, "Could not count the attempt at a redelivered message.");
+        }
+        admitted
+    }
+
+    /// Processes one job body. Never fails: every way a job can end is an `Outcome`.
+    pub async fn process(&self, body: &[u8], envelope: Envelope, shutdown: &Shutdown) -> Report {
+        let attempt = envelope.previous_attempts.saturating_add(1);
+        let mut report = Report::new(Outcome::Requeue, attempt);
         let job = match AlertJob::parse(body) {
             Ok(job) => job,
             Err(error) => {
@@ -104,32 +212,32 @@ impl Pipeline {
                     JobError::TooLarge { .. } => DeadReason::TooLarge,
                     JobError::Invalid { .. } => DeadReason::InvalidJob,
                 };
-                report.outcome = Outcome::DeadLetter {
-                    reason,
-                    message: error.to_string(),
-                };
+                report.outcome = Outcome::dead_letter(reason, error.to_string());
                 return report;
             }
         };
         let request = build_request(&job);
         report.notification_uuid = Some(job.notification_uuid.clone());
-        report.team_id = Some(job.team_id.clone());
+        report.team_id = Some(cap_bytes(&job.team_id, LOGGED_TEAM_ID_BYTES).into_owned());
         report.kind = Some(job.kind().as_str());
         report.action = Some(request.action.as_str());
         report.alias = request.alias.clone();
         if let Some(priority) = &request.ignored_priority {
             tracing::warn!(
                 notification_uuid = job.notification_uuid,
-                priority = priority.as_str(),
+                priority = cap_bytes(priority, 64).as_ref(),
                 "The job's priority is not one of P1..P5; the default applies."
             );
         }
 
         let Some(team) = self.keyring.load().team(&job.team_id).cloned() else {
-            report.outcome = Outcome::DeadLetter {
-                reason: DeadReason::UnknownTeam,
-                message: format!("team \"{}\" is not in the keyring", job.team_id),
-            };
+            report.outcome = Outcome::dead_letter(
+                DeadReason::UnknownTeam,
+                format!(
+                    "team \"{}\" is not in the keyring",
+                    cap_bytes(&job.team_id, LOGGED_TEAM_ID_BYTES)
+                ),
+            );
             return report;
         };
 
@@ -245,7 +353,7 @@ impl Pipeline {
             } => {
                 self.release(&keys).await;
                 report.status = Some(status);
-                report.outcome = Outcome::DeadLetter { reason, message };
+                report.outcome = Outcome::dead_letter(reason, message);
                 report
             }
             RoundResult::Failed {
@@ -260,11 +368,13 @@ impl Pipeline {
                     message,
                     "Delivery round failed."
                 );
-                report.outcome = self.retry_outcome(attempt, &envelope, wait);
-                if let Outcome::DeadLetter { message: m, .. } = &mut report.outcome {
-                    m.push_str(": ");
-                    m.push_str(&message);
-                }
+                report.outcome = match self.retry_outcome(attempt, &envelope, wait) {
+                    Outcome::DeadLetter {
+                        reason,
+                        message: why,
+                    } => Outcome::dead_letter(reason, format!("{why}: {message}")),
+                    other => other,
+                };
                 report
             }
         }
@@ -274,13 +384,13 @@ impl Pipeline {
         let age = Duration::from_millis(envelope.now_ms.saturating_sub(envelope.first_seen_ms));
         match self.policy.next_step(attempt, age, wait) {
             NextStep::Delay { tier } => Outcome::RetryLater { tier },
-            NextStep::Exhausted => Outcome::DeadLetter {
-                reason: DeadReason::Exhausted,
-                message: format!(
+            NextStep::Exhausted => Outcome::dead_letter(
+                DeadReason::Exhausted,
+                format!(
                     "not delivered after {attempt} attempts over {} s",
                     age.as_secs()
                 ),
-            },
+            ),
         }
     }
 
