@@ -14,6 +14,7 @@ use lapin::{
 use opsgenie_shared::DeadReason;
 use opsgenie_shared::retry::format_duration;
 use opsgenie_shared::text::cap_bytes;
+use sha2::{Digest, Sha256};
 
 use crate::config::{BrokerArgs, QueueType};
 
@@ -415,12 +416,25 @@ pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
 }
 
 /// Properties for a new job published by `enqueue` or a producer.
-pub fn job_properties(message_id: &str) -> BasicProperties {
+pub fn job_properties(notification_uuid: &str) -> BasicProperties {
     BasicProperties::default()
         .with_content_type(ShortString::from("application/json"))
         .with_delivery_mode(2)
-        .with_message_id(ShortString::from(message_id))
+        .with_message_id(job_message_id(notification_uuid))
         .with_timestamp(now_ms() / 1000)
+}
+
+/// The `message-id` of a job: its `notification_uuid` when that fits in an AMQP short string
+/// (255 bytes), otherwise `sha256:` and the hex SHA-256 of it. A valid uuid can be 400 bytes
+/// (100 four-byte characters); the hash keeps the id stable for it instead of refusing the job.
+pub fn job_message_id(notification_uuid: &str) -> ShortString {
+    ShortString::try_new(notification_uuid).unwrap_or_else(|_| {
+        // 7 + 64 bytes: always a short string.
+        ShortString::from(format!(
+            "sha256:{:x}",
+            Sha256::digest(notification_uuid.as_bytes())
+        ))
+    })
 }
 
 pub fn now_ms() -> u64 {

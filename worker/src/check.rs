@@ -5,47 +5,49 @@ use std::time::Duration;
 use crate::amqp::{self, Topology};
 use crate::buffer::{Buffer, BufferSettings};
 use crate::config::{CheckArgs, redact_url};
+use crate::enqueue::{check_names, printable};
 use crate::keyring::Keyring;
 use crate::{Fatal, init_tls};
 
-/// Prints each check as it passes.
+/// Prints each check as it passes. Every line, and the message of a failure, goes through
+/// `printable`: team ids, file names and a server's error text are not the program's own.
 ///
-/// Fails (exit 2) with the first problem: a keyring error with its file, line and field, or
-/// the address that could not be reached.
+/// Fails (exit 2) with the first problem: a keyring error with its file, line and field, a
+/// name the broker cannot take, or the address that could not be reached.
 pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
     init_tls();
-    let keyring =
-        Keyring::load(&args.keyring).map_err(|e| Fatal::Config(format!("keyring: {e}")))?;
-    println!(
-        "ok: keyring {} ({} team{}: {})",
+    let keyring = Keyring::load(&args.keyring).map_err(|e| problem(format!("keyring: {e}")))?;
+    ok(format!(
+        "keyring {} ({} team{}: {})",
         args.keyring.display(),
         keyring.len(),
         if keyring.len() == 1 { "" } else { "s" },
         keyring.team_ids().join(", ")
-    );
+    ));
+    let topology = Topology::new(&args.broker);
+    check_names(&args.broker, &topology)?;
     let amqp_url = redact_url(&args.broker.amqp_url);
     let connection = tokio::time::timeout(
         Duration::from_secs(10),
         amqp::connect(&args.broker.amqp_url, "opsgenie-worker check"),
     )
     .await
-    .map_err(|_| Fatal::Config(format!("RabbitMQ at {amqp_url}: no answer within 10 s")))?
-    .map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: {e}")))?;
-    let topology = Topology::new(&args.broker);
+    .map_err(|_| problem(format!("RabbitMQ at {amqp_url}: no answer within 10 s")))?
+    .map_err(|e| problem(format!("RabbitMQ at {amqp_url}: {e}")))?;
     let channel = connection
         .create_channel()
         .await
-        .map_err(|e| Fatal::Config(format!("RabbitMQ at {amqp_url}: {e}")))?;
+        .map_err(|e| problem(format!("RabbitMQ at {amqp_url}: {e}")))?;
     topology.declare(&channel).await.map_err(|e| {
-        Fatal::Config(format!(
+        problem(format!(
             "RabbitMQ at {amqp_url}: cannot declare the queues: {e}"
         ))
     })?;
     let _ = connection.close(200, "checked".into()).await;
-    println!(
-        "ok: RabbitMQ at {amqp_url} (exchange {}, queue {})",
+    ok(format!(
+        "RabbitMQ at {amqp_url} (exchange {}, queue {})",
         topology.exchange, topology.queue
-    );
+    ));
     let redis_url = redact_url(&args.redis.redis_url);
     let buffer = Buffer::new(
         &args.redis.redis_url,
@@ -56,15 +58,23 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
             lease_ttl: Duration::from_secs(1),
         },
     )
-    .map_err(|e| Fatal::Config(format!("Redis at {redis_url}: {e}")))?;
+    .map_err(|e| problem(format!("Redis at {redis_url}: {e}")))?;
     tokio::time::timeout(Duration::from_secs(10), async {
         buffer.connect().await?;
         buffer.ping().await
     })
     .await
-    .map_err(|_| Fatal::Config(format!("Redis at {redis_url}: no answer within 10 s")))?
-    .map_err(|e| Fatal::Config(format!("Redis at {redis_url}: {e}")))?;
+    .map_err(|_| problem(format!("Redis at {redis_url}: no answer within 10 s")))?
+    .map_err(|e| problem(format!("Redis at {redis_url}: {e}")))?;
     buffer.quit().await;
-    println!("ok: Redis at {redis_url}");
+    ok(format!("Redis at {redis_url}"));
     Ok(())
+}
+
+fn ok(line: String) {
+    println!("ok: {}", printable(&line));
+}
+
+fn problem(message: String) -> Fatal {
+    Fatal::Config(printable(&message).into_owned())
 }

@@ -1,27 +1,30 @@
 //! `opsgenie-worker enqueue`: validate jobs with the same code the worker uses, then publish
-//! the valid ones with publisher confirms. An invalid job is reported with its field path and
-//! never published.
+//! the valid ones with publisher confirms. A job that is invalid, or that the broker refuses,
+//! is reported with where it came from and why; it never stops the others.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::path::Path;
 
+use lapin::types::ShortString;
 use opsgenie_shared::AlertJob;
 use serde::de::IgnoredAny;
 
 use crate::amqp::{self, Publisher, Topology, job_properties};
-use crate::config::{EnqueueArgs, redact_url};
+use crate::config::{BrokerArgs, EnqueueArgs, redact_url};
 use crate::{Fatal, init_tls};
 
 /// One job found in the input, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
-    /// `FILE`, `FILE: job N` or `stdin: line N`, for messages.
+    /// `FILE: line N` or `stdin: line N` (the line the job starts on), for messages.
     pub origin: String,
     pub body: Vec<u8>,
 }
 
-/// Splits a file into jobs: one JSON value, or several one after another (JSON lines).
-/// A syntax error ends the file: what follows it cannot be told apart.
+/// Splits a file into jobs: one JSON value, or several one after another (JSON lines), each
+/// named by the line it starts on. A syntax error ends the file (and is returned): what
+/// follows it cannot be told apart.
 pub fn split_file(name: &str, data: &[u8]) -> (Vec<Found>, Option<String>) {
     let mut found = Vec::new();
     let mut stream = serde_json::Deserializer::from_slice(data).into_iter::<IgnoredAny>();
@@ -31,13 +34,19 @@ pub fn split_file(name: &str, data: &[u8]) -> (Vec<Found>, Option<String>) {
             None => return (found, None),
             Some(Ok(_)) => {
                 let end = stream.byte_offset();
+                let body = &data[start..end];
+                let leading = body.len() - body.trim_ascii_start().len();
+                let line = 1 + data[..start + leading]
+                    .iter()
+                    .filter(|b| **b == b'\n')
+                    .count();
                 found.push(Found {
-                    origin: format!("{name}: job {}", found.len() + 1),
-                    body: data[start..end].trim_ascii().to_vec(),
+                    origin: format!("{name}: line {line}"),
+                    body: body.trim_ascii().to_vec(),
                 });
             }
             Some(Err(error)) => {
-                return (found, Some(format!("{name}: not JSON: {error}")));
+                return (found, Some(format!("not JSON: {error}")));
             }
         }
     }
@@ -55,38 +64,125 @@ pub fn split_lines(data: &[u8]) -> Vec<Found> {
         .collect()
 }
 
-/// Fails when a file cannot be read, the broker cannot be reached, a publish is not
-/// confirmed, or any job was invalid (after publishing the valid ones).
+/// `text` with every control character (a newline, ESC, ...) and backslash written as a Rust
+/// escape (`\n`, `\u{1b}`, `\\`), for every line a command prints: a field taken from a
+/// message or a file can then neither forge a row nor reach the terminal. Only those are
+/// escaped (not quotes, not other scripts) so that ordinary text reads as it is.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    let escaped = |c: char| c.is_control() || c == '\\';
+    if !text.chars().any(escaped) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if escaped(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Fails (bad configuration) when a name the flags give could not be sent to the broker: an
+/// exchange, routing key or queue name, or the virtual host of an AMQP URL, over the 255
+/// bytes of an AMQP short string. Checked before any of them is used, because the AMQP client
+/// panics on such a name.
+pub(crate) fn check_names(broker: &BrokerArgs, topology: &Topology) -> Result<(), Fatal> {
+    let vhosts = broker
+        .amqp_url
+        .split(',')
+        .filter_map(|url| url.trim().parse::<lapin::uri::AMQPUri>().ok())
+        .map(|uri| ("the virtual host of --amqp-url", uri.vhost));
+    let names = [
+        ("--exchange", topology.exchange.clone()),
+        ("--routing-key", topology.routing_key.clone()),
+    ]
+    .into_iter()
+    .chain(
+        topology
+            .queue_names()
+            .into_iter()
+            .map(|q| ("the queue name", q.to_string())),
+    )
+    .chain(vhosts);
+    for (what, name) in names {
+        if ShortString::try_new(name.as_str()).is_err() {
+            return Err(Fatal::Config(format!(
+                "{what} is {} bytes long; AMQP allows at most 255: {}",
+                name.len(),
+                printable(&name)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A job that did not reach the broker, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotPublished {
+    /// Where the job came from (`Found::origin`), or the file that could not be read or
+    /// split.
+    pub origin: String,
+    pub reason: String,
+}
+
+impl NotPublished {
+    /// The line of the report on standard error.
+    pub fn report(&self) -> String {
+        printable(&format!("{}: {}", self.origin, self.reason)).into_owned()
+    }
+}
+
+/// The last line of `enqueue`, on standard output.
+pub fn summary(published: usize, failed: usize, topology: &Topology) -> String {
+    printable(&format!(
+        "published {published}, failed {failed} (exchange \"{}\", routing key \"{}\")",
+        topology.exchange, topology.routing_key
+    ))
+    .into_owned()
+}
+
+/// Reads every input, reports each job that cannot be published (invalid, or refused by the
+/// broker) with where it came from and why, and publishes all the others.
+///
+/// Fails when a flag names something the broker cannot take, the broker cannot be reached,
+/// or any job (or input file) was not published, after publishing the others.
 pub async fn enqueue(args: EnqueueArgs) -> Result<(), Fatal> {
     init_tls();
-    let mut found = Vec::new();
-    let mut problems = Vec::new();
+    let topology = Topology::new(&args.broker);
+    check_names(&args.broker, &topology)?;
+    // In the order of the input, so that the report reads like it.
+    let mut valid = Vec::new();
+    let mut failed = Vec::new();
     if args.files.is_empty() {
         let mut data = Vec::new();
         std::io::stdin()
             .read_to_end(&mut data)
             .map_err(|e| Fatal::Other(format!("cannot read standard input: {e}")))?;
-        found = split_lines(&data);
+        validate(split_lines(&data), &mut valid, &mut failed);
     } else {
         for file in &args.files {
-            let data = std::fs::read(file)
-                .map_err(|e| Fatal::Other(format!("{}: {e}", file.display())))?;
-            let (jobs, problem) = split_file(&display(file), &data);
-            found.extend(jobs);
-            problems.extend(problem);
+            match std::fs::read(file) {
+                Ok(data) => {
+                    let (jobs, problem) = split_file(&display(file), &data);
+                    validate(jobs, &mut valid, &mut failed);
+                    failed.extend(problem.map(|reason| NotPublished {
+                        origin: display(file),
+                        reason,
+                    }));
+                }
+                Err(error) => failed.push(NotPublished {
+                    origin: display(file),
+                    reason: format!("cannot read the file: {error}"),
+                }),
+            }
         }
     }
-    let mut valid = Vec::new();
-    for job in found {
-        match AlertJob::parse(&job.body) {
-            Ok(parsed) => valid.push((parsed.notification_uuid, job.body)),
-            Err(error) => problems.push(format!("{}: {error}", job.origin)),
-        }
+    for problem in &failed {
+        eprintln!("{}", problem.report());
     }
-    for problem in &problems {
-        eprintln!("invalid: {problem}");
-    }
-    let topology = Topology::new(&args.broker);
+    let mut published = 0;
     if !valid.is_empty() {
         let connection = amqp::connect(&args.broker.amqp_url, "opsgenie-worker enqueue")
             .await
@@ -94,53 +190,61 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<(), Fatal> {
         let channel = connection
             .create_channel()
             .await
-            .map_err(|e| Fatal::Other(e.to_string()))?;
+            .map_err(|e| Fatal::Other(printable(&e.to_string()).into_owned()))?;
         // Declared here too, so that a job published before any worker ever ran is kept.
-        topology
-            .declare(&channel)
-            .await
-            .map_err(|e| Fatal::Other(format!("cannot declare the queues: {e}")))?;
+        topology.declare(&channel).await.map_err(|e| {
+            Fatal::Other(printable(&format!("cannot declare the queues: {e}")).into_owned())
+        })?;
         let publisher = Publisher::new(&connection)
             .await
-            .map_err(|e| Fatal::Other(e.to_string()))?;
-        let publishes = valid.iter().map(|(uuid, body)| {
+            .map_err(|e| Fatal::Other(printable(&e.to_string()).into_owned()))?;
+        let publishes = valid.iter().map(|(job, uuid)| {
             publisher.publish(
                 &topology.exchange,
                 &topology.routing_key,
-                body,
+                &job.body,
                 job_properties(uuid),
             )
         });
         let results = futures_util::future::join_all(publishes).await;
-        let failed = results.iter().filter(|r| r.is_err()).count();
         let _ = connection.close(200, "done".into()).await;
-        if let Some(Err(error)) = results.into_iter().find(Result::is_err) {
-            return Err(Fatal::Other(format!(
-                "{failed} of {} jobs were not confirmed by the broker: {error}",
-                valid.len()
-            )));
+        for ((job, _), result) in valid.into_iter().zip(results) {
+            match result {
+                Ok(()) => published += 1,
+                Err(error) => {
+                    let problem = NotPublished {
+                        origin: job.origin,
+                        reason: format!("not published: {error}"),
+                    };
+                    eprintln!("{}", problem.report());
+                    failed.push(problem);
+                }
+            }
         }
     }
-    println!(
-        "Published {} job{} to exchange \"{}\" with routing key \"{}\"; {} invalid.",
-        valid.len(),
-        if valid.len() == 1 { "" } else { "s" },
-        topology.exchange,
-        topology.routing_key,
-        problems.len()
-    );
-    if problems.is_empty() {
+    println!("{}", summary(published, failed.len(), &topology));
+    if failed.is_empty() {
         Ok(())
     } else {
         Err(Fatal::Other(format!(
-            "{} invalid job{} not published",
-            problems.len(),
-            if problems.len() == 1 {
-                " was"
-            } else {
-                "s were"
-            }
+            "{} input{} not published, each named above",
+            failed.len(),
+            if failed.len() == 1 { " was" } else { "s were" }
         )))
+    }
+}
+
+/// Parses each job: a valid one joins `valid` with its `notification_uuid`, an invalid one
+/// `failed` with its field path.
+fn validate(jobs: Vec<Found>, valid: &mut Vec<(Found, String)>, failed: &mut Vec<NotPublished>) {
+    for job in jobs {
+        match AlertJob::parse(&job.body) {
+            Ok(parsed) => valid.push((job, parsed.notification_uuid)),
+            Err(error) => failed.push(NotPublished {
+                origin: job.origin,
+                reason: format!("invalid job: {error}"),
+            }),
+        }
     }
 }
 
@@ -149,31 +253,35 @@ fn display(path: &Path) -> String {
 }
 
 pub(crate) fn unreachable_broker(url: &str, error: &lapin::Error) -> Fatal {
-    Fatal::Other(format!(
-        "cannot reach RabbitMQ at {}: {error}",
-        redact_url(url)
-    ))
+    let message = format!("cannot reach RabbitMQ at {}: {error}", redact_url(url));
+    Fatal::Other(printable(&message).into_owned())
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+    use crate::config::{Cli, Command};
 
     #[test]
-    fn a_file_holds_one_pretty_job_or_json_lines() {
-        let (jobs, problem) = split_file("a.json", b"{\n \"a\": 1\n}\n");
+    fn a_file_holds_one_pretty_job_or_json_lines_each_named_by_its_line() {
+        let (jobs, problem) = split_file("a.json", b"\n\n{\n \"a\": 1\n}\n");
         assert_eq!(problem, None);
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].body, b"{\n \"a\": 1\n}");
-        let (jobs, problem) = split_file("b.jsonl", b"{\"a\":1}\n{\"a\":2}\n[1]\n");
+        assert_eq!(jobs[0].origin, "a.json: line 3");
+        let (jobs, problem) = split_file("b.jsonl", b"{\"a\":1}\n{\"a\":2}\n\n[1]\n");
         assert_eq!(problem, None);
         assert_eq!(
             jobs.iter().map(|j| j.origin.as_str()).collect::<Vec<_>>(),
-            ["b.jsonl: job 1", "b.jsonl: job 2", "b.jsonl: job 3"]
+            ["b.jsonl: line 1", "b.jsonl: line 2", "b.jsonl: line 4"]
         );
         let (jobs, problem) = split_file("c.json", b"{\"a\":1}\n{oops");
         assert_eq!(jobs.len(), 1);
-        assert!(problem.unwrap().starts_with("c.json: not JSON"));
+        let problem = problem.expect("a syntax error");
+        assert!(problem.starts_with("not JSON"), "{problem}");
+        assert!(problem.contains("line 2"), "{problem}");
     }
 
     #[test]
@@ -182,5 +290,106 @@ mod tests {
         assert_eq!(jobs.len(), 2);
         assert_eq!(jobs[1].origin, "stdin: line 4");
         assert_eq!(jobs[1].body, b"not json");
+    }
+
+    #[test]
+    fn printable_escapes_control_characters_and_backslashes_only() {
+        for (text, shown) in [
+            ("backend", "backend"),
+            ("a\nb", "a\\nb"),
+            ("a\r\nb\tc", "a\\r\\nb\\tc"),
+            ("\x1b[2J\x1b]0;owned\x07", "\\u{1b}[2J\\u{1b}]0;owned\\u{7}"),
+            ("nul\0 del\x7f csi\u{9b}", "nul\\0 del\\u{7f} csi\\u{9b}"),
+            ("a literal \\n", "a literal \\\\n"),
+            ("team \"ops\" can't", "team \"ops\" can't"),
+            ("équipe 日本 😀 e\u{301}", "équipe 日本 😀 e\u{301}"),
+        ] {
+            let out = printable(text);
+            assert_eq!(out, shown, "{text:?}");
+            assert!(!out.chars().any(char::is_control), "{out:?}");
+        }
+        assert!(matches!(printable("plain"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn a_reported_job_is_one_line_whatever_it_carries() {
+        let problem = NotPublished {
+            origin: "jobs\n.jsonl: line 2".into(),
+            reason: "invalid job: kind: unknown variant `\x1b[31mred`".into(),
+        };
+        assert_eq!(
+            problem.report(),
+            "jobs\\n.jsonl: line 2: invalid job: kind: unknown variant `\\u{1b}[31mred`"
+        );
+    }
+
+    /// The 255-byte limit of an AMQP short string, on both sides, and a uuid the schema allows
+    /// (100 characters) that is far over it.
+    #[test]
+    fn the_message_id_is_the_uuid_when_it_fits_and_its_hash_otherwise() {
+        let ascii = "3f1c9a2e-5d7b-4e1a-9c2f-0b8d6e4a1f37";
+        let fits = format!("{}abc", "𝄞".repeat(63));
+        let over = "𝄞".repeat(64);
+        let schema_max = "𝄞".repeat(100);
+        assert_eq!((fits.len(), over.len(), schema_max.len()), (255, 256, 400));
+        for uuid in [ascii, fits.as_str()] {
+            let properties = job_properties(uuid);
+            assert_eq!(
+                properties.message_id().as_ref().map(|m| m.as_str()),
+                Some(uuid)
+            );
+        }
+        // Worked out independently: printf '𝄞%.0s' $(seq 100) | sha256sum
+        assert_eq!(
+            job_properties(&schema_max)
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str()),
+            Some("sha256:46fe957c14463e126a3339e9b3b2774b33f358ea1bdfc8134df7611eed1cdc9d")
+        );
+        let hashed = amqp::job_message_id(&over);
+        assert_eq!(hashed, amqp::job_message_id(&over), "stable");
+        assert_ne!(hashed, amqp::job_message_id(&schema_max));
+        assert_eq!(hashed.as_str().len(), 71);
+    }
+
+    fn enqueue_args(flags: &[&str]) -> EnqueueArgs {
+        let argv = ["opsgenie-worker", "enqueue"].iter().chain(flags);
+        match Cli::try_parse_from(argv).expect("flags").command {
+            Command::Enqueue(args) => args,
+            _ => unreachable!("an enqueue command line"),
+        }
+    }
+
+    #[test]
+    fn a_name_the_broker_cannot_take_is_bad_configuration_not_a_panic() {
+        let long = "q".repeat(251);
+        let vhost_url = format!("amqp://guest:guest@127.0.0.1:5672/{}", "v".repeat(256));
+        let cases: [(&[&str], Option<&str>); 6] = [
+            (&[], None),
+            (&["--queue", &long[..244]], None),
+            (
+                &["--exchange", &"e".repeat(256)],
+                Some("--exchange is 256 bytes"),
+            ),
+            (
+                &["--routing-key", &"k".repeat(300)],
+                Some("--routing-key is 300 bytes"),
+            ),
+            // The dead-letter queue, `NAME.dead`, is the one over.
+            (&["--queue", &long], Some("the queue name is 256 bytes")),
+            (&["--amqp-url", &vhost_url], Some("virtual host")),
+        ];
+        for (flags, expected) in cases {
+            let args = enqueue_args(flags);
+            let result = check_names(&args.broker, &Topology::new(&args.broker));
+            match (result, expected) {
+                (Ok(()), None) => {}
+                (Err(Fatal::Config(message)), Some(expected)) => {
+                    assert!(message.contains(expected), "{message}");
+                }
+                (other, _) => panic!("{flags:?}: {other:?}"),
+            }
+        }
     }
 }
