@@ -9,7 +9,7 @@ use opsgenie_shared::AlertJob;
 use serde::de::IgnoredAny;
 
 use crate::amqp::{self, Publisher, Topology, job_properties};
-use crate::config::{EnqueueArgs, redact_url};
+use crate::config::{EnqueueArgs, redact_error, redact_url};
 use crate::{Fatal, init_tls};
 
 /// One job found in the input, with where it came from.
@@ -148,10 +148,12 @@ fn display(path: &Path) -> String {
     path.display().to_string()
 }
 
+/// lapin quotes a URL it cannot parse in its error: that goes through `redact_error` too.
 pub(crate) fn unreachable_broker(url: &str, error: &lapin::Error) -> Fatal {
     Fatal::Other(format!(
-        "cannot reach RabbitMQ at {}: {error}",
-        redact_url(url)
+        "cannot reach RabbitMQ at {}: {}",
+        redact_url(url),
+        redact_error(&error.to_string(), url)
     ))
 }
 
