@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::amqp::{self, Topology};
 use crate::buffer::{Buffer, BufferSettings};
-use crate::config::{CheckArgs, redact_url};
+use crate::config::{CheckArgs, redact_error, redact_url};
 use crate::enqueue::{check_names, printable};
 use crate::keyring::Keyring;
 use crate::{Fatal, init_tls};
@@ -13,7 +13,9 @@ use crate::{Fatal, init_tls};
 /// `printable`: team ids, file names and a server's error text are not the program's own.
 ///
 /// Fails (exit 2) with the first problem: a keyring error with its file, line and field, a
-/// name the broker cannot take, or the address that could not be reached.
+/// name the broker cannot take, or the address that could not be reached. No message shows a
+/// password: URLs are redacted, and so are the clients' errors, which may quote the URL they
+/// were given.
 pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
     init_tls();
     let keyring = Keyring::load(&args.keyring).map_err(|e| problem(format!("keyring: {e}")))?;
@@ -27,20 +29,23 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
     let topology = Topology::new(&args.broker);
     check_names(&args.broker, &topology)?;
     let amqp_url = redact_url(&args.broker.amqp_url);
+    let amqp_error =
+        |e: &dyn std::fmt::Display| redact_error(&e.to_string(), &args.broker.amqp_url);
     let connection = tokio::time::timeout(
         Duration::from_secs(10),
         amqp::connect(&args.broker.amqp_url, "opsgenie-worker check"),
     )
     .await
     .map_err(|_| problem(format!("RabbitMQ at {amqp_url}: no answer within 10 s")))?
-    .map_err(|e| problem(format!("RabbitMQ at {amqp_url}: {e}")))?;
+    .map_err(|e| problem(format!("RabbitMQ at {amqp_url}: {}", amqp_error(&e))))?;
     let channel = connection
         .create_channel()
         .await
-        .map_err(|e| problem(format!("RabbitMQ at {amqp_url}: {e}")))?;
+        .map_err(|e| problem(format!("RabbitMQ at {amqp_url}: {}", amqp_error(&e))))?;
     topology.declare(&channel).await.map_err(|e| {
         problem(format!(
-            "RabbitMQ at {amqp_url}: cannot declare the queues: {e}"
+            "RabbitMQ at {amqp_url}: cannot declare the queues: {}",
+            amqp_error(&e)
         ))
     })?;
     let _ = connection.close(200, "checked".into()).await;
@@ -49,6 +54,8 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
         topology.exchange, topology.queue
     ));
     let redis_url = redact_url(&args.redis.redis_url);
+    let redis_error =
+        |e: &dyn std::fmt::Display| redact_error(&e.to_string(), &args.redis.redis_url);
     let buffer = Buffer::new(
         &args.redis.redis_url,
         BufferSettings {
@@ -58,14 +65,14 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
             lease_ttl: Duration::from_secs(1),
         },
     )
-    .map_err(|e| problem(format!("Redis at {redis_url}: {e}")))?;
+    .map_err(|e| problem(format!("Redis at {redis_url}: {}", redis_error(&e))))?;
     tokio::time::timeout(Duration::from_secs(10), async {
         buffer.connect().await?;
         buffer.ping().await
     })
     .await
     .map_err(|_| problem(format!("Redis at {redis_url}: no answer within 10 s")))?
-    .map_err(|e| problem(format!("Redis at {redis_url}: {e}")))?;
+    .map_err(|e| problem(format!("Redis at {redis_url}: {}", redis_error(&e))))?;
     buffer.quit().await;
     ok(format!("Redis at {redis_url}"));
     Ok(())

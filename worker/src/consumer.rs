@@ -51,7 +51,13 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                 opened
             }
             Err(error) => {
-                tracing::error!(error = %error, retry_in_ms = pause.as_millis() as u64, "Cannot consume from RabbitMQ; trying again.");
+                // lapin quotes a URL it cannot parse, password and all.
+                let error = crate::config::redact_error(&error.to_string(), &settings.amqp_url);
+                tracing::error!(
+                    error,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "Cannot consume from RabbitMQ; trying again."
+                );
                 let _ = shutdown.sleep_until((Instant::now() + pause).into()).await;
                 pause = (pause * 2).min(Duration::from_secs(10));
                 continue;

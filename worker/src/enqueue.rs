@@ -11,7 +11,7 @@ use opsgenie_shared::AlertJob;
 use serde::de::IgnoredAny;
 
 use crate::amqp::{self, Publisher, Topology, job_properties};
-use crate::config::{BrokerArgs, EnqueueArgs, redact_url};
+use crate::config::{BrokerArgs, EnqueueArgs, redact_error, redact_url};
 use crate::{Fatal, init_tls};
 
 /// One job found in the input, with where it came from.
@@ -252,8 +252,13 @@ fn display(path: &Path) -> String {
     path.display().to_string()
 }
 
+/// lapin quotes a URL it cannot parse in its error: that goes through `redact_error` too.
 pub(crate) fn unreachable_broker(url: &str, error: &lapin::Error) -> Fatal {
-    let message = format!("cannot reach RabbitMQ at {}: {error}", redact_url(url));
+    let message = format!(
+        "cannot reach RabbitMQ at {}: {}",
+        redact_url(url),
+        redact_error(&error.to_string(), url)
+    );
     Fatal::Other(printable(&message).into_owned())
 }
 

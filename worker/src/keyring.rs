@@ -3,15 +3,24 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::redact_url;
 use crate::opsgenie::Endpoint;
 
 const US_API: &str = "https://api.opsgenie.com";
 const EU_API: &str = "https://api.eu.opsgenie.com";
+
+/// The most a keyring file may hold: thousands of teams fit in far less.
+pub const MAX_KEYRING_BYTES: u64 = 1024 * 1024;
+/// The most a key file may hold: a key is a few dozen bytes.
+pub const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
 
 /// An Opsgenie integration key. It prints as `***` in `Debug` and `Display`, so that no log,
 /// error or panic message can carry it.
@@ -80,16 +89,52 @@ impl Keyring {
 
     /// Reads and validates the keyring at `path`, taking keys from the process environment.
     ///
-    /// Fails when the file cannot be read, is not valid TOML, or a team is incomplete: no key
-    /// source or more than one, an unset or empty key, an unknown region, a bad `api_url`, or
-    /// a duplicate id. The error names the file, the line and the field, never a key.
+    /// Fails when the file or a key file cannot be read, is not a regular file (a FIFO, a
+    /// directory, a device) or is larger than `MAX_KEYRING_BYTES` (`MAX_KEY_FILE_BYTES` for a
+    /// key file), is not valid TOML, or a team is incomplete: no key source or more than one,
+    /// an unset or empty key, an unknown region, a bad `api_url`, or a duplicate id. The error
+    /// names the file, the line and the field, never a key.
+    ///
+    /// It reads files and may wait on them: call it where blocking is allowed (start-up, or
+    /// `load_off_runtime`).
     pub fn load(path: &Path) -> Result<Keyring, KeyringError> {
-        let text = std::fs::read_to_string(path).map_err(|e| KeyringError {
+        let text = read_checked(path, MAX_KEYRING_BYTES).map_err(|e| KeyringError {
             file: path.to_path_buf(),
             line: None,
-            message: format!("cannot read the file: {e}"),
+            message: format!("cannot read the keyring: {e}"),
         })?;
         Self::parse(path, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// `load` on a blocking thread, so that a slow or stuck file system never holds the
+    /// runtime (deliveries, `/healthz`, SIGTERM). Gives up after `limit`; the thread may then
+    /// linger until its read returns, and is left to it.
+    ///
+    /// Fails as `load` does, on time-out, and while the thread of an earlier call is still
+    /// reading: stuck threads do not pile up, one per SIGHUP.
+    pub async fn load_off_runtime(path: PathBuf, limit: Duration) -> Result<Keyring, String> {
+        static READING: AtomicBool = AtomicBool::new(false);
+        /// Clears `READING` when the load ends, however it ends (or never starts).
+        struct Reading;
+        impl Drop for Reading {
+            fn drop(&mut self) {
+                READING.store(false, Ordering::SeqCst);
+            }
+        }
+        if READING.swap(true, Ordering::SeqCst) {
+            return Err(
+                "an earlier reload is still reading the files; not starting another".into(),
+            );
+        }
+        let reading = Reading;
+        off_runtime(
+            move || {
+                let _reading = reading;
+                Keyring::load(&path).map_err(|e| e.to_string())
+            },
+            limit,
+        )
+        .await
     }
 
     /// Parses keyring text; `env` looks up an environment variable.
@@ -138,7 +183,7 @@ impl Keyring {
                 })?,
                 (None, None, Some(file)) => {
                     let key_path = resolve(path, &file);
-                    std::fs::read_to_string(&key_path).map_err(|e| {
+                    read_checked(&key_path, MAX_KEY_FILE_BYTES).map_err(|e| {
                         fail(
                             span.clone(),
                             format!(
@@ -167,6 +212,18 @@ impl Keyring {
                 ));
             }
             let api_base = match (entry.api_url, entry.region.as_deref()) {
+                // An `@` is credentials, which an API base cannot carry, or a password that
+                // parses as a host and a port: the key must not go there.
+                (Some(url), _) if url.contains('@') => {
+                    return Err(fail(
+                        span,
+                        format!(
+                            "{}: \"{}\" has an `@`: an API base cannot carry credentials",
+                            at("api_url"),
+                            redact_url(&url)
+                        ),
+                    ));
+                }
                 (Some(url), _) => url.trim_end_matches('/').to_string(),
                 (None, None | Some("us")) => US_API.to_string(),
                 (None, Some("eu")) => EU_API.to_string(),
@@ -184,8 +241,9 @@ impl Keyring {
                         fail(
                             span.clone(),
                             format!(
-                                "{}: \"{api_base}\" is not an http(s) URL: {e}",
-                                at("api_url")
+                                "{}: \"{}\" is not an http(s) URL: {e}",
+                                at("api_url"),
+                                redact_url(&api_base)
                             ),
                         )
                     })?;
@@ -227,6 +285,75 @@ fn resolve(keyring: &Path, file: &str) -> PathBuf {
         p.to_path_buf()
     } else {
         keyring.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// Reads the file at `path` as text when it is a regular file of at most `cap` bytes.
+///
+/// Opened with `O_NONBLOCK`, so that a FIFO cannot hold `open(2)` until a writer comes, and
+/// checked on the opened file (`fstat`), so that the file checked is the file read; then read
+/// through `take(cap + 1)`, so that a file growing after the check, or one whose size the
+/// kernel does not know, still costs at most `cap + 1` bytes.
+///
+/// Fails, with a sentence on what the file is (the caller names it), when it cannot be
+/// opened, is not a regular file, is larger than `cap`, or is not UTF-8.
+fn read_checked(path: &Path, cap: u64) -> Result<String, String> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open it: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot inspect it: {e}"))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a named pipe (FIFO)"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a plain file"
+        };
+        return Err(format!(
+            "it is {what}, not a regular file; refusing to read it"
+        ));
+    }
+    let too_large = || {
+        format!(
+            "it is larger than {} KiB, the most it may hold; refusing to read it",
+            cap / 1024
+        )
+    };
+    if meta.len() > cap {
+        return Err(too_large());
+    }
+    let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(cap + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if data.len() as u64 > cap {
+        return Err(too_large());
+    }
+    String::from_utf8(data).map_err(|_| "it is not UTF-8 text".to_string())
+}
+
+/// Runs `load` on a blocking thread and waits for it at most `limit`.
+async fn off_runtime<T: Send + 'static>(
+    load: impl FnOnce() -> Result<T, String> + Send + 'static,
+    limit: Duration,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(load)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(format!("the reload stopped: {join}")),
+        Err(_) => Err(format!(
+            "reading the files took longer than {limit:?}; a file may be on a stuck file system"
+        )),
     }
 }
 
@@ -332,7 +459,7 @@ api_url = "http://127.0.0.1:18080/"
             ),
             (
                 "[[team]]\nid = \"a\"\nintegration_key = \"s3cret\"\napi_url = \"ftp://x\"\n",
-                "api_url: \"ftp://x\" is not an http(s) URL",
+                "api_url: \"ftp://x/\" is not an http(s) URL",
             ),
             (
                 "[[team]]\nid = \"a\"\nintegration_key = \"s3cret\"\n[[team]]\nid = \"a\"\nintegration_key = \"s3cret\"\n",
@@ -361,5 +488,149 @@ api_url = "http://127.0.0.1:18080/"
         assert_eq!(format!("{}", team.key), "***");
         let debug = format!("{ring:?} {team:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    /// A directory of its own for one test, removed by the test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "keyring-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    }
+
+    /// Runs `f` on a thread of its own and fails the test, instead of hanging it, when `f`
+    /// blocks.
+    fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("reading the file blocked")
+    }
+
+    #[test]
+    fn key_files_must_be_small_regular_files() {
+        let dir = scratch("key-files");
+        mkfifo(&dir.join("fifo.key"));
+        std::fs::create_dir(dir.join("dir.key")).unwrap();
+        std::fs::write(dir.join("big.key"), vec![b'k'; 65 * 1024]).unwrap();
+        std::fs::write(dir.join("edge.key"), vec![b'k'; 64 * 1024]).unwrap();
+        std::fs::write(dir.join("ok.key"), "file-key-9\n").unwrap();
+        std::fs::write(dir.join("latin1.key"), b"k\xe9y").unwrap();
+        let cases = [
+            (
+                "fifo.key",
+                Err("is a named pipe (FIFO), not a regular file"),
+            ),
+            ("dir.key", Err("is a directory, not a regular file")),
+            ("/dev/zero", Err("is a device, not a regular file")),
+            ("big.key", Err("is larger than 64 KiB")),
+            ("missing.key", Err("cannot open it")),
+            ("latin1.key", Err("is not UTF-8 text")),
+            ("edge.key", Ok(64 * 1024)),
+            ("ok.key", Ok("file-key-9".len())),
+        ];
+        for (file, expected) in cases {
+            let text = format!("[[team]]\nid = \"ops\"\nintegration_key_file = \"{file}\"\n");
+            let keyring = dir.join("keyring.toml");
+            let result = within_5s(move || Keyring::parse(&keyring, &text, &|_| None));
+            match (result, expected) {
+                (Ok(ring), Ok(len)) => {
+                    let key = ring.team("ops").unwrap().key.expose().to_string();
+                    assert_eq!(key.len(), len, "{file}");
+                    if file == "ok.key" {
+                        assert_eq!(key, "file-key-9");
+                    }
+                }
+                (Err(error), Err(expected)) => {
+                    let error = error.to_string();
+                    assert!(
+                        error.contains(expected)
+                            && error.contains(file)
+                            && error.contains("integration_key_file"),
+                        "{file}: {error}"
+                    );
+                }
+                (result, expected) => panic!("{file}: {result:?}, expected {expected:?}"),
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_keyring_file_is_checked_the_same_way() {
+        let dir = scratch("keyring-file");
+        let fifo = dir.join("fifo.toml");
+        mkfifo(&fifo);
+        let error = within_5s(move || Keyring::load(&fifo)).unwrap_err();
+        assert!(error.to_string().contains("named pipe (FIFO)"), "{error}");
+        let error = Keyring::load(&dir).unwrap_err();
+        assert!(error.to_string().contains("a directory"), "{error}");
+        // Sparse: a size the kernel reports, and nothing read.
+        let huge = dir.join("huge.toml");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let error = Keyring::load(&huge).unwrap_err().to_string();
+        assert!(error.contains("larger than 1024 KiB"), "{error}");
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[[team]]\nid = \"a\"\nintegration_key = \"k\"\n").unwrap();
+        assert_eq!(Keyring::load(&good).unwrap().team_ids(), vec!["a"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_api_url_never_shows_its_credentials_or_tokens() {
+        for api_url in [
+            "https://ops:Pw1s3cr3t@gw.example",
+            "https://ops:Pw1/s3cr3t@gw.example",
+            "https://ops:4711/Pw1s3cr3t@gw.example",
+            "https://gw.example/?token=Pw1s3cr3t",
+            "https://gw.example/#Pw1s3cr3t",
+            "ftp://gw.example/?token=Pw1s3cr3t",
+        ] {
+            let text =
+                format!("[[team]]\nid = \"a\"\nintegration_key = \"k\"\napi_url = \"{api_url}\"\n");
+            let error = parse(&text).unwrap_err().to_string();
+            assert!(error.contains("api_url"), "{error}");
+            assert!(
+                !error.contains("s3cr3t") && !error.contains("4711"),
+                "{api_url}: {error}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stuck_load_gives_up_without_holding_the_runtime() {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let started = std::time::Instant::now();
+        let result = off_runtime(
+            move || {
+                let _ = stuck.recv();
+                Ok(())
+            },
+            Duration::from_millis(200),
+        )
+        .await;
+        let error = result.unwrap_err();
+        assert!(error.contains("longer than"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let _ = release.send(());
+        assert_eq!(
+            off_runtime(|| Ok(7), Duration::from_secs(5)).await,
+            Ok::<_, String>(7)
+        );
     }
 }

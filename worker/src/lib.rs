@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 
 use crate::amqp::Topology;
 use crate::buffer::{Buffer, BufferSettings};
-use crate::config::{MetricsAddr, RunArgs, redact_url};
+use crate::config::{MetricsAddr, RunArgs, redact_error, redact_url};
 use crate::consumer::ConsumerSettings;
 use crate::health::Health;
 use crate::keyring::Keyring;
@@ -103,8 +103,9 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     )
     .map_err(|e| {
         Fatal::Config(format!(
-            "--redis-url {}: {e}",
-            redact_url(&args.redis.redis_url)
+            "--redis-url {}: {}",
+            redact_url(&args.redis.redis_url),
+            redact_error(&e.to_string(), &args.redis.redis_url)
         ))
     })?;
     buffer.start();
@@ -176,7 +177,13 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// How long a keyring reload may read its files before it is given up.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// SIGHUP re-reads the keyring (and its key files); a broken file keeps the old keyring.
+///
+/// The files are read on a blocking thread (`Keyring::load_off_runtime`): on the runtime, a
+/// file that never answers would stop deliveries, `/healthz` and SIGTERM with it.
 fn reload_on_sighup(path: std::path::PathBuf, keyring: Arc<ArcSwap<Keyring>>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -185,8 +192,12 @@ fn reload_on_sighup(path: std::path::PathBuf, keyring: Arc<ArcSwap<Keyring>>) {
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            warn_if_readable_by_others(&path);
-            match Keyring::load(&path) {
+            // `stat` can wait on a stuck file system too; nothing waits for this warning.
+            let check = path.clone();
+            drop(tokio::task::spawn_blocking(move || {
+                warn_if_readable_by_others(&check)
+            }));
+            match Keyring::load_off_runtime(path.clone(), RELOAD_TIMEOUT).await {
                 Ok(new) => {
                     let teams = new.team_ids().join(",");
                     metrics::gauge!("opsgenie_keyring_teams").set(new.len() as f64);

@@ -145,9 +145,10 @@ impl Sender {
                         .unwrap_or_default();
                     let message = match verdict {
                         Verdict::Delivered | Verdict::NothingToClose => String::new(),
-                        // An answer that echoes the key must not carry it into a dead letter.
-                        _ => format!("Opsgenie answered {status}: {}", excerpt(&answer.body))
-                            .replace(team.key.expose(), "***"),
+                        _ => format!(
+                            "Opsgenie answered {status}: {}",
+                            excerpt(&answer.body, team.key.expose())
+                        ),
                     };
                     (verdict, Some(status), request_id, message)
                 }
@@ -248,11 +249,34 @@ fn interrupted() -> RoundResult {
     }
 }
 
-/// The start of a response body, for a readable dead-letter message.
-fn excerpt(body: &[u8]) -> String {
+/// The start of a response body, for a readable dead-letter message, without `key`.
+///
+/// An answer that echoes the key must not carry it into a dead letter: it is scrubbed from
+/// the whole text before the cut, which could otherwise leave its first characters behind.
+/// Control characters are escaped (`\n`, `\u{1b}`) so that the excerpt stays one line that
+/// no terminal interprets; other characters, quotes included, stay readable.
+fn excerpt(body: &[u8], key: &str) -> String {
     let text = String::from_utf8_lossy(body);
-    let trimmed: String = text.chars().take(200).collect();
-    trimmed.trim().to_string()
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.trim().chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_debug());
+        } else {
+            escaped.push(c);
+        }
+    }
+    // A key has no control character, so escaping left every copy of it whole.
+    let scrubbed = if key.is_empty() {
+        escaped
+    } else {
+        escaped.replace(key, "***")
+    };
+    scrubbed
+        .chars()
+        .take(200)
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 /// The `status` label without an allocation for the answers that matter.
@@ -265,5 +289,26 @@ fn status_label(status: Option<u16>) -> std::borrow::Cow<'static, str> {
         Some(429) => "429".into(),
         Some(503) => "503".into(),
         Some(other) => other.to_string().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::excerpt;
+
+    #[test]
+    fn a_key_across_the_cut_leaves_no_piece_behind() {
+        let key = "KEY0123456789abcdefKEY";
+        for at in 180..=200 {
+            let body = format!("{}{key} and more", "x".repeat(at));
+            let shown = excerpt(body.as_bytes(), key);
+            assert!(!shown.contains("KEY0"), "key at {at}: {shown}");
+            assert!(shown.chars().count() <= 200);
+        }
+        let shown = excerpt(
+            format!("{{\"message\":\"bad key {key}\",\r\n\u{1b}[2J}}").as_bytes(),
+            key,
+        );
+        assert_eq!(shown, r#"{"message":"bad key ***",\r\n\u{1b}[2J}"#);
     }
 }

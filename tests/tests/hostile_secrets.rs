@@ -1,0 +1,427 @@
+//! Secrets and key files that try to stop the worker or to leak: a key file that is a FIFO or
+//! far too large never holds the worker on a keyring reload, and a password full of URL
+//! delimiters shows in no log line, standard output or standard error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use opsgenie_e2e::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const RELOAD_FAILED: &str = "Keyring reload failed; keeping the previous keyring.";
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// GET over plain HTTP/1.0; `None` while nothing answers (or nothing answers within 2 s).
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let request = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.ok()?;
+        let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(2), request)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The resident set of process `pid`, in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Rewrites `keyring` so that team `backend` takes its key from `key_file` (beside it).
+fn keyring_with_key_file(keyring: &Path, key_file: &str, api_url: &str) {
+    std::fs::write(
+        keyring,
+        format!(
+            "[[team]]\nid = \"backend\"\nintegration_key_file = \"{key_file}\"\napi_url = \"{api_url}\"\n"
+        ),
+    )
+    .expect("write keyring");
+}
+
+/// The errors of the failed reloads logged so far.
+fn reload_failures(worker: &WorkerProcess) -> Vec<String> {
+    worker
+        .logs()
+        .into_iter()
+        .filter(|l| l["message"] == RELOAD_FAILED)
+        .map(|l| l["error"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_key_file_neither_stops_deliveries_nor_shutdown() {
+    let env = TestEnv::new("hostile-fifo").await;
+    let (standin, keyring) = standin_for_team(&env, "backend", "old-key-5e1").await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut worker = env.spawn_worker(&keyring, &["--metrics-addr", &addr]);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            matches!(http_get(port, "/readyz").await, Some((200, _)))
+        })
+        .await,
+        "never ready: {}",
+        worker.raw_log()
+    );
+
+    // Nobody ever writes to this pipe: reading it would wait for ever.
+    let fifo = env.dir.join("backend.key");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    keyring_with_key_file(&keyring, "backend.key", &standin.base_url());
+    worker.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            !reload_failures(&worker).is_empty()
+        })
+        .await,
+        "no reload failure logged: {}",
+        worker.raw_log()
+    );
+    let error = &reload_failures(&worker)[0];
+    assert!(
+        error.contains("backend.key") && error.contains("named pipe (FIFO)"),
+        "{error}"
+    );
+
+    // Alive, and delivering with the keyring from before.
+    assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
+    let uuid = uuid::Uuid::new_v4().to_string();
+    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
+        .await;
+    assert!(
+        standin.wait_for_delivered(1, Duration::from_secs(30)).await,
+        "not delivered after the reload: {}",
+        worker.raw_log()
+    );
+    assert_eq!(
+        standin.requests()[0].authorization.as_deref(),
+        Some("GenieKey old-key-5e1")
+    );
+    assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
+
+    let asked = Instant::now();
+    assert_eq!(
+        worker.terminate(Duration::from_secs(15)).await.code(),
+        Some(0)
+    );
+    assert!(asked.elapsed() < Duration::from_secs(15));
+    assert!(!worker.raw_log().contains("old-key-5e1"));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_key_file_is_refused_without_being_read() {
+    let env = TestEnv::new("hostile-huge").await;
+    let (standin, keyring) = standin_for_team(&env, "backend", "old-key-b72").await;
+    let mut worker = env.spawn_worker(&keyring, &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            worker.logs().iter().any(|l| l["message"] == "Consuming.")
+        })
+        .await,
+        "{}",
+        worker.raw_log()
+    );
+    let rss_before = vm_rss_kib(worker.pid());
+
+    // 2 MB written out.
+    std::fs::write(env.dir.join("big.key"), vec![b'k'; 2 * 1024 * 1024]).expect("big key");
+    keyring_with_key_file(&keyring, "big.key", &standin.base_url());
+    worker.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            !reload_failures(&worker).is_empty()
+        })
+        .await,
+        "no reload failure logged: {}",
+        worker.raw_log()
+    );
+    let error = &reload_failures(&worker)[0];
+    assert!(
+        error.contains("big.key") && error.contains("larger than 64 KiB"),
+        "{error}"
+    );
+
+    // 256 MB, sparse: free to make, and what a worker that read it whole would hold.
+    std::fs::File::create(env.dir.join("huge.key"))
+        .and_then(|f| f.set_len(256 * 1024 * 1024))
+        .expect("huge key");
+    keyring_with_key_file(&keyring, "huge.key", &standin.base_url());
+    worker.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            reload_failures(&worker).len() >= 2
+        })
+        .await,
+        "no second reload failure logged: {}",
+        worker.raw_log()
+    );
+    let error = &reload_failures(&worker)[1];
+    assert!(
+        error.contains("huge.key") && error.contains("larger than 64 KiB"),
+        "{error}"
+    );
+    let rss_after = vm_rss_kib(worker.pid());
+    assert!(
+        rss_after < rss_before + 20 * 1024,
+        "RSS went from {rss_before} KiB to {rss_after} KiB"
+    );
+
+    // The old keyring still serves.
+    let uuid = uuid::Uuid::new_v4().to_string();
+    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
+        .await;
+    assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);
+    assert_eq!(
+        standin.requests()[0].authorization.as_deref(),
+        Some("GenieKey old-key-b72")
+    );
+    assert_eq!(
+        worker.terminate(Duration::from_secs(15)).await.code(),
+        Some(0)
+    );
+    env.cleanup().await;
+}
+
+/// A URL whose password holds `/`, `#` and `?` unencoded, and the pieces of it that must never
+/// be printed.
+struct HostileUrl {
+    url: String,
+    secrets: Vec<String>,
+}
+
+impl HostileUrl {
+    /// `scheme://user:password@127.0.0.1:port/tail`, secrets: the password, every piece of it
+    /// between delimiters, and `:piece` for a piece that a parser may take for a port.
+    fn new(scheme: &str, user: &str, password: &str, port: u16, tail: &str) -> HostileUrl {
+        let mut secrets = vec![password.to_string()];
+        for piece in password.split(['/', '#', '?']).filter(|p| p.len() >= 4) {
+            secrets.push(piece.to_string());
+            if piece.parse::<u16>().is_ok() {
+                secrets.push(format!(":{piece}"));
+            }
+        }
+        HostileUrl {
+            url: format!("{scheme}://{user}:{password}@127.0.0.1:{port}{tail}"),
+            secrets,
+        }
+    }
+
+    fn assert_absent(&self, text: &str, what: &str) {
+        for secret in &self.secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{what} shows {secret:?} of {}:\n{text}",
+                self.url
+            );
+        }
+    }
+}
+
+/// `opsgenie-worker run` with `amqp_url` and `redis_url`, standard output and standard error
+/// each to a file of the test's directory.
+fn spawn_run(
+    env: &TestEnv,
+    keyring: &Path,
+    amqp_url: &str,
+    redis_url: &str,
+) -> (WorkerProcess, PathBuf) {
+    let n = std::fs::read_dir(&env.dir).map(|d| d.count()).unwrap_or(0);
+    let log = env.dir.join(format!("run-{n}.stderr"));
+    let out = env.dir.join(format!("run-{n}.stdout"));
+    let mut broker = env.broker_args();
+    if let Some(at) = broker.iter().position(|a| a == "--amqp-url") {
+        broker[at + 1] = amqp_url.to_owned();
+    }
+    let child = Command::new(worker_binary())
+        .arg("run")
+        .args(broker)
+        .args(["--redis-url", redis_url, "--redis-prefix", &env.prefix])
+        .arg("--keyring")
+        .arg(keyring)
+        .args(["--log-format", "json", "--metrics-addr", "off"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start opsgenie-worker");
+    (WorkerProcess { child, log }, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_with_url_delimiters_are_never_printed() {
+    let env = TestEnv::new("hostile-urls").await;
+    let keyring = env.write_keyring(&[TeamSpec {
+        id: "backend",
+        key: "k",
+        api_url: "http://127.0.0.1:1",
+    }]);
+    let keyring_arg = keyring.to_string_lossy().to_string();
+    let (amqp_port, redis_port) = (free_port(), free_port());
+
+    // Passwords that begin like a port: parsed as written, the user becomes the host and the
+    // start of the password its port, and the connects fail (on closed ports).
+    let amqp_as_port = HostileUrl::new(
+        "amqp",
+        "localhost",
+        &format!("{}/Amq2vh#Amq3fr?Amq4qy", free_port()),
+        amqp_port,
+        "/%2f",
+    );
+    let redis_as_port = HostileUrl::new(
+        "redis",
+        "localhost",
+        &format!("{}/0?Red3qy#Red4fr", free_port()),
+        redis_port,
+        "",
+    );
+    // Passwords that make the URLs unparseable.
+    let amqp_broken = HostileUrl::new(
+        "amqp",
+        "guest",
+        "Amq1pw/Amq2vh#Amq3fr?Amq4qy",
+        amqp_port,
+        "/%2f",
+    );
+    let redis_broken = HostileUrl::new("redis", "", "Red1pw/Red2db?Red3qy#Red4fr", redis_port, "");
+    let every = [&amqp_as_port, &redis_as_port, &amqp_broken, &redis_broken];
+    let assert_clean = |text: &str, what: &str| {
+        for url in every {
+            url.assert_absent(text, what);
+        }
+    };
+
+    // A worker that runs, and keeps failing to connect.
+    let (mut worker, stdout) = spawn_run(&env, &keyring, &amqp_as_port.url, &redis_as_port.url);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            worker
+                .logs()
+                .iter()
+                .filter(|l| l["message"] == "Cannot consume from RabbitMQ; trying again.")
+                .count()
+                >= 2
+        })
+        .await,
+        "{}",
+        worker.raw_log()
+    );
+    let logs = worker.logs();
+    let start = logs
+        .iter()
+        .find(|l| l["amqp_url"].is_string())
+        .expect("a start-up line");
+    assert_eq!(start["amqp_url"], "amqp://***", "{start}");
+    assert_eq!(start["redis_url"], "redis://***", "{start}");
+    assert_eq!(
+        worker.terminate(Duration::from_secs(30)).await.code(),
+        Some(0)
+    );
+    assert_clean(&worker.raw_log(), "the log of run");
+    assert_clean(
+        &std::fs::read_to_string(&stdout).unwrap_or_default(),
+        "the standard output of run",
+    );
+
+    // A worker that cannot start: its Redis URL does not parse.
+    let (mut worker, stdout) = spawn_run(&env, &keyring, &amqp_broken.url, &redis_broken.url);
+    let status = worker
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("a worker with a broken Redis URL exits");
+    let log = worker.raw_log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("--redis-url redis://***"), "{log}");
+    assert_clean(&log, "the log of run");
+    assert_clean(
+        &std::fs::read_to_string(&stdout).unwrap_or_default(),
+        "the standard output of run",
+    );
+
+    // `check`, with each broken pair, and with the real broker before a hostile Redis URL.
+    for (amqp, redis, names) in [
+        (
+            amqp_as_port.url.as_str(),
+            redis_as_port.url.as_str(),
+            "RabbitMQ at amqp://***",
+        ),
+        (
+            amqp_broken.url.as_str(),
+            redis_broken.url.as_str(),
+            "RabbitMQ at amqp://***",
+        ),
+        (AMQP_URL, redis_as_port.url.as_str(), "Redis at redis://***"),
+        (AMQP_URL, redis_broken.url.as_str(), "Redis at redis://***"),
+    ] {
+        let (code, out, err) = env.command(
+            &[
+                "check",
+                "--keyring",
+                keyring_arg.as_str(),
+                "--amqp-url",
+                amqp,
+                "--redis-url",
+                redis,
+                "--redis-prefix",
+                env.prefix.as_str(),
+            ],
+            None,
+        );
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(err.contains(names), "{err}");
+        assert_clean(&out, "the standard output of check");
+        assert_clean(&err, "the standard error of check");
+    }
+
+    // Without `//`, lapin quotes the URL it cannot parse in its error.
+    let opaque = HostileUrl {
+        url: format!("amqp:guest:Amq1pw/Amq2vh@127.0.0.1:{amqp_port}/%2f"),
+        secrets: vec!["Amq1pw".into(), "Amq2vh".into()],
+    };
+    for args in [
+        vec![
+            "check",
+            "--keyring",
+            keyring_arg.as_str(),
+            "--amqp-url",
+            opaque.url.as_str(),
+        ],
+        vec!["dead", "list", "--amqp-url", opaque.url.as_str()],
+    ] {
+        let (code, out, err) = env.command(&args, None);
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(err.contains("amqp://***"), "{err}");
+        opaque.assert_absent(&out, "standard output");
+        opaque.assert_absent(&err, "standard error");
+    }
+    env.cleanup().await;
+}
