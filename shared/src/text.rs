@@ -53,6 +53,36 @@ pub fn cap_bytes(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// `text` with every control character (a newline, ESC, ...), every character that reorders
+/// the text around it (the bidirectional overrides and isolates) and every backslash written
+/// as a Rust escape (`\n`, `\u{1b}`, `\u{202e}`, `\\`), for every line a command prints: a
+/// field taken from a message or a file can then neither forge a row, nor disguise one, nor
+/// reach the terminal. Only those are escaped (not quotes, not other scripts) so that ordinary
+/// text reads as it is.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| {
+        c.is_control()
+            || c == '\\'
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if escaped(c) {
+            if c.is_control() || c == '\\' {
+                out.extend(c.escape_debug());
+            } else {
+                out.extend(c.escape_unicode());
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// `s` percent-encoded for a URL path segment or query value: every byte of its UTF-8 form
 /// outside `A-Z a-z 0-9 - . _ ~` becomes `%XX` (uppercase hex).
 pub fn seg(s: &str) -> String {
@@ -126,6 +156,21 @@ mod tests {
         ];
         for (s, n, expected) in table {
             assert_eq!(cap_bytes(s, n), expected, "cap_bytes({s:?}, {n})");
+        }
+    }
+
+    #[test]
+    fn printable_escapes_what_could_forge_or_disguise_a_line() {
+        let table = [
+            ("plain, \"quoted\", é 😀", "plain, \"quoted\", é 😀"),
+            ("a\nb", "a\\nb"),
+            ("\u{1b}[31mred", "\\u{1b}[31mred"),
+            ("back\\slash", "back\\\\slash"),
+            ("evil\u{202e}txt.exe", "evil\\u{202e}txt.exe"),
+            ("\u{0}", "\\0"),
+        ];
+        for (text, expected) in table {
+            assert_eq!(printable(text), expected, "{text:?}");
         }
     }
 

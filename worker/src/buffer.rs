@@ -406,15 +406,11 @@ impl Buffer {
     /// (a message that cannot be parsed has no other name).
     pub fn attempts_key(&self, body: &[u8]) -> String {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(body);
-        let mut key = String::with_capacity(self.settings.prefix.len() + 9 + 64);
-        key.push_str(&self.settings.prefix);
-        key.push_str("attempts:");
-        for byte in digest {
-            use std::fmt::Write;
-            let _ = write!(key, "{byte:02x}");
-        }
-        key
+        format!(
+            "{}attempts:{:x}",
+            self.settings.prefix,
+            sha2::Sha256::digest(body)
+        )
     }
 
     /// Attempts at a message that started and never finished.

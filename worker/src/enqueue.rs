@@ -64,25 +64,7 @@ pub fn split_lines(data: &[u8]) -> Vec<Found> {
         .collect()
 }
 
-/// `text` with every control character (a newline, ESC, ...) and backslash written as a Rust
-/// escape (`\n`, `\u{1b}`, `\\`), for every line a command prints: a field taken from a
-/// message or a file can then neither forge a row nor reach the terminal. Only those are
-/// escaped (not quotes, not other scripts) so that ordinary text reads as it is.
-pub fn printable(text: &str) -> Cow<'_, str> {
-    let escaped = |c: char| c.is_control() || c == '\\';
-    if !text.chars().any(escaped) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if escaped(c) {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
+pub use opsgenie_shared::text::printable;
 
 /// Fails (bad configuration) when a name the flags give could not be sent to the broker: an
 /// exchange, routing key or queue name, or the virtual host of an AMQP URL, over the 255

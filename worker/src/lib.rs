@@ -67,6 +67,7 @@ pub fn init_tls() {
 /// parsed or a metrics address that cannot be bound. Losing the broker or Redis is not fatal.
 pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     init_tls();
+    telemetry::raise_open_file_limit();
     let keyring = Keyring::load(&args.keyring).map_err(|e| Fatal::Config(e.to_string()))?;
     if keyring.is_empty() {
         tracing::warn!(keyring = %args.keyring.display(), "The keyring has no team: every job will be dead-lettered as unknown_team.");

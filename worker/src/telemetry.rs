@@ -208,7 +208,6 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: Shutdown,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let app = Router::new()
         .route("/metrics", get(render_metrics))
@@ -321,7 +320,7 @@ async fn serve_connection(connection: Connection, bell: &Notify, shutdown: &Shut
 /// Raises the soft limit on open files towards the hard one, so that a burst of connections
 /// (to the endpoint, to Opsgenie) does not run the process out of descriptors at the distro's
 /// default of 1024. Failing to raise it is not fatal: the caps above hold either way.
-fn raise_open_file_limit() {
+pub fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(OPEN_FILES_WANTED) {
         Ok(limit) => tracing::debug!(limit, "The open-file limit is set."),
         Err(error) => tracing::warn!(error = %error, "Could not raise the open-file limit."),
