@@ -2,7 +2,6 @@
 //! the valid ones with publisher confirms. A job that is invalid, or that the broker refuses,
 //! is reported with where it came from and why; it never stops the others.
 
-use std::borrow::Cow;
 use std::io::Read;
 use std::path::Path;
 
