@@ -294,7 +294,7 @@ mod tests {
             assert_eq!(out, shown, "{text:?}");
             assert!(!out.chars().any(char::is_control), "{out:?}");
         }
-        assert!(matches!(printable("plain"), Cow::Borrowed(_)));
+        assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]
