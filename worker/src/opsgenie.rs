@@ -140,8 +140,16 @@ impl Sender {
                         answer.retry_after.as_deref(),
                         answer.rate_limit_period.as_deref(),
                     );
+                    // Opsgenie's ids are uuids; an answer is not trusted to keep them short,
+                    // since the id goes into a log line and the stream.
                     let request_id = serde_json::from_slice::<Accepted>(&answer.body)
-                        .map(|a| a.request_id)
+                        .map(|a| {
+                            opsgenie_shared::text::printable(&opsgenie_shared::text::cap_bytes(
+                                &a.request_id,
+                                REQUEST_ID_LIMIT_BYTES,
+                            ))
+                            .into_owned()
+                        })
                         .unwrap_or_default();
                     let message = match verdict {
                         Verdict::Delivered | Verdict::NothingToClose => String::new(),
@@ -255,6 +263,9 @@ fn interrupted() -> RoundResult {
 /// the whole text before the cut, which could otherwise leave its first characters behind.
 /// Control characters are escaped (`\n`, `\u{1b}`) so that the excerpt stays one line that
 /// no terminal interprets; other characters, quotes included, stay readable.
+/// The most bytes of an answer's `requestId` the worker keeps.
+const REQUEST_ID_LIMIT_BYTES: usize = 128;
+
 fn excerpt(body: &[u8], key: &str) -> String {
     let text = String::from_utf8_lossy(body);
     let mut escaped = String::with_capacity(text.len());
