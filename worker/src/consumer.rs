@@ -223,13 +223,7 @@ async fn handle(
                 Err(_) => {
                     drop(admitted);
                     tracing::error!("Processing a job panicked; the job returns to the queue.");
-                    let _ = delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await;
+                    requeue(&delivery).await;
                     let _ = acks.send(Settled::Nacked(delivery.delivery_tag));
                     metrics::gauge!("opsgenie_jobs_in_flight").decrement(1.0);
                     metrics::counter!("opsgenie_jobs_total", "outcome" => "requeued", "reason" => "panic").increment(1);
@@ -315,16 +309,21 @@ async fn settle(
         // Acked by the channel's acker, in a batch.
         Ok(()) => Ok(()),
         Err(why) => {
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await;
+            requeue(delivery).await;
             Err(why)
         }
     }
+}
+
+/// Returns the job to the queue now (else it would return when the channel closes).
+async fn requeue(delivery: &Delivery) {
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        })
+        .await;
 }
 
 /// Returns the `outcome` label it logged.

@@ -73,6 +73,8 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         tracing::warn!(keyring = %args.keyring.display(), "The keyring has no team: every job will be dead-lettered as unknown_team.");
     }
     let topology = Topology::new(&args.broker);
+    // A name over 255 bytes would make the AMQP client panic on first use.
+    enqueue::check_names(&args.broker, &topology)?;
     tracing::info!(
         amqp_url = redact_url(&args.broker.amqp_url),
         redis_url = redact_url(&args.redis.redis_url),

@@ -59,6 +59,26 @@ fn a_missing_keyring_exits_2_and_names_the_file() {
 }
 
 #[test]
+fn a_name_the_broker_cannot_take_exits_2_before_anything_panics() {
+    let long = "q".repeat(300);
+    let out = worker()
+        .args([
+            "run",
+            "--keyring",
+            "../keyring.toml",
+            "--metrics-addr",
+            "off",
+            "--queue",
+            &long,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("255"), "{err}");
+}
+
+#[test]
 fn a_bad_flag_value_exits_2_with_what_to_fix() {
     for (args, needle) in [
         (vec!["run", "--prefetch", "0"], "--prefetch"),

@@ -7,7 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use opsgenie_e2e::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RELOAD_FAILED: &str = "Keyring reload failed; keeping the previous keyring.";
 
@@ -17,31 +16,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-/// GET over plain HTTP/1.0; `None` while nothing answers (or nothing answers within 2 s).
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let request = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.ok()?;
-        let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), request)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// The resident set of process `pid`, in KiB.
