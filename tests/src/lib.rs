@@ -432,6 +432,35 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .flatten()
 }
 
+/// A port nobody listens on right now, for a worker's metrics endpoint.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl TestEnv {
+    /// Starts a worker with a metrics endpoint on a port of its own (and `extra` flags), and
+    /// waits until its `/readyz` answers 200: consuming, with Redis reachable.
+    pub async fn spawn_ready_worker(&self, keyring: &Path, extra: &[&str]) -> (WorkerProcess, u16) {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut flags = vec!["--metrics-addr", addr.as_str()];
+        flags.extend_from_slice(extra);
+        let worker = self.spawn_worker(keyring, &flags);
+        assert!(
+            wait_until(Duration::from_secs(30), || async {
+                matches!(http_get(port, "/readyz").await, Some((200, _)))
+            })
+            .await,
+            "never ready: {}",
+            worker.raw_log()
+        );
+        (worker, port)
+    }
+}
+
 /// A message taken from the dead-letter queue.
 pub struct TakenDeadLetter {
     pub body: Vec<u8>,

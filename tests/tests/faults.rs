@@ -118,14 +118,6 @@ async fn leases_held(env: &TestEnv) -> usize {
     keys.len()
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// `opsgenie_responses_total{status}` from the worker's /metrics on `port`; 0 while it does
 /// not answer or has not counted one yet.
 async fn answers_counted(port: u16, status: u16) -> u64 {

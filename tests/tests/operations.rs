@@ -5,29 +5,11 @@ use std::time::Duration;
 
 use opsgenie_e2e::*;
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_while_it_works() {
     let env = TestEnv::new("ops-metrics").await;
     let (standin, keyring) = standin_for_team(&env, "backend", "metrics-key-7f3a").await;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut worker = env.spawn_worker(&keyring, &["--metrics-addr", &addr]);
-    assert!(
-        wait_until(Duration::from_secs(30), || async {
-            matches!(http_get(port, "/readyz").await, Some((200, _)))
-        })
-        .await,
-        "never ready: {}",
-        worker.raw_log()
-    );
+    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
     assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
     let uuid = uuid::Uuid::new_v4().to_string();
     env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())

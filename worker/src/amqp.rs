@@ -384,6 +384,17 @@ fn persistent(properties: &BasicProperties, headers: FieldTable) -> BasicPropert
         .with_headers(headers)
 }
 
+/// Returns a delivery to its queue now (it would return anyway once its channel closes).
+pub async fn requeue(delivery: &lapin::message::Delivery) {
+    let _ = delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        })
+        .await;
+}
+
 /// A header as a whole number, whichever integer type the producer used.
 pub fn header_u64(properties: &BasicProperties, name: &str) -> Option<u64> {
     let value = properties.headers().as_ref()?.inner().get(name)?;

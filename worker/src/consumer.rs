@@ -9,7 +9,7 @@ use std::panic::AssertUnwindSafe;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use opsgenie_shared::DeadReason;
@@ -223,7 +223,7 @@ async fn handle(
                 Err(_) => {
                     drop(admitted);
                     tracing::error!("Processing a job panicked; the job returns to the queue.");
-                    requeue(&delivery).await;
+                    amqp::requeue(&delivery).await;
                     let _ = acks.send(Settled::Nacked(delivery.delivery_tag));
                     metrics::gauge!("opsgenie_jobs_in_flight").decrement(1.0);
                     metrics::counter!("opsgenie_jobs_total", "outcome" => "requeued", "reason" => "panic").increment(1);
@@ -309,21 +309,10 @@ async fn settle(
         // Acked by the channel's acker, in a batch.
         Ok(()) => Ok(()),
         Err(why) => {
-            requeue(delivery).await;
+            amqp::requeue(delivery).await;
             Err(why)
         }
     }
-}
-
-/// Returns the job to the queue now (else it would return when the channel closes).
-async fn requeue(delivery: &Delivery) {
-    let _ = delivery
-        .acker
-        .nack(BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        })
-        .await;
 }
 
 /// Returns the `outcome` label it logged.

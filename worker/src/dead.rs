@@ -1,6 +1,6 @@
 //! `opsgenie-worker dead list` and `dead replay`: the dead-letter queue for operators.
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use opsgenie_shared::AlertJob;
@@ -178,13 +178,7 @@ pub async fn replay(broker: BrokerArgs, limit: Option<u32>) -> Result<(), Fatal>
                 moved += 1;
             }
             Err(error) => {
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await;
+                amqp::requeue(&delivery).await;
                 let message = format!("replayed {moved}, then: {error}");
                 return Err(Fatal::Other(printable(&message).into_owned()));
             }

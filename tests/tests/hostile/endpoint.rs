@@ -20,14 +20,6 @@ const PROMPT: Duration = Duration::from_secs(2);
 /// Half of a request head: a request line and a header, but never the blank line.
 const HALF_HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n";
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// Sends `request` and reads until the server closes; `None` when connecting or writing fails.
 async fn exchange(port: u16, request: &[u8]) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
@@ -44,22 +36,6 @@ async fn probe(port: u16, path: &str) -> Option<u16> {
         .await
         .ok()??;
     raw.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Starts a worker with its own metrics port and waits until it is ready.
-async fn ready_worker(env: &TestEnv, keyring: &std::path::Path) -> (WorkerProcess, u16) {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let worker = env.spawn_worker(keyring, &["--metrics-addr", &addr]);
-    assert!(
-        wait_until(Duration::from_secs(30), || async {
-            probe(port, "/readyz").await == Some(200)
-        })
-        .await,
-        "never ready: {}",
-        worker.raw_log()
-    );
-    (worker, port)
 }
 
 /// Opens `n` connections that each send half a request head and then say nothing more.
@@ -87,7 +63,7 @@ fn open_descriptors(pid: u32) -> usize {
 async fn stalled_connections_silence_neither_health_nor_deliveries() {
     let env = TestEnv::new("hostile-stall").await;
     let (standin, keyring) = standin_for_team(&env, "backend", "hostile-key-1").await;
-    let (mut worker, port) = ready_worker(&env, &keyring).await;
+    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
     // The open-file limit of the report (512 there), below what the stalled connections
     // would take if each kept a descriptor.
     rlimit::prlimit(
@@ -128,7 +104,7 @@ async fn stalled_connections_silence_neither_health_nor_deliveries() {
 async fn silent_and_idle_connections_are_closed_after_the_header_time_out() {
     let env = TestEnv::new("hostile-timeout").await;
     let (_standin, keyring) = standin_for_team(&env, "backend", "hostile-key-2").await;
-    let (mut worker, port) = ready_worker(&env, &keyring).await;
+    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
 
     let started = Instant::now();
     let mut half_head = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -193,7 +169,7 @@ async fn silent_and_idle_connections_are_closed_after_the_header_time_out() {
 async fn oversized_heads_and_bodies_are_refused_at_once() {
     let env = TestEnv::new("hostile-size").await;
     let (_standin, keyring) = standin_for_team(&env, "backend", "hostile-key-3").await;
-    let (mut worker, port) = ready_worker(&env, &keyring).await;
+    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
 
     // 16 KiB of headers: well within what a default HTTP server reads, twice the cap.
     let mut head =
@@ -240,7 +216,7 @@ async fn oversized_heads_and_bodies_are_refused_at_once() {
 async fn more_connections_than_the_cap_take_no_more_descriptors() {
     let env = TestEnv::new("hostile-fds").await;
     let (_standin, keyring) = standin_for_team(&env, "backend", "hostile-key-4").await;
-    let (mut worker, port) = ready_worker(&env, &keyring).await;
+    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
     let pid = worker.pid();
     let before = open_descriptors(pid);
     assert!(before > 0, "cannot read /proc/{pid}/fd");

@@ -10,14 +10,6 @@ use opsgenie_e2e::*;
 
 const RELOAD_FAILED: &str = "Keyring reload failed; keeping the previous keyring.";
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// The resident set of process `pid`, in KiB.
 fn vm_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
@@ -53,17 +45,7 @@ fn reload_failures(worker: &WorkerProcess) -> Vec<String> {
 async fn a_fifo_key_file_neither_stops_deliveries_nor_shutdown() {
     let env = TestEnv::new("hostile-fifo").await;
     let (standin, keyring) = standin_for_team(&env, "backend", "old-key-5e1").await;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut worker = env.spawn_worker(&keyring, &["--metrics-addr", &addr]);
-    assert!(
-        wait_until(Duration::from_secs(30), || async {
-            matches!(http_get(port, "/readyz").await, Some((200, _)))
-        })
-        .await,
-        "never ready: {}",
-        worker.raw_log()
-    );
+    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
 
     // Nobody ever writes to this pipe: reading it would wait for ever.
     let fifo = env.dir.join("backend.key");
