@@ -385,7 +385,7 @@ mod tests {
                 keyring: Arc::new(arc_swap::ArcSwap::from_pointee(
                     crate::keyring::Keyring::default(),
                 )),
-                sender: crate::opsgenie::Sender::new(Duration::from_secs(1)),
+                sender: crate::opsgenie::Sender::new(Duration::from_secs(1)).unwrap(),
                 buffer: buffer.clone(),
                 policy: Default::default(),
                 health: Default::default(),

@@ -12,7 +12,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::redact_url;
-use crate::opsgenie::Endpoint;
 
 const US_API: &str = "https://api.opsgenie.com";
 const EU_API: &str = "https://api.eu.opsgenie.com";
@@ -46,18 +45,40 @@ impl fmt::Display for IntegrationKey {
     }
 }
 
-/// One team's Opsgenie integration.
+/// One team's Opsgenie integration: data only. The HTTP clients live in `opsgenie::Sender`.
 #[derive(Debug, Clone)]
 pub struct Team {
     pub id: String,
     pub key: IntegrationKey,
-    /// The API base URL without a trailing `/`.
+    /// The API base URL without a trailing `/`: an absolute http(s) URL, checked at load. A
+    /// path prefix (a gateway's, or JSM's) is kept: requests go to `api_base + path`.
     pub api_base: String,
-    /// `api_base`, parsed once: where every request of the team goes.
-    pub endpoint: Endpoint,
     /// `GenieKey <key>`, the `Authorization` header, built once; it prints as `***` too.
     pub authorization: IntegrationKey,
+    /// Extra CA certificates this team's API is trusted by, beside the system's.
+    pub ca: Option<Arc<CaBundle>>,
 }
+
+/// The certificates of a team's `ca_file`, read and parsed at load.
+pub struct CaBundle {
+    /// The file, for messages.
+    pub path: PathBuf,
+    pub certificates: Vec<reqwest::Certificate>,
+    /// SHA-256 of the file: teams with the same bundle share one HTTP client.
+    pub digest: [u8; 32],
+}
+
+impl fmt::Debug for CaBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaBundle")
+            .field("path", &self.path)
+            .field("certificates", &self.certificates.len())
+            .finish()
+    }
+}
+
+/// The most a `ca_file` may hold: a CA bundle of a few hundred certificates.
+pub const MAX_CA_FILE_BYTES: u64 = 1024 * 1024;
 
 /// All teams, by id.
 #[derive(Debug, Default)]
@@ -151,8 +172,8 @@ impl Keyring {
         let file: KeyringFile =
             toml::from_str(text).map_err(|e| fail(e.span(), e.message().to_string()))?;
         let mut teams = HashMap::new();
-        // Teams on the same API base share one endpoint, and so its kept-alive connections.
-        let mut endpoints: HashMap<String, Endpoint> = HashMap::new();
+        // Teams naming the same CA file share one bundle (and so one HTTP client).
+        let mut bundles: HashMap<PathBuf, Arc<CaBundle>> = HashMap::new();
         for (index, entry) in file.team.into_iter().enumerate() {
             let span = Some(entry.id.span());
             let id = entry.id.into_inner();
@@ -234,21 +255,38 @@ impl Keyring {
                     ));
                 }
             };
-            let endpoint = match endpoints.get(&api_base) {
-                Some(shared) => shared.clone(),
-                None => {
-                    let parsed = Endpoint::parse(&api_base).map_err(|e| {
-                        fail(
-                            span.clone(),
-                            format!(
-                                "{}: \"{}\" is not an http(s) URL: {e}",
-                                at("api_url"),
-                                redact_url(&api_base)
-                            ),
-                        )
-                    })?;
-                    endpoints.insert(api_base.clone(), parsed.clone());
-                    parsed
+            if let Err(problem) = check_api_base(&api_base) {
+                return Err(fail(
+                    span,
+                    format!(
+                        "{}: \"{}\" is not an http(s) URL: {problem}",
+                        at("api_url"),
+                        redact_url(&api_base)
+                    ),
+                ));
+            }
+            let ca = match entry.ca_file {
+                None => None,
+                Some(file) => {
+                    let ca_path = resolve(path, &file);
+                    match bundles.get(&ca_path) {
+                        Some(bundle) => Some(Arc::clone(bundle)),
+                        None => {
+                            let bundle = read_ca_bundle(&ca_path).map_err(|e| {
+                                fail(
+                                    span.clone(),
+                                    format!(
+                                        "{}: cannot use {}: {e}",
+                                        at("ca_file"),
+                                        ca_path.display()
+                                    ),
+                                )
+                            })?;
+                            let bundle = Arc::new(bundle);
+                            bundles.insert(ca_path, Arc::clone(&bundle));
+                            Some(bundle)
+                        }
+                    }
                 }
             };
             if key.chars().any(|c| c.is_control()) {
@@ -265,7 +303,7 @@ impl Keyring {
                 authorization: IntegrationKey(format!("GenieKey {key}")),
                 key: IntegrationKey(key),
                 api_base,
-                endpoint,
+                ca,
             };
             if teams.insert(id.clone(), Arc::new(team)).is_some() {
                 return Err(fail(span, format!("{}: \"{id}\" appears twice", at("id"))));
@@ -276,6 +314,38 @@ impl Keyring {
             source: path.to_path_buf(),
         })
     }
+}
+
+/// Why `url` cannot be a team's API base, if it cannot: an absolute `http` or `https` URL
+/// with a host, and no query or fragment (requests append their own path and query).
+fn check_api_base(url: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("the scheme is {:?}", parsed.scheme()));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("it has no host".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("a base URL cannot carry a query or fragment".into());
+    }
+    Ok(())
+}
+
+/// Reads and parses a PEM bundle of CA certificates.
+fn read_ca_bundle(path: &Path) -> Result<CaBundle, String> {
+    use sha2::Digest;
+    let text = read_checked(path, MAX_CA_FILE_BYTES)?;
+    let certificates = reqwest::Certificate::from_pem_bundle(text.as_bytes())
+        .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+    if certificates.is_empty() {
+        return Err("it holds no PEM certificate".into());
+    }
+    Ok(CaBundle {
+        path: path.to_path_buf(),
+        certificates,
+        digest: sha2::Sha256::digest(text.as_bytes()).into(),
+    })
 }
 
 /// A key file named relatively is found beside the keyring.
@@ -386,6 +456,7 @@ struct TeamEntry {
     integration_key_file: Option<String>,
     region: Option<String>,
     api_url: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[cfg(test)]

@@ -112,7 +112,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         ))
     })?;
     buffer.start();
-    let sender = Sender::new(args.request_timeout);
+    let sender = Sender::new(args.request_timeout).map_err(|e| Fatal::Config(e.to_string()))?;
     // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.
     let (rate_limits, mut reported) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
     let sender = sender.with_rate_limit_reports(rate_limits);

@@ -1,11 +1,14 @@
-//! The Opsgenie boundary: one HTTP client for the process (`http`), one round of quick
-//! retries with exponential backoff and jitter, and the per-key cooldown after a 429. What
-//! each answer means is decided by `opsgenie_shared::outcome::classify_response`; this file
-//! only moves bytes and waits.
-
-mod http;
-
-pub use http::{Endpoint, HttpError};
+//! The Opsgenie boundary: the HTTP clients (reqwest, with rustls), one round of quick retries
+//! with exponential backoff and jitter, and the per-key cooldown after a 429. What each answer
+//! means is decided by `opsgenie_shared::outcome::classify_response`; this file only moves
+//! bytes and waits.
+//!
+//! One client serves every team that trusts only the system's CA certificates; a team with a
+//! `ca_file` gets a client of its own (one per distinct bundle), built the first time it is
+//! needed. Each client keeps its connections alive 30 s, negotiates HTTP/2 over https when
+//! the server offers it (one connection then carries every request in flight), never follows
+//! a redirect, and goes through `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` unless `NO_PROXY`
+//! names the host, as curl reads them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,16 +17,25 @@ use std::time::Duration;
 use backoff::backoff::Backoff;
 use opsgenie_shared::outcome::{classify_response, classify_transport_error};
 use opsgenie_shared::retry::RetryPolicy;
+use opsgenie_shared::text::{cap_bytes, printable};
 use opsgenie_shared::{DeadReason, OpsgenieRequest, Verdict};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::config::redact_url;
 use crate::keyring::Team;
 use crate::shutdown::Shutdown;
-use http::{HttpClient, RequestHead};
 
 const USER_AGENT: &str = concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION"));
+/// How long an idle connection is kept for the next request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of an answer's body that is read: Opsgenie answers in a few hundred bytes, and
+/// only the start of an error reaches a dead letter.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// The most bytes of an answer's `requestId` the worker keeps.
+const REQUEST_ID_LIMIT_BYTES: usize = 128;
 
 /// The end of one delivery round.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,10 +57,15 @@ pub enum RoundResult {
     },
 }
 
-/// The HTTP client and the cooldowns of rate-limited keys.
+/// The HTTP clients and the cooldowns of rate-limited keys.
 #[derive(Clone)]
 pub struct Sender {
-    http: Arc<HttpClient>,
+    /// Trusts the system's CA certificates only.
+    default_client: reqwest::Client,
+    /// Per `ca_file` bundle (by digest), built on first use.
+    ca_clients: Arc<Mutex<HashMap<[u8; 32], reqwest::Client>>>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
     /// Until when requests with a key must wait after a 429, by team id. Shared by every task
     /// so that one 429 slows all requests with that key, not only the one that got it.
     cooldowns: Arc<Mutex<HashMap<String, Instant>>>,
@@ -56,22 +73,73 @@ pub struct Sender {
     rate_limits: Option<mpsc::UnboundedSender<(String, Duration)>>,
 }
 
+/// Why the sender could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct SenderError(#[from] reqwest::Error);
+
 #[derive(Deserialize)]
 struct Accepted {
     #[serde(rename = "requestId", default)]
     request_id: String,
 }
 
+/// What came back from one request.
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    rate_limit_period: Option<String>,
+    body: Vec<u8>,
+}
+
 impl Sender {
-    pub fn new(request_timeout: Duration) -> Sender {
-        Sender {
-            http: Arc::new(HttpClient::new(
-                Duration::from_secs(5).min(request_timeout),
-                request_timeout,
-            )),
+    /// Builds the default client (it reads the system's CA certificates).
+    ///
+    /// Fails when the TLS configuration cannot be built (no usable CA store, no crypto
+    /// provider).
+    pub fn new(request_timeout: Duration) -> Result<Sender, SenderError> {
+        let connect_timeout = Duration::from_secs(5).min(request_timeout);
+        Ok(Sender {
+            default_client: build_client(connect_timeout, request_timeout, &[])?,
+            ca_clients: Arc::new(Mutex::new(HashMap::new())),
+            connect_timeout,
+            request_timeout,
             cooldowns: Arc::new(Mutex::new(HashMap::new())),
             rate_limits: None,
+        })
+    }
+
+    /// The client for `team`: the default one, or the one of its CA bundle (built now, off
+    /// the runtime, the first time: it reads the system's certificates too).
+    async fn client_for(&self, team: &Team) -> Result<reqwest::Client, String> {
+        let Some(ca) = &team.ca else {
+            return Ok(self.default_client.clone());
+        };
+        if let Some(client) = self.lock_ca_clients().get(&ca.digest) {
+            return Ok(client.clone());
         }
+        let (connect, request) = (self.connect_timeout, self.request_timeout);
+        let certificates = ca.certificates.clone();
+        let built =
+            tokio::task::spawn_blocking(move || build_client(connect, request, &certificates))
+                .await
+                .map_err(|e| format!("building the HTTP client failed: {e}"))?
+                .map_err(|e| {
+                    format!(
+                        "cannot use the CA certificates of {}: {}",
+                        ca.path.display(),
+                        error_chain(&e)
+                    )
+                })?;
+        Ok(self
+            .lock_ca_clients()
+            .entry(ca.digest)
+            .or_insert(built)
+            .clone())
+    }
+
+    fn lock_ca_clients(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], reqwest::Client>> {
+        self.ca_clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reports every 429 to `reports` as well.
@@ -101,10 +169,33 @@ impl Sender {
             .with_max_interval(policy.quick_window)
             .with_max_elapsed_time(None)
             .build();
-        let head = RequestHead {
-            authorization: team.authorization.expose(),
-            user_agent: USER_AGENT,
+        let client = match self.client_for(team).await {
+            Ok(client) => client,
+            Err(message) => {
+                tracing::warn!(team_id = team.id, error = message, "Cannot reach Opsgenie.");
+                return RoundResult::Failed {
+                    status: None,
+                    wait: None,
+                    message,
+                };
+            }
         };
+        let url = match request.query {
+            "" => format!("{}{}", team.api_base, request.path),
+            query => format!("{}{}?{query}", team.api_base, request.path),
+        };
+        let mut authorization = match HeaderValue::from_str(team.authorization.expose()) {
+            Ok(value) => value,
+            // Checked at load: a key has no character a header cannot carry.
+            Err(_) => {
+                return RoundResult::Refused {
+                    reason: DeadReason::Unauthorized,
+                    status: 0,
+                    message: format!("team {}: the key cannot be sent in a header", team.id),
+                };
+            }
+        };
+        authorization.set_sensitive(true);
         let mut tries = 0u32;
         loop {
             if let Some(until) = self.cooldown(&team.id) {
@@ -119,18 +210,13 @@ impl Sender {
                     return interrupted();
                 }
             }
-            tries += 1;
             let started = std::time::Instant::now();
-            let answer = self
-                .http
-                .post(
-                    &team.endpoint,
-                    &request.path,
-                    request.query,
-                    &head,
-                    &request.body,
-                )
-                .await;
+            let answer = send(&client, &url, &authorization, &request.body).await;
+            // A request that never reached the server (no connection could be made) is not
+            // a try; anything else may have been received, and counts.
+            if !matches!(&answer, Err(e) if e.is_connect()) {
+                tries += 1;
+            }
             let (verdict, status, request_id, message) = match answer {
                 Ok(answer) => {
                     let status = answer.status;
@@ -144,11 +230,8 @@ impl Sender {
                     // since the id goes into a log line and the stream.
                     let request_id = serde_json::from_slice::<Accepted>(&answer.body)
                         .map(|a| {
-                            opsgenie_shared::text::printable(&opsgenie_shared::text::cap_bytes(
-                                &a.request_id,
-                                REQUEST_ID_LIMIT_BYTES,
-                            ))
-                            .into_owned()
+                            printable(&cap_bytes(&a.request_id, REQUEST_ID_LIMIT_BYTES))
+                                .into_owned()
                         })
                         .unwrap_or_default();
                     let message = match verdict {
@@ -160,12 +243,20 @@ impl Sender {
                     };
                     (verdict, Some(status), request_id, message)
                 }
-                Err(error) => (
-                    classify_transport_error(),
-                    None,
-                    String::new(),
-                    error.to_string(),
-                ),
+                Err(error) => {
+                    let message = format!(
+                        "team {}: request to {} failed: {}",
+                        team.id,
+                        redact_url(&team.api_base),
+                        error_chain(&error.without_url())
+                    );
+                    tracing::warn!(
+                        team_id = team.id,
+                        error = message,
+                        "A request to Opsgenie failed."
+                    );
+                    (classify_transport_error(), None, String::new(), message)
+                }
             };
             metrics::histogram!("opsgenie_request_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
@@ -249,6 +340,78 @@ impl Sender {
     }
 }
 
+/// The one client configuration: see the module's comment.
+fn build_client(
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    extra_roots: &[reqwest::Certificate],
+) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(connect_timeout)
+        .timeout(request_timeout)
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .tcp_nodelay(true)
+        .tls_certs_merge(extra_roots.iter().cloned())
+        .build()
+}
+
+/// One POST; the answer's body is read up to `MAX_ANSWER_BYTES`.
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    authorization: &HeaderValue,
+    body: &[u8],
+) -> Result<Answer, reqwest::Error> {
+    let mut response = client
+        .post(url)
+        .header(AUTHORIZATION, authorization.clone())
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .body(body.to_vec())
+        .send()
+        .await?;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| cap_bytes(v, 64).into_owned())
+    };
+    let retry_after = header("retry-after");
+    let rate_limit_period = header("x-ratelimit-period-in-sec");
+    let status = response.status().as_u16();
+    let mut answer = Vec::new();
+    while answer.len() < MAX_ANSWER_BYTES
+        && let Some(chunk) = response.chunk().await?
+    {
+        let room = MAX_ANSWER_BYTES - answer.len();
+        answer.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    Ok(Answer {
+        status,
+        retry_after,
+        rate_limit_period,
+        body: answer,
+    })
+}
+
+/// An error and its causes, one after another: reqwest's own message says little ("error
+/// sending request"); the cause says why (a refused connection, an unknown issuer).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    printable(&cap_bytes(&text, 512)).into_owned()
+}
+
 fn interrupted() -> RoundResult {
     RoundResult::Failed {
         status: None,
@@ -263,9 +426,6 @@ fn interrupted() -> RoundResult {
 /// the whole text before the cut, which could otherwise leave its first characters behind.
 /// Control characters are escaped (`\n`, `\u{1b}`) so that the excerpt stays one line that
 /// no terminal interprets; other characters, quotes included, stay readable.
-/// The most bytes of an answer's `requestId` the worker keeps.
-const REQUEST_ID_LIMIT_BYTES: usize = 128;
-
 fn excerpt(body: &[u8], key: &str) -> String {
     let text = String::from_utf8_lossy(body);
     let mut escaped = String::with_capacity(text.len());
