@@ -510,6 +510,57 @@ api_url = "http://127.0.0.1:18080/"
     }
 
     #[test]
+    fn a_ca_file_is_read_parsed_and_shared_by_the_teams_that_name_it() {
+        let dir = std::env::temp_dir().join(format!("keyring-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["corp-ca".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("not.pem"), "no certificate here\n").unwrap();
+        let text = |file: &str| {
+            format!(
+                "[[team]]\nid = \"a\"\nintegration_key = \"k\"\napi_url = \"https://og.corp\"\nca_file = \"{file}\"\n\
+                 [[team]]\nid = \"b\"\nintegration_key = \"k\"\nca_file = \"{file}\"\n\
+                 [[team]]\nid = \"c\"\nintegration_key = \"k\"\n"
+            )
+        };
+        let none = |_: &str| None;
+        let ring = Keyring::parse(&dir.join("keyring.toml"), &text("ca.pem"), &none).unwrap();
+        let (a, b) = (ring.team("a").unwrap(), ring.team("b").unwrap());
+        let bundle = a.ca.as_ref().expect("team a has a bundle");
+        assert_eq!(bundle.certificates.len(), 1);
+        assert!(Arc::ptr_eq(bundle, b.ca.as_ref().unwrap()));
+        assert!(ring.team("c").unwrap().ca.is_none());
+        for (file, expected) in [
+            ("not.pem", "ca_file: cannot use"),
+            ("missing.pem", "ca_file: cannot use"),
+        ] {
+            let error = Keyring::parse(&dir.join("keyring.toml"), &text(file), &none)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected) && error.contains(file), "{error}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_api_base_is_an_absolute_http_url_without_a_query() {
+        for (url, ok) in [
+            ("https://api.atlassian.com/jsm/ops/integration", true),
+            ("http://127.0.0.1:18080", true),
+            ("https://gw.corp/opsgenie?token=x", false),
+            ("https://gw.corp/#frag", false),
+            ("ftp://x", false),
+            ("not a url", false),
+        ] {
+            assert_eq!(check_api_base(url).is_ok(), ok, "{url}");
+        }
+    }
+
+    #[test]
     fn errors_name_line_and_field_and_never_the_key() {
         let cases = [
             (
