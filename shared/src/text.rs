@@ -83,21 +83,18 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// The bytes `seg` leaves as they are, the unreserved ones of docs/contract.md section 5:
+/// `A-Z a-z 0-9 - . _ ~`. Every other byte, and every byte of a non-ASCII char, is encoded.
+const UNRESERVED_KEPT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// `s` percent-encoded for a URL path segment or query value: every byte of its UTF-8 form
 /// outside `A-Z a-z 0-9 - . _ ~` becomes `%XX` (uppercase hex).
 pub fn seg(s: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut out = String::with_capacity(s.len());
-    for &b in s.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xF)]));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, UNRESERVED_KEPT).to_string()
 }
 
 /// `s` as the inside of a JSON string (no quotes), handed to `push` in pieces: runs of

@@ -545,3 +545,41 @@ impl TestEnv {
         WorkerProcess { child, log }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures every suite uses: a fresh notification uuid, and the examples of
+// docs/contract.md section 3 varied where a test needs its own alias or a sequence.
+
+/// A fresh, random `notification_uuid`.
+pub fn new_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The issue alert example for `team`, with group `group`: its alias (`sentry: <group>`) is
+/// unique per group, so that the stand-in's per-alias books count the sends of each job.
+pub fn issue_job(uuid: &str, team: &str, group: i64) -> serde_json::Value {
+    let mut job = spec_issue_job(uuid, team);
+    job["group"]["id"] = serde_json::json!(group);
+    job
+}
+
+/// The metric alert example for `team`, incident `identifier` in `status`, with `sequence`
+/// as its `incident.sequence`.
+pub fn metric_job(
+    uuid: &str,
+    team: &str,
+    identifier: i64,
+    status: &str,
+    sequence: i64,
+) -> serde_json::Value {
+    let mut job = spec_metric_job(uuid, team, identifier, status);
+    job["incident"]["sequence"] = serde_json::json!(sequence);
+    job
+}
+
+/// The last `n` lines of a worker's log, for a failure message.
+pub fn log_tail(worker: &WorkerProcess, n: usize) -> String {
+    let log = worker.raw_log();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

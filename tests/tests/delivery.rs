@@ -37,10 +37,6 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn new_uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
 fn field<'a>(entry: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
     entry.get(name).map(String::as_str)
 }
@@ -269,8 +265,7 @@ async fn metric_alerts_take_their_priority_from_the_status_unless_a_valid_one_is
         format!("{run}-3"),
         format!("{run}-4"),
     ];
-    let mut critical = spec_metric_job(&uuids[0], "backend", 401, "critical");
-    critical["incident"]["sequence"] = json!(1_732_665_600_000_i64);
+    let critical = metric_job(&uuids[0], "backend", 401, "critical", 1_732_665_600_000);
     let mut warning = spec_metric_job(&uuids[1], "backend", 402, "warning");
     warning.as_object_mut().expect("object").remove("text");
     let mut explicit = spec_metric_job(&uuids[2], "backend", 403, "critical");
@@ -1083,8 +1078,7 @@ async fn redis_keys_carry_the_prefix_and_the_sent_marker_expires_with_the_dedupe
     let metric_uuid = new_uuid();
     let identifier = 7_000_001;
     let sequence = 1_732_665_600_000_i64;
-    let mut metric = spec_metric_job(&metric_uuid, "backend", identifier, "critical");
-    metric["incident"]["sequence"] = json!(sequence);
+    let metric = metric_job(&metric_uuid, "backend", identifier, "critical", sequence);
     env.publish(
         spec_issue_job(&issue_uuid, "backend")
             .to_string()

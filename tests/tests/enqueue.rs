@@ -12,10 +12,6 @@ use serde_json::{Value, json};
 /// Generous: the machine is small and shared, and a passing run never waits this long.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn new_uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
 /// Runs `enqueue` with `args` (and `stdin`) and checks it succeeded without complaint.
 fn enqueue_ok(env: &TestEnv, args: &[&str], stdin: Option<&[u8]>) {
     let (code, stdout, stderr) = env.command(args, stdin);

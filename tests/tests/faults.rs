@@ -21,32 +21,6 @@ const KEY: &str = "key-a";
 /// Long enough for a loaded two-core machine; every wait ends as soon as its condition holds.
 const SETTLE: Duration = Duration::from_secs(60);
 
-fn new_uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// An issue alert whose alias (`sentry: <group>`) is unique per `group`, so that the stand-in's
-/// per-alias books count the sends of each job.
-fn issue_job(uuid: &str, team: &str, group: i64) -> Value {
-    json!({"version":1,"kind":"issue_alert","notification_uuid":uuid,
-     "team_id":team,"priority":"P2",
-     "organization":{"id":1,"slug":"acme","url":"https://acme.sentry.io"},
-     "project":{"id":7,"slug":"api","name":"API"},
-     "group":{"id":group,"title":"ZeroDivisionError: division by zero","culprit":"app.views.divide","logger":"","level":"error"},
-     "event":{"event_id":"9fe1b6f0","message":"","title":"ZeroDivisionError: division by zero","release":"api@1.4.2",
-              "tags":[["level","error"],["environment","prod"]]},
-     "rules":[{"id":17,"label":"Errors in prod"}]})
-}
-
-fn metric_job(uuid: &str, incident: i64, status: &str, sequence: i64) -> Value {
-    json!({"version":1,"kind":"metric_alert","notification_uuid":uuid,
-     "team_id":TEAM,
-     "organization":{"id":1,"slug":"acme","url":"https://acme.sentry.io"},
-     "alert_rule":{"id":9,"name":"p95 latency above 2s"},
-     "incident":{"identifier":incident,"status":status,"sequence":sequence},
-     "text":"p95(transaction.duration) is 2480ms in the last 5 minutes"})
-}
-
 fn group_alias(group: i64) -> String {
     format!("sentry: {group}")
 }
@@ -98,13 +72,6 @@ fn creates(standin: &StandIn) -> HashMap<String, u64> {
         .into_iter()
         .map(|(alias, state)| (alias, state.creates))
         .collect()
-}
-
-/// The last `n` lines of a worker's log, for a failure message.
-fn log_tail(worker: &WorkerProcess, n: usize) -> String {
-    let log = worker.raw_log();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Leases held in Redis right now: one per job between its admission and its record.
@@ -544,8 +511,8 @@ async fn three_replicas_never_reopen_or_double_close_a_shuffled_incident() {
         .iter()
         .flat_map(|(i, create, resolve)| {
             [
-                metric_job(create, *i, "critical", 1).to_string(),
-                metric_job(resolve, *i, "resolved", 2).to_string(),
+                metric_job(create, TEAM, *i, "critical", 1).to_string(),
+                metric_job(resolve, TEAM, *i, "resolved", 2).to_string(),
             ]
         })
         .collect();
@@ -824,7 +791,7 @@ fn edited(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Vec<u8> {
 }
 
 fn edited_metric(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Vec<u8> {
-    let mut job = metric_job(&new_uuid(), 9, "critical", 1);
+    let mut job = metric_job(&new_uuid(), TEAM, 9, "critical", 1);
     edit(job.as_object_mut().expect("a job is an object"));
     job.to_string().into_bytes()
 }

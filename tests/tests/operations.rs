@@ -11,7 +11,7 @@ async fn metrics_health_and_readiness_while_it_works() {
     let (standin, keyring) = standin_for_team(&env, "backend", "metrics-key-7f3a").await;
     let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
     assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
-    let uuid = uuid::Uuid::new_v4().to_string();
+    let uuid = new_uuid();
     env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
         .await;
     assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);
@@ -89,7 +89,7 @@ async fn sighup_adds_a_team_and_a_broken_keyring_keeps_the_old_one() {
         api_url: &base,
     }]);
     let mut worker = env.spawn_worker(&keyring, &[]);
-    let first = uuid::Uuid::new_v4().to_string();
+    let first = new_uuid();
     env.publish(spec_issue_job(&first, "payments").to_string().as_bytes())
         .await;
     assert!(
@@ -113,7 +113,7 @@ async fn sighup_adds_a_team_and_a_broken_keyring_keeps_the_old_one() {
         })
         .await
     );
-    let still = uuid::Uuid::new_v4().to_string();
+    let still = new_uuid();
     env.publish(spec_issue_job(&still, "backend").to_string().as_bytes())
         .await;
     assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);
@@ -141,7 +141,7 @@ async fn sighup_adds_a_team_and_a_broken_keyring_keeps_the_old_one() {
         })
         .await
     );
-    let second = uuid::Uuid::new_v4().to_string();
+    let second = new_uuid();
     env.publish(spec_issue_job(&second, "payments").to_string().as_bytes())
         .await;
     assert!(standin.wait_for_delivered(2, Duration::from_secs(30)).await);
@@ -268,7 +268,7 @@ async fn a_summary_line_counts_what_happened() {
     let (standin, keyring) = standin_for_team(&env, "backend", "k").await;
     let mut worker = env.spawn_worker(&keyring, &["--summary-interval", "1s"]);
     for _ in 0..3 {
-        let uuid = uuid::Uuid::new_v4().to_string();
+        let uuid = new_uuid();
         env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
             .await;
     }
@@ -337,7 +337,7 @@ async fn a_quorum_queue_carries_jobs_and_retries() {
             "{name} is not a quorum queue:\n{listed}"
         );
     }
-    let uuid = uuid::Uuid::new_v4().to_string();
+    let uuid = new_uuid();
     env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
         .await;
     // First answer 503: the job goes through the quorum delay queue and comes back.
@@ -380,7 +380,7 @@ async fn text_logs_on_request_and_no_password_in_any_line() {
     let env = TestEnv::new("ops-text").await;
     let (standin, keyring) = standin_for_team(&env, "backend", "text-key-91c").await;
     let mut worker = env.spawn_worker(&keyring, &["--log-format", "text"]);
-    let uuid = uuid::Uuid::new_v4().to_string();
+    let uuid = new_uuid();
     env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
         .await;
     assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);

@@ -17,17 +17,12 @@ const KEY: &str = "key-hostile";
 /// Long enough for a loaded two-core machine; every wait ends as soon as its condition holds.
 const SETTLE: Duration = Duration::from_secs(60);
 
-fn new_uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
 /// `n` valid issue alerts with their own groups, published now.
 async fn publish_valid(env: &TestEnv, n: usize) -> Vec<String> {
     let mut uuids = Vec::new();
     for i in 0..n {
         let uuid = new_uuid();
-        let mut job = spec_issue_job(&uuid, TEAM);
-        job["group"]["id"] = json!(10_000 + i);
+        let job = issue_job(&uuid, TEAM, 10_000 + i as i64);
         env.publish(job.to_string().as_bytes()).await;
         uuids.push(uuid);
     }
@@ -197,9 +192,7 @@ async fn a_resolve_one_above_two_to_the_53_closes_the_incident() {
     let (standin, keyring) = standin_for_team(&env, TEAM, KEY).await;
     let mut worker = env.spawn_worker(&keyring, &[]);
     let job = |status: &str, sequence: i64| {
-        let mut job = spec_metric_job(&new_uuid(), TEAM, 4242, status);
-        job["incident"]["sequence"] = json!(sequence);
-        job.to_string()
+        metric_job(&new_uuid(), TEAM, 4242, status, sequence).to_string()
     };
     // Nanosecond timestamps: neighbours a double cannot tell apart.
     env.publish(job("critical", 9_007_199_254_740_992).as_bytes())

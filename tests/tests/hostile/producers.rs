@@ -14,10 +14,6 @@ use sha2::{Digest, Sha256};
 /// Generous: the machine is small and shared, and a passing run never waits this long.
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn new_uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
 /// Takes every message of the work queue: `message_id` by `notification_uuid`.
 async fn take_published(env: &TestEnv) -> BTreeMap<String, Option<String>> {
     let mut taken = BTreeMap::new();
