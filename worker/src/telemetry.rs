@@ -30,7 +30,7 @@ use crate::health::Health;
 use crate::shutdown::Shutdown;
 
 /// Lines that may wait for standard error before a job that logs has to wait for them. At a
-/// few hundred bytes a line that is a few MiB at most, and several seconds of the fastest
+/// few hundred bytes a job's line that is a few MiB, and over two seconds of the fastest
 /// drain the worker manages: only a standard error stalled for that long holds jobs up.
 const LOG_LINES_QUEUED: usize = 16 * 1024;
 /// The writer thread gathers the lines it finds waiting into one `write` of up to this much:
