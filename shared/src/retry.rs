@@ -94,7 +94,14 @@ impl RetryPolicy {
     }
 }
 
-/// A delay written short, the inverse of `parse_duration` for whole milliseconds.
+/// A delay written short, as it names a delay queue: whole hours as `h`, whole minutes as `m`,
+/// whole seconds as `s`, else `ms` (`5s`, `30s`, `2m`, `90s`, `24h`, `1500ms`). It reads back
+/// through `parse_duration`.
+///
+/// Not `humantime::format_duration`: that one writes 90 s as `1m 30s` (a space in a queue
+/// name), 1.5 s as `1s 500ms` and 24 h as `1day`, while the delay queues of running
+/// deployments already carry these names; a new name would strand the jobs waiting in the
+/// old queue.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
@@ -110,22 +117,12 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
-/// Parses a delay such as `5s`, `30s`, `2m`, `1h`, `250ms` (a whole number and a unit).
-/// Fails (`None`) on anything else, including a number too large for a `Duration`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (digits, unit) = s.split_at(split);
-    if digits.is_empty() {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        "h" => n.checked_mul(3600).map(Duration::from_secs),
-        _ => None,
-    }
+/// Parses a duration as `humantime` does: `500ms`, `5s`, `2m`, `24h`, `1h 30m`, `2days`.
+///
+/// Fails on anything else (a bare number, a unit it does not know, a negative or fractional
+/// number) and on a number too large for a `Duration`; the error says what it found.
+pub fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
 }
 
 #[cfg(test)]
@@ -241,28 +238,72 @@ mod tests {
 
     #[test]
     fn parse_duration_table() {
+        let secs = Duration::from_secs;
         let table = [
-            ("5s", Some(Duration::from_secs(5))),
-            ("30s", Some(Duration::from_secs(30))),
-            ("2m", Some(Duration::from_secs(120))),
-            ("1h", Some(Duration::from_secs(3600))),
-            ("250ms", Some(Duration::from_millis(250))),
+            ("5s", Some(secs(5))),
+            ("30s", Some(secs(30))),
+            ("2m", Some(secs(120))),
+            ("1h", Some(secs(3600))),
+            ("24h", Some(secs(86_400))),
+            ("500ms", Some(Duration::from_millis(500))),
+            ("1h 30m", Some(secs(5400))),
+            ("1h30m", Some(secs(5400))),
+            ("1m 30s", Some(secs(90))),
+            ("2days", Some(secs(2 * 86_400))),
+            ("10sec", Some(secs(10))),
             ("0s", Some(Duration::ZERO)),
             ("", None),
             ("5", None),
             ("s", None),
             ("-5s", None),
-            ("5 s", None),
-            (" 5s", None),
-            ("1.5s", None),
-            ("5sec", None),
-            ("5S", None),
-            ("5d", None),
+            ("1.5s", Some(Duration::from_millis(1500))),
+            ("5x", None),
+            ("soon", None),
             ("18446744073709551615h", None),
             ("99999999999999999999s", None),
         ];
         for (input, expected) in table {
-            assert_eq!(parse_duration(input), expected, "{input:?}");
+            assert_eq!(parse_duration(input).ok(), expected, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_duration_says_what_is_wrong() {
+        let error = parse_duration("5x").unwrap_err().to_string();
+        assert!(error.contains("unknown time unit \"x\""), "{error}");
+    }
+
+    /// The delay queues of running deployments carry these names: they must never change.
+    #[test]
+    fn queue_names_of_whole_units_stay_as_they_are() {
+        let secs = Duration::from_secs;
+        let table = [
+            (secs(5), "5s"),
+            (secs(30), "30s"),
+            (secs(120), "2m"),
+            (secs(600), "10m"),
+            (secs(1800), "30m"),
+            (secs(90), "90s"),
+            (secs(59), "59s"),
+            (secs(61 * 60), "61m"),
+            (secs(3600), "1h"),
+            (secs(86_400), "24h"),
+            (secs(7 * 86_400), "168h"),
+            (Duration::from_millis(1500), "1500ms"),
+        ];
+        for (delay, name) in table {
+            assert_eq!(format_duration(delay), name, "{delay:?}");
+            assert_eq!(parse_duration(name).ok(), Some(delay), "{name}");
+        }
+    }
+
+    #[test]
+    fn whole_seconds_named_and_read_back() {
+        for n in (1..=200_000u64).step_by(7) {
+            let delay = Duration::from_secs(n);
+            let name = format_duration(delay);
+            assert!(!name.contains(' '), "{name}");
+            assert_eq!(parse_duration(&name).ok(), Some(delay), "{name}");
         }
     }
 
@@ -270,7 +311,7 @@ mod tests {
     fn default_tier_names_parse_back() {
         let policy = RetryPolicy::default();
         for (tier, delay) in policy.delays.iter().enumerate() {
-            assert_eq!(parse_duration(&policy.tier_name(tier)), Some(*delay));
+            assert_eq!(parse_duration(&policy.tier_name(tier)).ok(), Some(*delay));
         }
     }
 }

@@ -221,8 +221,9 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s)
-        .ok_or_else(|| format!("\"{s}\" is not a duration such as 500ms, 10s, 2m or 24h"))
+    parse_duration(s).map_err(|why| {
+        format!("\"{s}\" is not a duration such as 500ms, 10s, 2m, 1h 30m or 24h ({why})")
+    })
 }
 
 fn parse_delays(s: &str) -> Result<Delays, String> {
@@ -434,6 +435,30 @@ mod tests {
         assert_eq!(
             redact_error("Connection refused (os error 111)", "redis://127.0.0.1:1"),
             "Connection refused (os error 111)"
+        );
+    }
+
+    #[test]
+    fn duration_flags_read_what_humantime_reads() {
+        let secs = Duration::from_secs;
+        assert_eq!(parse_duration_arg("5s"), Ok(secs(5)));
+        assert_eq!(parse_duration_arg("2m"), Ok(secs(120)));
+        assert_eq!(parse_duration_arg("1h 30m"), Ok(secs(5400)));
+        assert_eq!(parse_duration_arg("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration_arg("24h"), Ok(secs(86_400)));
+        let error = parse_duration_arg("soon").unwrap_err();
+        assert!(
+            error.starts_with("\"soon\" is not a duration such as 500ms"),
+            "{error}"
+        );
+        let cli = Cli::try_parse_from(["opsgenie-worker", "run", "--max-age", "1h 30m"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.max_age, secs(5400));
+        assert_eq!(
+            parse_delays("5s, 1m 30s, 1h").unwrap(),
+            Delays(vec![secs(5), secs(90), secs(3600)])
         );
     }
 

@@ -17,7 +17,8 @@ fn main() -> ExitCode {
         Command::Run(args) => (args.log_format, args.worker_threads),
         _ => (None, 1),
     };
-    telemetry::init_logs(log_format);
+    // Held to the end of `main` on every path: dropping it writes out the queued log lines.
+    let logs = telemetry::init_logs(log_format);
     // One thread by default: a job is mostly waiting on sockets, and keeping every task on
     // one thread saves the cross-thread wake-ups that otherwise cost more than the work.
     let mut builder = if threads <= 1 {
@@ -52,7 +53,8 @@ fn main() -> ExitCode {
     });
     // Background tasks (the Redis client's reconnects) must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    telemetry::flush_logs();
+    // The last log lines go out before the fatal message, in the order they happened.
+    drop(logs);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(fatal) => {

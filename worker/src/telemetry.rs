@@ -1,10 +1,10 @@
 //! Logs (tracing, text or JSON) and the HTTP endpoints `/metrics`, `/healthz` and `/readyz`.
 
 use std::collections::VecDeque;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -19,130 +19,84 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tower_http::limit::RequestBodyLimitLayer;
+use tracing::Subscriber;
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
-
-mod json_lines;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 use crate::health::Health;
 use crate::shutdown::Shutdown;
 
+/// Lines that may wait for standard error before a job that logs has to wait for them. At a
+/// few hundred bytes a job's line that is a few MiB, and over two seconds of the fastest
+/// drain the worker manages: only a standard error stalled for that long holds jobs up.
+const LOG_LINES_QUEUED: usize = 16 * 1024;
+/// The writer thread gathers the lines it finds waiting into one `write` of up to this much:
+/// a `write` per line cost a tenth of the worker's CPU at a few thousand jobs a second.
+const LOG_WRITE_BYTES: usize = 64 * 1024;
+
+/// Keeps the log writer thread; dropping it writes out every line still queued (waiting up to
+/// a second). `main` holds it until the process exits, whatever the exit code.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard {
+    _writer: Option<WorkerGuard>,
+}
+
 /// Installs the global subscriber: `RUST_LOG` filters (default `info`); JSON unless asked for
 /// text or writing to a terminal. Logs go to standard error, so `enqueue` and `dead list`
 /// keep standard output for their results.
-pub fn init_logs(format: Option<LogFormat>) {
+///
+/// Lines are written by a thread of their own (tracing-appender), so a slow standard error
+/// does not slow jobs down. The writer is not lossy: when `LOG_LINES_QUEUED` lines wait, the
+/// next line waits for room rather than being dropped, since a missing line of an alerting
+/// tool may be the one an operator needed.
+pub fn init_logs(format: Option<LogFormat>) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let format = format.unwrap_or(if std::io::stderr().is_terminal() {
         LogFormat::Text
     } else {
         LogFormat::Json
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(LogBuffer::global());
-    let _ = match format {
-        LogFormat::Json => builder.event_format(json_lines::JsonLines).try_init(),
-        LogFormat::Text => builder
+    // The writer thread flushes whenever it finds no line waiting, so the buffer batches
+    // writes under load and adds no delay when idle.
+    let stderr = std::io::BufWriter::with_capacity(LOG_WRITE_BYTES, std::io::stderr());
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_LINES_QUEUED)
+        .thread_name("log-writer")
+        .finish(stderr);
+    let installed = match format {
+        LogFormat::Json => json_subscriber(filter, writer).try_init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
             .with_ansi(std::io::stderr().is_terminal())
+            .finish()
             .try_init(),
     };
-}
-
-/// Log lines gathered in memory and written to standard error in batches: one `write` per
-/// line was a tenth of the worker's CPU at a few thousand jobs a second. A line at WARN or
-/// above is written at once, the rest within `LOG_FLUSH_EVERY` or when the buffer fills.
-#[derive(Clone, Copy)]
-pub struct LogBuffer {
-    lines: &'static Mutex<Vec<u8>>,
-}
-
-const LOG_FLUSH_EVERY: Duration = Duration::from_millis(100);
-const LOG_BUFFER_BYTES: usize = 64 * 1024;
-
-impl LogBuffer {
-    fn global() -> LogBuffer {
-        static LINES: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
-        let lines = LINES.get_or_init(|| {
-            std::thread::Builder::new()
-                .name("log-flush".into())
-                .spawn(|| {
-                    loop {
-                        std::thread::sleep(LOG_FLUSH_EVERY);
-                        flush_logs();
-                    }
-                })
-                .ok();
-            Mutex::new(Vec::with_capacity(LOG_BUFFER_BYTES))
-        });
-        LogBuffer { lines }
-    }
-
-    fn flush(&self) {
-        let pending = {
-            let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-            if lines.is_empty() {
-                return;
-            }
-            std::mem::replace(&mut *lines, Vec::with_capacity(LOG_BUFFER_BYTES))
-        };
-        let _ = std::io::stderr().lock().write_all(&pending);
+    LogGuard {
+        // When a subscriber was installed before (tests), the writer has nothing to write.
+        _writer: installed.is_ok().then_some(guard),
     }
 }
 
-/// Writes out the buffered log lines; called at exit so that none is lost.
-pub fn flush_logs() {
-    LogBuffer::global().flush();
-}
-
-/// One event's line, appended to the buffer as it is written.
-pub struct LogLine {
-    buffer: LogBuffer,
-    urgent: bool,
-}
-
-impl Write for LogLine {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let full = {
-            let mut lines = self.buffer.lines.lock().unwrap_or_else(|p| p.into_inner());
-            lines.extend_from_slice(bytes);
-            lines.len() >= LOG_BUFFER_BYTES
-        };
-        if full {
-            self.buffer.flush();
-        }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for LogLine {
-    fn drop(&mut self) {
-        if self.urgent {
-            self.buffer.flush();
-        }
-    }
-}
-
-impl<'a> MakeWriter<'a> for LogBuffer {
-    type Writer = LogLine;
-
-    fn make_writer(&'a self) -> LogLine {
-        LogLine {
-            buffer: *self,
-            urgent: false,
-        }
-    }
-
-    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LogLine {
-        LogLine {
-            buffer: *self,
-            urgent: *meta.level() <= tracing::Level::WARN,
-        }
-    }
+/// The subscriber of `--log-format json`: one line per event with `timestamp` (RFC 3339, UTC),
+/// `level`, the event's fields (`message` among them) as keys of the line itself, `target`,
+/// and, for a line written inside a span (a job's), that span's name and fields under `span`.
+fn json_subscriber<W>(filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync + 'static
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .finish()
 }
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
@@ -400,4 +354,80 @@ pub fn spawn_summary(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// The lines written by the JSON subscriber while `emit` runs, parsed back.
+    fn json_lines_of(emit: impl FnOnce()) -> Vec<serde_json::Value> {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = json_subscriber(EnvFilter::new("info"), move || out.clone());
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = sink.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect(l))
+            .collect()
+    }
+
+    #[test]
+    fn a_json_line_has_the_fields_at_the_top_and_the_span_beside_them() {
+        let lines = json_lines_of(|| {
+            let error = std::io::Error::other("broken \"pipe\"\n");
+            let job = tracing::info_span!("job", notification_uuid = "u-1", team_id = "ops");
+            let _entered = job.enter();
+            tracing::info!(
+                outcome = "delivered",
+                status = Some(202u16),
+                missing = None::<u16>,
+                latency_ms = 3u64,
+                delta = -2i64,
+                ok = true,
+                error = %error,
+                "Job finished."
+            );
+            tracing::debug!("Not at the default level.");
+            drop(_entered);
+            tracing::warn!(reason = "odd", "Odd {}.", 7);
+        });
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let first = &lines[0];
+        assert_eq!(first["level"], "INFO");
+        assert_eq!(first["message"], "Job finished.");
+        assert_eq!(first["outcome"], "delivered");
+        assert_eq!(first["status"], 202);
+        assert!(first.get("missing").is_none());
+        assert_eq!(first["latency_ms"], 3);
+        assert_eq!(first["delta"], -2);
+        assert_eq!(first["ok"], true);
+        assert_eq!(first["error"], "broken \"pipe\"\n");
+        assert_eq!(first["target"], "opsgenie_worker::telemetry::tests");
+        assert_eq!(first["span"]["name"], "job");
+        assert_eq!(first["span"]["notification_uuid"], "u-1");
+        assert_eq!(first["span"]["team_id"], "ops");
+        let stamp = first["timestamp"].as_str().unwrap();
+        assert_eq!((stamp.len(), &stamp[10..11], &stamp[26..]), (27, "T", "Z"));
+        let second = &lines[1];
+        assert_eq!(second["level"], "WARN");
+        assert_eq!(second["message"], "Odd 7.");
+        assert_eq!(second["reason"], "odd");
+        assert!(second.get("span").is_none());
+    }
 }
