@@ -10,6 +10,8 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::pacing::Pacing;
+
 /// The most calls run by one script call.
 const MAX_BATCH: usize = 128;
 
@@ -261,8 +263,9 @@ impl Buffer {
         let client = self.client.clone();
         let quitting = Arc::clone(&self.quitting);
         tokio::spawn(async move {
-            let mut pause = Duration::from_millis(100);
+            let mut pacing = Pacing::new(Duration::from_millis(100), Duration::from_secs(5));
             while !quitting.load(Ordering::SeqCst) {
+                let pause = pacing.next_pause();
                 match client.connect().await {
                     Ok(Err(error)) => {
                         tracing::warn!(
@@ -275,7 +278,6 @@ impl Buffer {
                     Ok(Ok(())) | Err(_) => break,
                 }
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
             }
         });
     }

@@ -17,6 +17,7 @@ pub mod enqueue;
 pub mod health;
 pub mod keyring;
 pub mod opsgenie;
+pub mod pacing;
 pub mod process;
 pub mod shutdown;
 pub mod telemetry;
