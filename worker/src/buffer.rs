@@ -1,6 +1,9 @@
 //! The Redis boundary (SPEC section 7): the checks before a request (already delivered? a
 //! stale incident status? another replica on this incident?) and the atomic record after it.
-//! Each is one Lua script, so one round trip and no half-written state.
+//! Each is one Lua script, so one round trip and no half-written state. The scripts live in
+//! `buffer/*.lua`, each with its KEYS/ARGV contract and answers at its top, and every one runs
+//! the same way: by its digest, loaded again when Redis answers NOSCRIPT (after a restart
+//! Redis has forgotten them; a script it did not know did not run, so running it is safe).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -39,113 +42,22 @@ pub struct BufferSettings {
 /// How long the last delivered sequence of an incident is kept (SPEC section 7: 7 days).
 const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
 
-/// The admission checks and records of a batch of jobs, in the order they came, in one
-/// atomic step.
-///
-/// KEYS[1] is the deliveries stream; then four keys per job: its sent marker, its lease, its
-/// incident's sequence and its team's cooldown. ARGV[1..4]: lease ms, stream maxlen, dedupe
-/// ttl s, sequence ttl s. ARGV[5]: a JSON array with one array per job: `a` (admission) or
-/// `r` (record), the lease token, the sequence or "", then a record's stream field/value
-/// pairs.
-///
-/// An admission answers "duplicate", "cooldown:<ms>", "busy", "stale" or "ok" (the lease is
-/// taken). A record writes the stream entry, the sent marker and the incident's sequence,
-/// frees the lease, and answers the entry's id, or "" when the delivery was already recorded.
-///
-/// Running a step twice changes nothing the first run did not: a lease is taken again by its
-/// own token, and a record whose answer was lost (the connection dropped after Redis ran it)
-/// finds its sent marker and adds nothing, so the stream keeps one entry per notification.
-/// Sequences are 64-bit integers and Lua numbers are doubles (exact only up to 2^53: a
-/// nanosecond timestamp is past that), so they are compared as the decimal strings the worker
-/// wrote: a shorter number is the smaller, an equal length compares as text, and a negative
-/// number turns both around.
-const STEPS: &str = r#"
-local lease_ms, maxlen, dedupe_ttl, seq_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local function seq_above(a, b)
-  local a_neg, b_neg = a:sub(1, 1) == '-', b:sub(1, 1) == '-'
-  if a_neg ~= b_neg then return b_neg end
-  if #a ~= #b then
-    if a_neg then return #a < #b end
-    return #a > #b
-  end
-  if a_neg then return a < b end
-  return a > b
-end
-local calls = cjson.decode(ARGV[5])
-local out = {}
-for i, call in ipairs(calls) do
-  local k = 4 * i - 2
-  local sent, lease, seqkey, cool = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local op, token, seq = call[1], call[2], call[3]
-  local answer
-  if op == 'a' then
-    if redis.call('EXISTS', sent) == 1 then
-      answer = 'duplicate'
-    else
-      local cooling = redis.call('PTTL', cool)
-      if cooling > 0 then
-        answer = 'cooldown:' .. cooling
-      elseif not redis.call('SET', lease, token, 'NX', 'PX', lease_ms)
-          and redis.call('GET', lease) ~= token then
-        answer = 'busy'
-      else
-        -- Taken now, or already ours from a step that ran twice.
-        redis.call('PEXPIRE', lease, lease_ms)
-        answer = 'ok'
-        if seq ~= '' then
-          local last = redis.call('GET', seqkey)
-          if last and not seq_above(seq, last) then
-            redis.call('DEL', lease)
-            answer = 'stale'
-          end
-        end
-      end
-    end
-  else
-    answer = ''
-    if redis.call('EXISTS', sent) == 0 then
-      answer = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(call, 4))
-      redis.call('SET', sent, '1', 'EX', dedupe_ttl)
-      if seq ~= '' then
-        local last = redis.call('GET', seqkey)
-        if (not last) or seq_above(seq, last) then
-          redis.call('SET', seqkey, seq, 'EX', seq_ttl)
-        end
-      end
-    end
-    if redis.call('GET', lease) == token then redis.call('DEL', lease) end
-  end
-  out[i] = answer
-end
-return out
-"#;
+/// The admission checks and records of a batch of jobs in one atomic step; its KEYS/ARGV
+/// contract and answers are at the top of the file.
+const STEPS: &str = include_str!("buffer/steps.lua");
 
-/// Starts or lengthens a team's cooldown after a 429, for every replica:
-/// KEYS: cooldown. ARGV: ms.
-const COOL_DOWN: &str = r#"
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-end
-return 0
-"#;
+/// Starts or lengthens a team's cooldown after a 429, for every replica.
+const COOL_DOWN: &str = include_str!("buffer/cool_down.lua");
 
-/// Counts an attempt at a message that has started: KEYS: its counter. ARGV: ttl s.
-/// Answers the count, this attempt included.
-const ATTEMPT_STARTED: &str = r#"
-local n = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return n
-"#;
+/// Counts an attempt at a message that has started; answers the count.
+const ATTEMPT_STARTED: &str = include_str!("buffer/attempt_started.lua");
 
 /// How long an unfinished attempt is remembered: past it, a message that killed its
 /// attempts long ago is given a fresh count.
 const ATTEMPTS_TTL_SECS: u64 = 24 * 3600;
 
-/// Frees a lease this worker holds: KEYS: lease. ARGV: token.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
+/// Frees a lease this round of a job holds.
+const RELEASE: &str = include_str!("buffer/release.lua");
 
 /// What the pre-send check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -457,8 +369,6 @@ async fn run_batches(
     mut calls: mpsc::UnboundedReceiver<Call>,
 ) {
     let mut batch: Vec<Call> = Vec::with_capacity(MAX_BATCH);
-    // Loaded up front so that the first batch finds it (and again after a NOSCRIPT).
-    let _ = steps.load(&client).await;
     while let Some(first) = calls.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -469,7 +379,7 @@ async fn run_batches(
         }
         let (keys, args) = step_words(&fixed, &batch);
         let answers: Result<Vec<String>, Error> =
-            client.evalsha(steps.sha1().clone(), keys, args).await;
+            steps.evalsha_with_reload(&client, keys, args).await;
         match answers {
             Ok(answers) if answers.len() == batch.len() => {
                 for (call, answer) in batch.drain(..).zip(answers) {
@@ -486,13 +396,8 @@ async fn run_batches(
                 }
             }
             Err(error) => {
-                // After a Redis restart the script is gone: load it; the callers try again.
-                let reload = error.details().contains("NOSCRIPT");
                 for call in batch.drain(..) {
                     let _ = call.reply.send(Err(error.clone()));
-                }
-                if reload {
-                    let _ = steps.load(&client).await;
                 }
             }
         }
@@ -772,6 +677,24 @@ mod tests {
                 assert_eq!(last, asked.to_string());
             }
         }
+        clean(&buffer, &prefix).await;
+    }
+
+    /// A script Redis does not know (it restarted, or never saw this one) is loaded and run on
+    /// the same call: the caller never sees the NOSCRIPT.
+    #[tokio::test]
+    async fn a_script_redis_forgot_is_loaded_again() {
+        let (mut buffer, prefix) = live_buffer().await;
+        // A variant no Redis has seen: its digest is new.
+        let unseen = |lua: &str| Script::from_lua(format!("{lua}\n-- {}", token()));
+        buffer.steps = unseen(STEPS);
+        buffer.release = unseen(RELEASE);
+        let keys = buffer.keys("u-1", "ops", None, None, token());
+        assert_eq!(buffer.admit(&keys).await.unwrap(), Admission::Go);
+        buffer.release(&keys).await.unwrap();
+        // Freed: the next round takes the lease with a token of its own.
+        let next_round = buffer.keys("u-1", "ops", None, None, token());
+        assert_eq!(buffer.admit(&next_round).await.unwrap(), Admission::Go);
         clean(&buffer, &prefix).await;
     }
 
