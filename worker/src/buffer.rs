@@ -111,7 +111,9 @@ pub struct JobKeys {
     cooldown: String,
     /// Unique per job round, so that only the holder frees the lease.
     token: String,
-    seq: Option<i64>,
+    /// The incident's sequence in decimal, or "" without one: the scripts compare sequences
+    /// as text, exact across the whole 64-bit range.
+    seq: String,
 }
 
 impl Buffer {
@@ -239,7 +241,7 @@ impl Buffer {
             sequence,
             cooldown: format!("{p}cooldown:{team}"),
             token,
-            seq,
+            seq: seq.map(|n| n.to_string()).unwrap_or_default(),
         })
     }
 
@@ -377,9 +379,10 @@ async fn run_batches(
                 Err(_) => break,
             }
         }
-        let (keys, args) = step_words(&fixed, &batch);
-        let answers: Result<Vec<String>, Error> =
-            steps.evalsha_with_reload(&client, keys, args).await;
+        let answers: Result<Vec<String>, Error> = match step_words(&fixed, &batch) {
+            Ok((keys, args)) => steps.evalsha_with_reload(&client, keys, args).await,
+            Err(error) => Err(error),
+        };
         match answers {
             Ok(answers) if answers.len() == batch.len() => {
                 for (call, answer) in batch.drain(..).zip(answers) {
@@ -404,15 +407,29 @@ async fn run_batches(
     }
 }
 
+/// One call of a batch as `steps.lua` reads it from ARGV[5]: a JSON array
+/// `[op, token, sequence, [[name, value], ...]]`.
+#[derive(Debug, serde::Serialize)]
+struct StepCall<'a>(
+    /// "a" (admission) or "r" (record).
+    &'static str,
+    /// The lease token of this round of the job.
+    &'a str,
+    /// The sequence as a decimal string, or "": never a JSON number, which Lua would read as a
+    /// double.
+    &'a str,
+    /// A record's stream entry; empty for an admission.
+    &'a [(&'static str, String)],
+);
+
 /// The keys and arguments of one `STEPS` call.
-fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
+///
+/// Fails only if serde_json cannot write the arguments, which strings and slices never cause.
+fn step_words(fixed: &FixedArgs, batch: &[Call]) -> Result<(Vec<Key>, Vec<Value>), Error> {
     let mut keys: Vec<Key> = Vec::with_capacity(1 + 4 * batch.len());
     keys.push(fixed.stream_key.as_str().into());
-    // Every job's arguments in one JSON word: one string to build and send instead of a
-    // dozen or more per job, which the client would each copy, frame and free.
-    let mut calls: Vec<u8> = Vec::with_capacity(64 + 512 * batch.len());
-    calls.push(b'[');
-    for (i, call) in batch.iter().enumerate() {
+    let mut calls: Vec<StepCall<'_>> = Vec::with_capacity(batch.len());
+    for call in batch {
         let k = &call.keys;
         keys.extend([
             Key::from(k.sent.as_str()),
@@ -420,29 +437,21 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
             Key::from(k.sequence.as_str()),
             Key::from(k.cooldown.as_str()),
         ]);
-        if i > 0 {
-            calls.push(b',');
-        }
-        calls.extend_from_slice(if call.record.is_some() {
-            b"[\"r\","
-        } else {
-            b"[\"a\","
-        });
-        json_string(&mut calls, &k.token);
-        calls.extend_from_slice(b",\"");
-        if let Some(seq) = k.seq {
-            calls.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
-        }
-        calls.push(b'"');
-        for (name, value) in call.record.as_deref().unwrap_or_default() {
-            calls.push(b',');
-            json_string(&mut calls, name);
-            calls.push(b',');
-            json_string(&mut calls, value);
-        }
-        calls.push(b']');
+        calls.push(StepCall(
+            if call.record.is_some() { "r" } else { "a" },
+            &k.token,
+            &k.seq,
+            call.record.as_deref().unwrap_or_default(),
+        ));
     }
-    calls.push(b']');
+    // Every job's arguments in one JSON word: one string to build and send instead of a
+    // dozen or more per job, which the client would each copy, frame and free.
+    let calls = serde_json::to_vec(&calls).map_err(|e| {
+        Error::new(
+            ErrorKind::Unknown,
+            format!("cannot write the script arguments: {e}"),
+        )
+    })?;
     let args = vec![
         Value::from(fixed.lease_ms.as_str()),
         Value::from(fixed.stream_maxlen.as_str()),
@@ -450,14 +459,7 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
         Value::from(fixed.sequence_ttl_s.as_str()),
         Value::Bytes(calls.into()),
     ];
-    (keys, args)
-}
-
-/// `s` as a JSON string.
-fn json_string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    opsgenie_shared::text::json_escaped(s, |piece| out.extend_from_slice(piece.as_bytes()));
-    out.push(b'"');
+    Ok((keys, args))
 }
 
 #[cfg(test)]
@@ -498,6 +500,60 @@ mod tests {
         assert_eq!(keys.sequence, "t:seq:incident_1_2");
         assert_eq!(keys.cooldown, "t:cooldown:ops");
         assert_eq!(buffer.stream_key(), "t:deliveries");
+    }
+
+    /// What `steps.lua` decodes: one array per call, the sequence a string even past 2^53,
+    /// a record's fields as pairs in order, and any text as it was.
+    #[test]
+    fn batch_arguments_are_one_json_array_with_sequences_as_strings() {
+        let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
+        let hostile = "Quote \" back\\slash \u{0} nul, é, 🚨, \n";
+        let call = |keys: Arc<JobKeys>, record: Option<Fields>| Call {
+            keys,
+            record,
+            reply: oneshot::channel().0,
+        };
+        let batch = [
+            call(
+                buffer.keys(
+                    "u-1",
+                    "ops",
+                    Some("incident_1_2"),
+                    Some(9_007_199_254_740_993),
+                    "tok-1".into(),
+                ),
+                None,
+            ),
+            call(
+                buffer.keys("u-2", "ops", None, None, "tok-2".into()),
+                Some(
+                    vec![
+                        ("notification_uuid", "u-2".to_string()),
+                        ("title", hostile.to_string()),
+                    ]
+                    .into(),
+                ),
+            ),
+        ];
+        let (keys, args) = step_words(&buffer.fixed, &batch).unwrap();
+        assert_eq!(keys.len(), 1 + 4 * batch.len());
+        assert_eq!(args.len(), 5);
+        let Value::Bytes(calls) = &args[4] else {
+            panic!("{:?}", args[4]);
+        };
+        let calls: serde_json::Value = serde_json::from_slice(calls).unwrap();
+        assert_eq!(
+            calls,
+            serde_json::json!([
+                ["a", "tok-1", "9007199254740993", []],
+                [
+                    "r",
+                    "tok-2",
+                    "",
+                    [["notification_uuid", "u-2"], ["title", hostile]]
+                ],
+            ])
+        );
     }
 
     /// Against the machine's Redis, under a prefix of its own.

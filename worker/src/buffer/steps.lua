@@ -5,12 +5,12 @@
 --   its sent marker, its lease, its incident's sequence and its team's cooldown.
 -- ARGV[1]: lease ms. ARGV[2]: stream maxlen. ARGV[3]: dedupe ttl s. ARGV[4]: sequence ttl s.
 -- ARGV[5]: a JSON array with one array per job, in the order of the keys:
---   [op, token, sequence, name, value, name, value, ...]
+--   [op, token, sequence, fields]
 --   op: "a" (admission) or "r" (record);
 --   token: the lease token of this round of the job;
 --   sequence: the incident's sequence as a decimal string, or "" (never a JSON number: Lua
 --     numbers are doubles, exact only up to 2^53);
---   then a record's stream entry as field/value pairs, in order; none for an admission.
+--   fields: a record's stream entry as [[name, value], ...] in order; [] for an admission.
 --
 -- Answers an array with one string per job, in the same order:
 --   admission: "duplicate", "cooldown:<ms>", "busy", "stale" or "ok" (the lease is taken);
@@ -41,7 +41,7 @@ local out = {}
 for i, call in ipairs(calls) do
   local k = 4 * i - 2
   local sent, lease, seqkey, cool = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local op, token, seq = call[1], call[2], call[3]
+  local op, token, seq, fields = call[1], call[2], call[3], call[4]
   local answer
   if op == 'a' then
     if redis.call('EXISTS', sent) == 1 then
@@ -69,7 +69,12 @@ for i, call in ipairs(calls) do
   else
     answer = ''
     if redis.call('EXISTS', sent) == 0 then
-      answer = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(call, 4))
+      local entry = {}
+      for _, pair in ipairs(fields) do
+        entry[#entry + 1] = pair[1]
+        entry[#entry + 1] = pair[2]
+      end
+      answer = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(entry))
       redis.call('SET', sent, '1', 'EX', dedupe_ttl)
       if seq ~= '' then
         local last = redis.call('GET', seqkey)
