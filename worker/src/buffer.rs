@@ -248,25 +248,7 @@ impl Buffer {
     /// Checks whether the job may be sent now, taking the lease when it may.
     pub async fn admit(&self, keys: &Arc<JobKeys>) -> Result<Admission, Error> {
         let answer = self.batched(Arc::clone(keys), None).await?;
-        if let Some(ms) = answer.strip_prefix("cooldown:")
-            && let Ok(ms) = ms.parse()
-        {
-            return Ok(Admission::Cooldown(Duration::from_millis(ms)));
-        }
-        match answer.as_str() {
-            "ok" => Ok(Admission::Go),
-            "duplicate" => Ok(Admission::Duplicate),
-            "stale" => Ok(Admission::Stale),
-            "busy" => Ok(Admission::Busy),
-            // Never "go and send" on an answer this worker cannot read.
-            _ => Err(Error::new(
-                ErrorKind::Protocol,
-                format!(
-                    "unexpected admission answer {:?}",
-                    opsgenie_shared::text::cap_bytes(&answer, 64)
-                ),
-            )),
-        }
+        admission(&answer)
     }
 
     /// Writes the stream entry, the sent marker and the incident's sequence, and frees the
@@ -407,6 +389,30 @@ async fn run_batches(
     }
 }
 
+/// Reads the script's answer to an admission check.
+///
+/// Fails on an answer this worker does not know: never "go and send" on what it cannot read.
+fn admission(answer: &str) -> Result<Admission, Error> {
+    if let Some(ms) = answer.strip_prefix("cooldown:")
+        && let Ok(ms) = ms.parse()
+    {
+        return Ok(Admission::Cooldown(Duration::from_millis(ms)));
+    }
+    match answer {
+        "ok" => Ok(Admission::Go),
+        "duplicate" => Ok(Admission::Duplicate),
+        "stale" => Ok(Admission::Stale),
+        "busy" => Ok(Admission::Busy),
+        _ => Err(Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "unexpected admission answer {:?}",
+                opsgenie_shared::text::cap_bytes(answer, 64)
+            ),
+        )),
+    }
+}
+
 /// One call of a batch as `steps.lua` reads it from ARGV[5]: a JSON array
 /// `[op, token, sequence, [[name, value], ...]]`.
 #[derive(Debug, serde::Serialize)]
@@ -500,6 +506,33 @@ mod tests {
         assert_eq!(keys.sequence, "t:seq:incident_1_2");
         assert_eq!(keys.cooldown, "t:cooldown:ops");
         assert_eq!(buffer.stream_key(), "t:deliveries");
+    }
+
+    #[test]
+    fn an_admission_answer_this_worker_cannot_read_is_an_error() {
+        for (answer, expected) in [
+            ("ok", Admission::Go),
+            ("duplicate", Admission::Duplicate),
+            ("stale", Admission::Stale),
+            ("busy", Admission::Busy),
+            (
+                "cooldown:1500",
+                Admission::Cooldown(Duration::from_millis(1500)),
+            ),
+        ] {
+            assert_eq!(admission(answer).unwrap(), expected, "{answer}");
+        }
+        for answer in [
+            "",
+            "OK",
+            "go",
+            "cooldown:",
+            "cooldown:-1",
+            "cooldown:soon",
+            "ok ",
+        ] {
+            assert!(admission(answer).is_err(), "{answer:?}");
+        }
     }
 
     /// What `steps.lua` decodes: one array per call, the sequence a string even past 2^53,

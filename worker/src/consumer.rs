@@ -18,7 +18,9 @@ use tokio::task::JoinSet;
 
 use crate::acks::Settled;
 
-use crate::amqp::{self, DeadLetter, HEADER_ATTEMPTS, HEADER_FIRST_SEEN, Publisher, Topology};
+use crate::amqp::{
+    self, DeadLetter, HEADER_ATTEMPTS, HEADER_FIRST_SEEN, PublishError, Publisher, Topology,
+};
 use crate::pacing::Pacing;
 use crate::process::{Admitted, Envelope, Outcome, Pipeline, Report};
 use crate::shutdown::Shutdown;
@@ -262,15 +264,30 @@ async fn handle(
     log_report(&report, latency_ms, settled.as_ref().err())
 }
 
-/// Makes the outcome durable (the ack follows, from `acks`); on any failure the job is nacked
-/// back to the queue (or returns there when the channel closes).
+/// Why a job's outcome did not become durable: the job goes back to the queue unacked.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsettled {
+    #[error("could not schedule the retry: {0}")]
+    Retry(#[source] PublishError),
+    #[error("could not dead-letter: {0}")]
+    DeadLetter(#[source] PublishError),
+    /// The job was not finished when shutdown came.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// Makes the outcome durable (the ack follows, from `acks`).
+///
+/// Fails when the retry or the dead letter was not confirmed by the broker, or when the job
+/// was not finished at shutdown; the job is then nacked back to the queue (or returns there
+/// when the channel closes).
 async fn settle(
     delivery: &Delivery,
     report: &Report,
     publisher: &Publisher,
     topology: &Topology,
     first_seen_ms: u64,
-) -> Result<(), String> {
+) -> Result<(), Unsettled> {
     let durable = match &report.outcome {
         Outcome::Delivered | Outcome::Duplicate | Outcome::Stale => Ok(()),
         Outcome::RetryLater { tier } => {
@@ -285,7 +302,7 @@ async fn settle(
                     first_seen_ms,
                 )
                 .await
-                .map_err(|e| format!("could not schedule the retry: {e}"))
+                .map_err(Unsettled::Retry)
         }
         Outcome::DeadLetter { reason, message } => {
             let letter = DeadLetter {
@@ -302,9 +319,9 @@ async fn settle(
                     &letter,
                 )
                 .await
-                .map_err(|e| format!("could not dead-letter: {e}"))
+                .map_err(Unsettled::DeadLetter)
         }
-        Outcome::Requeue => Err("shutting down".to_string()),
+        Outcome::Requeue => Err(Unsettled::ShuttingDown),
     };
     match durable {
         // Acked by the channel's acker, in a batch.
@@ -317,7 +334,7 @@ async fn settle(
 }
 
 /// Returns the `outcome` label it logged.
-fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) -> &'static str {
+fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&Unsettled>) -> &'static str {
     let (reason, message) = match &report.outcome {
         Outcome::DeadLetter { reason, message } => (Some(reason.as_str()), Some(message.as_str())),
         _ => (None, None),
@@ -347,7 +364,7 @@ fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) -> &
         // second `message` key would replace it.
         error_message = message,
         retry_tier,
-        unsettled = unsettled.map(String::as_str),
+        unsettled = unsettled.map(tracing::field::display),
         "Job finished."
     );
     outcome
