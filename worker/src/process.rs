@@ -78,6 +78,9 @@ impl Envelope {
     }
 }
 
+/// The most bytes of a producer's team id that a log line repeats.
+const LOGGED_TEAM_ID_BYTES: usize = 256;
+
 /// What a job's log line says about it besides its outcome, filled in by the steps of
 /// `process` as they learn it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -99,9 +102,6 @@ pub struct Report {
     pub attempt: u32,
     pub facts: JobFacts,
 }
-
-/// The most bytes of a producer's team id that a log line repeats.
-const LOGGED_TEAM_ID_BYTES: usize = 256;
 
 impl Report {
     /// The report of a job whose outcome was decided before it was read.
@@ -262,9 +262,11 @@ impl Pipeline {
     /// Processes one job body. Never fails: every way a job can end is an `Outcome`.
     ///
     /// Everything logged inside, down to a Redis retry, is in the job's span, which names it
-    /// once the body is read.
+    /// once the body is read. The span is at the error level so that it is on whenever any
+    /// line is: a filter of `warn` must not strip the job's name from its warnings.
     #[tracing::instrument(
         name = "job",
+        level = "error",
         skip_all,
         fields(
             notification_uuid = tracing::field::Empty,
@@ -519,5 +521,141 @@ impl Pipeline {
             // The lease expires by itself; this only delays the incident's next job.
             tracing::warn!(error = %error, "Could not free the incident lease.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use opsgenie_shared::DeadReason;
+
+    use super::*;
+    use crate::buffer::BufferSettings;
+
+    /// What the log writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A pipeline with an empty keyring: every job that parses ends as `unknown_team` before
+    /// it reaches Redis or Opsgenie.
+    fn pipeline() -> Pipeline {
+        crate::init_tls();
+        let buffer = Buffer::new(
+            "redis://127.0.0.1:6379",
+            BufferSettings {
+                prefix: "test:process:".into(),
+                stream_maxlen: 1,
+                dedupe_ttl: Duration::from_secs(1),
+                lease_ttl: Duration::from_secs(1),
+            },
+        )
+        .unwrap();
+        Pipeline {
+            keyring: Arc::new(ArcSwap::from_pointee(Keyring::default())),
+            sender: Sender::new(Duration::from_secs(1)),
+            buffer,
+            policy: Default::default(),
+            health: Default::default(),
+            poison_after: 3,
+            quarantine: Default::default(),
+        }
+    }
+
+    const ENVELOPE: Envelope = Envelope {
+        previous_attempts: 2,
+        first_seen_ms: 0,
+        now_ms: 0,
+    };
+
+    #[tokio::test]
+    async fn every_line_written_while_a_job_is_processed_names_it() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+        let team_id = "t".repeat(300);
+        let body = serde_json::json!({
+            "version": 1,
+            "kind": "metric_alert",
+            "notification_uuid": "b7e2d4c1-0a9f-4c3e-8d21-6f5a7b9c0e12",
+            "team_id": team_id,
+            "priority": "urgent",
+            "organization": {"id": 1, "slug": "acme", "url": "https://acme.example"},
+            "alert_rule": {"id": 9, "name": "p95 latency above 2s"},
+            "incident": {"identifier": 314, "status": "critical", "sequence": 1},
+        });
+        let (_trigger, shutdown) = Shutdown::new();
+        let report = pipeline()
+            .process(body.to_string().as_bytes(), ENVELOPE, &shutdown)
+            .await;
+
+        assert!(
+            matches!(
+                report.outcome,
+                Outcome::DeadLetter {
+                    reason: DeadReason::UnknownTeam,
+                    ..
+                }
+            ),
+            "{report:?}"
+        );
+        assert_eq!(report.attempt, 3);
+        // Cut, as everywhere a producer's text reaches a log line.
+        let logged = cap_bytes(&team_id, LOGGED_TEAM_ID_BYTES);
+        assert!(logged.len() <= LOGGED_TEAM_ID_BYTES);
+        assert_eq!(report.facts.team_id.as_deref(), Some(logged.as_ref()));
+        assert_eq!(report.facts.alias.as_deref(), Some("incident_1_314"));
+
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("priority is not one of P1..P5"))
+            .unwrap_or_else(|| panic!("no priority warning in:\n{log}"));
+        let span = &line[line.find("job{").expect(line)..line.find("}:").expect(line)];
+        assert!(
+            span.contains("b7e2d4c1-0a9f-4c3e-8d21-6f5a7b9c0e12"),
+            "{span}"
+        );
+        assert!(span.contains("incident_1_314"), "{span}");
+        assert!(span.contains(logged.as_ref()), "{span}");
+        assert!(!span.contains(&team_id[..LOGGED_TEAM_ID_BYTES]), "{span}");
+
+        a_body_that_is_not_a_job_is_a_dead_letter_that_names_nothing().await;
+    }
+
+    /// Not a test of its own: the job span's callsite must first be reached with the
+    /// capturing subscriber in place, which a test on another thread could race.
+    async fn a_body_that_is_not_a_job_is_a_dead_letter_that_names_nothing() {
+        let (_trigger, shutdown) = Shutdown::new();
+        let report = pipeline().process(b"{}", ENVELOPE, &shutdown).await;
+        assert!(
+            matches!(
+                report.outcome,
+                Outcome::DeadLetter {
+                    reason: DeadReason::InvalidJob,
+                    ..
+                }
+            ),
+            "{report:?}"
+        );
+        assert_eq!(report.facts, JobFacts::default());
+        assert_eq!(report.attempt, 3);
     }
 }
