@@ -1,6 +1,9 @@
 //! The Redis boundary (SPEC section 7): the checks before a request (already delivered? a
 //! stale incident status? another replica on this incident?) and the atomic record after it.
-//! Each is one Lua script, so one round trip and no half-written state.
+//! Each is one Lua script, so one round trip and no half-written state. The scripts live in
+//! `buffer/*.lua`, each with its KEYS/ARGV contract and answers at its top, and every one runs
+//! the same way: by its digest, loaded again when Redis answers NOSCRIPT (after a restart
+//! Redis has forgotten them; a script it did not know did not run, so running it is safe).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -9,6 +12,8 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::pacing::Pacing;
 
 /// The most calls run by one script call.
 const MAX_BATCH: usize = 128;
@@ -37,113 +42,22 @@ pub struct BufferSettings {
 /// How long the last delivered sequence of an incident is kept (SPEC section 7: 7 days).
 const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
 
-/// The admission checks and records of a batch of jobs, in the order they came, in one
-/// atomic step.
-///
-/// KEYS[1] is the deliveries stream; then four keys per job: its sent marker, its lease, its
-/// incident's sequence and its team's cooldown. ARGV[1..4]: lease ms, stream maxlen, dedupe
-/// ttl s, sequence ttl s. ARGV[5]: a JSON array with one array per job: `a` (admission) or
-/// `r` (record), the lease token, the sequence or "", then a record's stream field/value
-/// pairs.
-///
-/// An admission answers "duplicate", "cooldown:<ms>", "busy", "stale" or "ok" (the lease is
-/// taken). A record writes the stream entry, the sent marker and the incident's sequence,
-/// frees the lease, and answers the entry's id, or "" when the delivery was already recorded.
-///
-/// Running a step twice changes nothing the first run did not: a lease is taken again by its
-/// own token, and a record whose answer was lost (the connection dropped after Redis ran it)
-/// finds its sent marker and adds nothing, so the stream keeps one entry per notification.
-/// Sequences are 64-bit integers and Lua numbers are doubles (exact only up to 2^53: a
-/// nanosecond timestamp is past that), so they are compared as the decimal strings the worker
-/// wrote: a shorter number is the smaller, an equal length compares as text, and a negative
-/// number turns both around.
-const STEPS: &str = r#"
-local lease_ms, maxlen, dedupe_ttl, seq_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local function seq_above(a, b)
-  local a_neg, b_neg = a:sub(1, 1) == '-', b:sub(1, 1) == '-'
-  if a_neg ~= b_neg then return b_neg end
-  if #a ~= #b then
-    if a_neg then return #a < #b end
-    return #a > #b
-  end
-  if a_neg then return a < b end
-  return a > b
-end
-local calls = cjson.decode(ARGV[5])
-local out = {}
-for i, call in ipairs(calls) do
-  local k = 4 * i - 2
-  local sent, lease, seqkey, cool = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local op, token, seq = call[1], call[2], call[3]
-  local answer
-  if op == 'a' then
-    if redis.call('EXISTS', sent) == 1 then
-      answer = 'duplicate'
-    else
-      local cooling = redis.call('PTTL', cool)
-      if cooling > 0 then
-        answer = 'cooldown:' .. cooling
-      elseif not redis.call('SET', lease, token, 'NX', 'PX', lease_ms)
-          and redis.call('GET', lease) ~= token then
-        answer = 'busy'
-      else
-        -- Taken now, or already ours from a step that ran twice.
-        redis.call('PEXPIRE', lease, lease_ms)
-        answer = 'ok'
-        if seq ~= '' then
-          local last = redis.call('GET', seqkey)
-          if last and not seq_above(seq, last) then
-            redis.call('DEL', lease)
-            answer = 'stale'
-          end
-        end
-      end
-    end
-  else
-    answer = ''
-    if redis.call('EXISTS', sent) == 0 then
-      answer = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(call, 4))
-      redis.call('SET', sent, '1', 'EX', dedupe_ttl)
-      if seq ~= '' then
-        local last = redis.call('GET', seqkey)
-        if (not last) or seq_above(seq, last) then
-          redis.call('SET', seqkey, seq, 'EX', seq_ttl)
-        end
-      end
-    end
-    if redis.call('GET', lease) == token then redis.call('DEL', lease) end
-  end
-  out[i] = answer
-end
-return out
-"#;
+/// The admission checks and records of a batch of jobs in one atomic step; its KEYS/ARGV
+/// contract and answers are at the top of the file.
+const STEPS: &str = include_str!("buffer/steps.lua");
 
-/// Starts or lengthens a team's cooldown after a 429, for every replica:
-/// KEYS: cooldown. ARGV: ms.
-const COOL_DOWN: &str = r#"
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-end
-return 0
-"#;
+/// Starts or lengthens a team's cooldown after a 429, for every replica.
+const COOL_DOWN: &str = include_str!("buffer/cool_down.lua");
 
-/// Counts an attempt at a message that has started: KEYS: its counter. ARGV: ttl s.
-/// Answers the count, this attempt included.
-const ATTEMPT_STARTED: &str = r#"
-local n = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return n
-"#;
+/// Counts an attempt at a message that has started; answers the count.
+const ATTEMPT_STARTED: &str = include_str!("buffer/attempt_started.lua");
 
 /// How long an unfinished attempt is remembered: past it, a message that killed its
 /// attempts long ago is given a fresh count.
 const ATTEMPTS_TTL_SECS: u64 = 24 * 3600;
 
-/// Frees a lease this worker holds: KEYS: lease. ARGV: token.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
+/// Frees a lease this round of a job holds.
+const RELEASE: &str = include_str!("buffer/release.lua");
 
 /// What the pre-send check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +111,9 @@ pub struct JobKeys {
     cooldown: String,
     /// Unique per job round, so that only the holder frees the lease.
     token: String,
-    seq: Option<i64>,
+    /// The incident's sequence in decimal, or "" without one: the scripts compare sequences
+    /// as text, exact across the whole 64-bit range.
+    seq: String,
 }
 
 impl Buffer {
@@ -261,8 +177,9 @@ impl Buffer {
         let client = self.client.clone();
         let quitting = Arc::clone(&self.quitting);
         tokio::spawn(async move {
-            let mut pause = Duration::from_millis(100);
+            let mut pacing = Pacing::new(Duration::from_millis(100), Duration::from_secs(5));
             while !quitting.load(Ordering::SeqCst) {
+                let pause = pacing.next_pause();
                 match client.connect().await {
                     Ok(Err(error)) => {
                         tracing::warn!(
@@ -275,7 +192,6 @@ impl Buffer {
                     Ok(Ok(())) | Err(_) => break,
                 }
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
             }
         });
     }
@@ -325,32 +241,14 @@ impl Buffer {
             sequence,
             cooldown: format!("{p}cooldown:{team}"),
             token,
-            seq,
+            seq: seq.map(|n| n.to_string()).unwrap_or_default(),
         })
     }
 
     /// Checks whether the job may be sent now, taking the lease when it may.
     pub async fn admit(&self, keys: &Arc<JobKeys>) -> Result<Admission, Error> {
         let answer = self.batched(Arc::clone(keys), None).await?;
-        if let Some(ms) = answer.strip_prefix("cooldown:")
-            && let Ok(ms) = ms.parse()
-        {
-            return Ok(Admission::Cooldown(Duration::from_millis(ms)));
-        }
-        match answer.as_str() {
-            "ok" => Ok(Admission::Go),
-            "duplicate" => Ok(Admission::Duplicate),
-            "stale" => Ok(Admission::Stale),
-            "busy" => Ok(Admission::Busy),
-            // Never "go and send" on an answer this worker cannot read.
-            _ => Err(Error::new(
-                ErrorKind::Protocol,
-                format!(
-                    "unexpected admission answer {:?}",
-                    opsgenie_shared::text::cap_bytes(&answer, 64)
-                ),
-            )),
-        }
+        admission(&answer)
     }
 
     /// Writes the stream entry, the sent marker and the incident's sequence, and frees the
@@ -455,8 +353,6 @@ async fn run_batches(
     mut calls: mpsc::UnboundedReceiver<Call>,
 ) {
     let mut batch: Vec<Call> = Vec::with_capacity(MAX_BATCH);
-    // Loaded up front so that the first batch finds it (and again after a NOSCRIPT).
-    let _ = steps.load(&client).await;
     while let Some(first) = calls.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -465,9 +361,10 @@ async fn run_batches(
                 Err(_) => break,
             }
         }
-        let (keys, args) = step_words(&fixed, &batch);
-        let answers: Result<Vec<String>, Error> =
-            client.evalsha(steps.sha1().clone(), keys, args).await;
+        let answers: Result<Vec<String>, Error> = match step_words(&fixed, &batch) {
+            Ok((keys, args)) => steps.evalsha_with_reload(&client, keys, args).await,
+            Err(error) => Err(error),
+        };
         match answers {
             Ok(answers) if answers.len() == batch.len() => {
                 for (call, answer) in batch.drain(..).zip(answers) {
@@ -484,28 +381,61 @@ async fn run_batches(
                 }
             }
             Err(error) => {
-                // After a Redis restart the script is gone: load it; the callers try again.
-                let reload = error.details().contains("NOSCRIPT");
                 for call in batch.drain(..) {
                     let _ = call.reply.send(Err(error.clone()));
-                }
-                if reload {
-                    let _ = steps.load(&client).await;
                 }
             }
         }
     }
 }
 
+/// Reads the script's answer to an admission check.
+///
+/// Fails on an answer this worker does not know: never "go and send" on what it cannot read.
+fn admission(answer: &str) -> Result<Admission, Error> {
+    if let Some(ms) = answer.strip_prefix("cooldown:")
+        && let Ok(ms) = ms.parse()
+    {
+        return Ok(Admission::Cooldown(Duration::from_millis(ms)));
+    }
+    match answer {
+        "ok" => Ok(Admission::Go),
+        "duplicate" => Ok(Admission::Duplicate),
+        "stale" => Ok(Admission::Stale),
+        "busy" => Ok(Admission::Busy),
+        _ => Err(Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "unexpected admission answer {:?}",
+                opsgenie_shared::text::cap_bytes(answer, 64)
+            ),
+        )),
+    }
+}
+
+/// One call of a batch as `steps.lua` reads it from ARGV[5]: a JSON array
+/// `[op, token, sequence, [[name, value], ...]]`.
+#[derive(Debug, serde::Serialize)]
+struct StepCall<'a>(
+    /// "a" (admission) or "r" (record).
+    &'static str,
+    /// The lease token of this round of the job.
+    &'a str,
+    /// The sequence as a decimal string, or "": never a JSON number, which Lua would read as a
+    /// double.
+    &'a str,
+    /// A record's stream entry; empty for an admission.
+    &'a [(&'static str, String)],
+);
+
 /// The keys and arguments of one `STEPS` call.
-fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
+///
+/// Fails only if serde_json cannot write the arguments, which strings and slices never cause.
+fn step_words(fixed: &FixedArgs, batch: &[Call]) -> Result<(Vec<Key>, Vec<Value>), Error> {
     let mut keys: Vec<Key> = Vec::with_capacity(1 + 4 * batch.len());
     keys.push(fixed.stream_key.as_str().into());
-    // Every job's arguments in one JSON word: one string to build and send instead of a
-    // dozen or more per job, which the client would each copy, frame and free.
-    let mut calls: Vec<u8> = Vec::with_capacity(64 + 512 * batch.len());
-    calls.push(b'[');
-    for (i, call) in batch.iter().enumerate() {
+    let mut calls: Vec<StepCall<'_>> = Vec::with_capacity(batch.len());
+    for call in batch {
         let k = &call.keys;
         keys.extend([
             Key::from(k.sent.as_str()),
@@ -513,29 +443,21 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
             Key::from(k.sequence.as_str()),
             Key::from(k.cooldown.as_str()),
         ]);
-        if i > 0 {
-            calls.push(b',');
-        }
-        calls.extend_from_slice(if call.record.is_some() {
-            b"[\"r\","
-        } else {
-            b"[\"a\","
-        });
-        json_string(&mut calls, &k.token);
-        calls.extend_from_slice(b",\"");
-        if let Some(seq) = k.seq {
-            calls.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
-        }
-        calls.push(b'"');
-        for (name, value) in call.record.as_deref().unwrap_or_default() {
-            calls.push(b',');
-            json_string(&mut calls, name);
-            calls.push(b',');
-            json_string(&mut calls, value);
-        }
-        calls.push(b']');
+        calls.push(StepCall(
+            if call.record.is_some() { "r" } else { "a" },
+            &k.token,
+            &k.seq,
+            call.record.as_deref().unwrap_or_default(),
+        ));
     }
-    calls.push(b']');
+    // Every job's arguments in one JSON word: one string to build and send instead of a
+    // dozen or more per job, which the client would each copy, frame and free.
+    let calls = serde_json::to_vec(&calls).map_err(|e| {
+        Error::new(
+            ErrorKind::Unknown,
+            format!("cannot write the script arguments: {e}"),
+        )
+    })?;
     let args = vec![
         Value::from(fixed.lease_ms.as_str()),
         Value::from(fixed.stream_maxlen.as_str()),
@@ -543,14 +465,7 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> (Vec<Key>, Vec<Value>) {
         Value::from(fixed.sequence_ttl_s.as_str()),
         Value::Bytes(calls.into()),
     ];
-    (keys, args)
-}
-
-/// `s` as a JSON string.
-fn json_string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    opsgenie_shared::text::json_escaped(s, |piece| out.extend_from_slice(piece.as_bytes()));
-    out.push(b'"');
+    Ok((keys, args))
 }
 
 #[cfg(test)]
@@ -591,6 +506,87 @@ mod tests {
         assert_eq!(keys.sequence, "t:seq:incident_1_2");
         assert_eq!(keys.cooldown, "t:cooldown:ops");
         assert_eq!(buffer.stream_key(), "t:deliveries");
+    }
+
+    #[test]
+    fn an_admission_answer_this_worker_cannot_read_is_an_error() {
+        for (answer, expected) in [
+            ("ok", Admission::Go),
+            ("duplicate", Admission::Duplicate),
+            ("stale", Admission::Stale),
+            ("busy", Admission::Busy),
+            (
+                "cooldown:1500",
+                Admission::Cooldown(Duration::from_millis(1500)),
+            ),
+        ] {
+            assert_eq!(admission(answer).unwrap(), expected, "{answer}");
+        }
+        for answer in [
+            "",
+            "OK",
+            "go",
+            "cooldown:",
+            "cooldown:-1",
+            "cooldown:soon",
+            "ok ",
+        ] {
+            assert!(admission(answer).is_err(), "{answer:?}");
+        }
+    }
+
+    /// What `steps.lua` decodes: one array per call, the sequence a string even past 2^53,
+    /// a record's fields as pairs in order, and any text as it was.
+    #[test]
+    fn batch_arguments_are_one_json_array_with_sequences_as_strings() {
+        let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
+        let hostile = "Quote \" back\\slash \u{0} nul, é, 🚨, \n";
+        let call = |keys: Arc<JobKeys>, record: Option<Fields>| Call {
+            keys,
+            record,
+            reply: oneshot::channel().0,
+        };
+        let batch = [
+            call(
+                buffer.keys(
+                    "u-1",
+                    "ops",
+                    Some("incident_1_2"),
+                    Some(9_007_199_254_740_993),
+                    "tok-1".into(),
+                ),
+                None,
+            ),
+            call(
+                buffer.keys("u-2", "ops", None, None, "tok-2".into()),
+                Some(
+                    vec![
+                        ("notification_uuid", "u-2".to_string()),
+                        ("title", hostile.to_string()),
+                    ]
+                    .into(),
+                ),
+            ),
+        ];
+        let (keys, args) = step_words(&buffer.fixed, &batch).unwrap();
+        assert_eq!(keys.len(), 1 + 4 * batch.len());
+        assert_eq!(args.len(), 5);
+        let Value::Bytes(calls) = &args[4] else {
+            panic!("{:?}", args[4]);
+        };
+        let calls: serde_json::Value = serde_json::from_slice(calls).unwrap();
+        assert_eq!(
+            calls,
+            serde_json::json!([
+                ["a", "tok-1", "9007199254740993", []],
+                [
+                    "r",
+                    "tok-2",
+                    "",
+                    [["notification_uuid", "u-2"], ["title", hostile]]
+                ],
+            ])
+        );
     }
 
     /// Against the machine's Redis, under a prefix of its own.
@@ -770,6 +766,24 @@ mod tests {
                 assert_eq!(last, asked.to_string());
             }
         }
+        clean(&buffer, &prefix).await;
+    }
+
+    /// A script Redis does not know (it restarted, or never saw this one) is loaded and run on
+    /// the same call: the caller never sees the NOSCRIPT.
+    #[tokio::test]
+    async fn a_script_redis_forgot_is_loaded_again() {
+        let (mut buffer, prefix) = live_buffer().await;
+        // A variant no Redis has seen: its digest is new.
+        let unseen = |lua: &str| Script::from_lua(format!("{lua}\n-- {}", token()));
+        buffer.steps = unseen(STEPS);
+        buffer.release = unseen(RELEASE);
+        let keys = buffer.keys("u-1", "ops", None, None, token());
+        assert_eq!(buffer.admit(&keys).await.unwrap(), Admission::Go);
+        buffer.release(&keys).await.unwrap();
+        // Freed: the next round takes the lease with a token of its own.
+        let next_round = buffer.keys("u-1", "ops", None, None, token());
+        assert_eq!(buffer.admit(&next_round).await.unwrap(), Admission::Go);
         clean(&buffer, &prefix).await;
     }
 

@@ -18,7 +18,10 @@ use tokio::task::JoinSet;
 
 use crate::acks::Settled;
 
-use crate::amqp::{self, DeadLetter, HEADER_ATTEMPTS, HEADER_FIRST_SEEN, Publisher, Topology};
+use crate::amqp::{
+    self, DeadLetter, HEADER_ATTEMPTS, HEADER_FIRST_SEEN, PublishError, Publisher, Topology,
+};
+use crate::pacing::Pacing;
 use crate::process::{Admitted, Envelope, Outcome, Pipeline, Report};
 use crate::shutdown::Shutdown;
 use crate::telemetry::JobCounts;
@@ -40,26 +43,26 @@ pub struct ConsumerSettings {
 /// Consumes until shutdown, reconnecting whenever the broker goes away, then drains.
 pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdown: Shutdown) {
     let mut tasks: JoinSet<()> = JoinSet::new();
-    let mut pause = Duration::from_millis(200);
+    let mut pacing = Pacing::new(Duration::from_millis(200), Duration::from_secs(10));
     // Kept at shutdown until the drain is over: the channel (and its acker) must outlive the
     // jobs in flight.
     let mut session: Option<(Connection, Channel, Acks, tokio::task::JoinHandle<()>)> = None;
     while !shutdown.is_triggered() {
         let (connection, channel, publisher, mut consumer) = match open(&settings).await {
             Ok(opened) => {
-                pause = Duration::from_millis(200);
+                pacing.reset();
                 opened
             }
             Err(error) => {
                 // lapin quotes a URL it cannot parse, password and all.
                 let error = crate::config::redact_error(&error.to_string(), &settings.amqp_url);
+                let pause = pacing.next_pause();
                 tracing::error!(
                     error,
                     retry_in_ms = pause.as_millis() as u64,
                     "Cannot consume from RabbitMQ; trying again."
                 );
                 let _ = shutdown.sleep_until((Instant::now() + pause).into()).await;
-                pause = (pause * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
@@ -208,7 +211,7 @@ async fn handle(
                     "{unfinished} attempts at this message were started and never finished (the worker died or was cut off with it in hand)"
                 ),
             ),
-            envelope.previous_attempts.saturating_add(1),
+            envelope.attempt(),
         ),
         Admitted::Beside { .. } | Admitted::Alone { .. } => {
             // A panic is a bug, and most likely this message's: it must not leave the
@@ -261,15 +264,30 @@ async fn handle(
     log_report(&report, latency_ms, settled.as_ref().err())
 }
 
-/// Makes the outcome durable (the ack follows, from `acks`); on any failure the job is nacked
-/// back to the queue (or returns there when the channel closes).
+/// Why a job's outcome did not become durable: the job goes back to the queue unacked.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsettled {
+    #[error("could not schedule the retry: {0}")]
+    Retry(#[source] PublishError),
+    #[error("could not dead-letter: {0}")]
+    DeadLetter(#[source] PublishError),
+    /// The job was not finished when shutdown came.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// Makes the outcome durable (the ack follows, from `acks`).
+///
+/// Fails when the retry or the dead letter was not confirmed by the broker, or when the job
+/// was not finished at shutdown; the job is then nacked back to the queue (or returns there
+/// when the channel closes).
 async fn settle(
     delivery: &Delivery,
     report: &Report,
     publisher: &Publisher,
     topology: &Topology,
     first_seen_ms: u64,
-) -> Result<(), String> {
+) -> Result<(), Unsettled> {
     let durable = match &report.outcome {
         Outcome::Delivered | Outcome::Duplicate | Outcome::Stale => Ok(()),
         Outcome::RetryLater { tier } => {
@@ -284,13 +302,13 @@ async fn settle(
                     first_seen_ms,
                 )
                 .await
-                .map_err(|e| format!("could not schedule the retry: {e}"))
+                .map_err(Unsettled::Retry)
         }
         Outcome::DeadLetter { reason, message } => {
             let letter = DeadLetter {
                 reason: *reason,
                 message: message.clone(),
-                status: report.status,
+                status: report.facts.status,
                 attempts: report.attempt,
             };
             publisher
@@ -301,9 +319,9 @@ async fn settle(
                     &letter,
                 )
                 .await
-                .map_err(|e| format!("could not dead-letter: {e}"))
+                .map_err(Unsettled::DeadLetter)
         }
-        Outcome::Requeue => Err("shutting down".to_string()),
+        Outcome::Requeue => Err(Unsettled::ShuttingDown),
     };
     match durable {
         // Acked by the channel's acker, in a batch.
@@ -316,7 +334,7 @@ async fn settle(
 }
 
 /// Returns the `outcome` label it logged.
-fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) -> &'static str {
+fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&Unsettled>) -> &'static str {
     let (reason, message) = match &report.outcome {
         Outcome::DeadLetter { reason, message } => (Some(reason.as_str()), Some(message.as_str())),
         _ => (None, None),
@@ -331,22 +349,22 @@ fn log_report(report: &Report, latency_ms: u64, unsettled: Option<&String>) -> &
         report.outcome.as_str()
     };
     tracing::info!(
-        notification_uuid = report.notification_uuid.as_deref(),
-        team_id = report.team_id.as_deref(),
-        kind = report.kind,
-        action = report.action,
-        alias = report.alias.as_deref().unwrap_or(""),
+        notification_uuid = report.facts.notification_uuid.as_deref(),
+        team_id = report.facts.team_id.as_deref(),
+        kind = report.facts.kind,
+        action = report.facts.action,
+        alias = report.facts.alias.as_deref().unwrap_or(""),
         outcome,
-        status = report.status,
+        status = report.facts.status,
         attempt = report.attempt,
-        request_id = report.request_id.as_deref(),
+        request_id = report.facts.request_id.as_deref(),
         latency_ms,
         reason,
         // Not `message`: that is the event's own text ("Job finished.") in JSON logs, and a
         // second `message` key would replace it.
         error_message = message,
         retry_tier,
-        unsettled = unsettled.map(String::as_str),
+        unsettled = unsettled.map(tracing::field::display),
         "Job finished."
     );
     outcome

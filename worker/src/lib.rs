@@ -17,6 +17,7 @@ pub mod enqueue;
 pub mod health;
 pub mod keyring;
 pub mod opsgenie;
+pub mod pacing;
 pub mod process;
 pub mod shutdown;
 pub mod telemetry;
@@ -36,10 +37,22 @@ use crate::opsgenie::Sender;
 use crate::process::Pipeline;
 use crate::shutdown::Shutdown;
 
-/// Why a command stopped; decides the exit code (SPEC section 9).
+/// Why a command stopped; decides the exit code (SPEC section 9): 2 for something the
+/// operator must fix in the configuration, 1 for anything else.
 #[derive(Debug, thiserror::Error)]
 pub enum Fatal {
-    /// Exit 2: something the operator must fix in the configuration.
+    /// Exit 2: the keyring cannot be loaded.
+    #[error(transparent)]
+    Keyring(#[from] keyring::KeyringError),
+    /// Exit 2: the metrics address cannot be bound.
+    #[error("--metrics-addr {addr}: {source}")]
+    MetricsAddr {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// Exit 2: any other configuration problem, as text. A Redis URL the client cannot parse
+    /// is one: the client's error quotes the URL, password and all, so only its redacted text
+    /// may travel.
     #[error("{0}")]
     Config(String),
     /// Exit 1.
@@ -50,7 +63,7 @@ pub enum Fatal {
 impl Fatal {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Fatal::Config(_) => 2,
+            Fatal::Keyring(_) | Fatal::MetricsAddr { .. } | Fatal::Config(_) => 2,
             Fatal::Other(_) => 1,
         }
     }
@@ -63,12 +76,13 @@ pub fn init_tls() {
 
 /// Runs the worker until `shutdown` is triggered and jobs in flight are drained.
 ///
-/// Fails with `Fatal::Config` for a keyring that cannot be loaded, a Redis URL that cannot be
-/// parsed or a metrics address that cannot be bound. Losing the broker or Redis is not fatal.
+/// Fails (exit 2) with `Fatal::Keyring` for a keyring that cannot be loaded, `Fatal::Config`
+/// for a Redis URL that cannot be parsed and `Fatal::MetricsAddr` for a metrics address that
+/// cannot be bound. Losing the broker or Redis is not fatal.
 pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     init_tls();
     telemetry::raise_open_file_limit();
-    let keyring = Keyring::load(&args.keyring).map_err(|e| Fatal::Config(e.to_string()))?;
+    let keyring = Keyring::load(&args.keyring)?;
     if keyring.is_empty() {
         tracing::warn!(keyring = %args.keyring.display(), "The keyring has no team: every job will be dead-lettered as unknown_team.");
     }
@@ -137,7 +151,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
                 shutdown.clone(),
             )
             .await
-            .map_err(|e| Fatal::Config(format!("--metrics-addr {addr}: {e}")))?,
+            .map_err(|source| Fatal::MetricsAddr { addr, source })?,
         ),
     };
     metrics::gauge!("opsgenie_keyring_teams").set(keyring.load().len() as f64);

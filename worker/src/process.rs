@@ -1,6 +1,7 @@
 //! One job, end to end: parse, look up the team, check Redis, send, record. `process` returns
 //! what happened; the consumer loop turns that into an ack, a retry or a dead letter.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,14 +9,15 @@ use arc_swap::ArcSwap;
 use opsgenie_shared::record::{Delivery, delivery_fields};
 use opsgenie_shared::retry::{NextStep, RetryPolicy};
 use opsgenie_shared::text::cap_bytes;
-use opsgenie_shared::{AlertJob, DeadReason, JobError, build_request};
+use opsgenie_shared::{AlertJob, DeadReason, JobError, OpsgenieRequest, build_request};
 use tokio::time::Instant;
 
 use crate::amqp::HEADER_VALUE_LIMIT;
-use crate::buffer::{Admission, Buffer};
+use crate::buffer::{Admission, Buffer, Fields, JobKeys};
 use crate::health::Health;
-use crate::keyring::Keyring;
+use crate::keyring::{Keyring, Team};
 use crate::opsgenie::{RoundResult, Sender};
+use crate::pacing::Pacing;
 use crate::shutdown::Shutdown;
 
 /// What became of one job.
@@ -69,37 +71,93 @@ pub struct Envelope {
     pub now_ms: u64,
 }
 
-/// The outcome and the fields of the job's log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    pub outcome: Outcome,
+impl Envelope {
+    /// This round's number (1-based).
+    pub fn attempt(&self) -> u32 {
+        self.previous_attempts.saturating_add(1)
+    }
+}
+
+/// The most bytes of a producer's team id that a log line repeats.
+const LOGGED_TEAM_ID_BYTES: usize = 256;
+
+/// What a job's log line says about it besides its outcome, filled in by the steps of
+/// `process` as they learn it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFacts {
     pub notification_uuid: Option<String>,
     pub team_id: Option<String>,
     pub kind: Option<&'static str>,
     pub action: Option<&'static str>,
     pub alias: Option<String>,
     pub status: Option<u16>,
-    /// This round's number (1-based).
-    pub attempt: u32,
     pub request_id: Option<String>,
 }
 
-/// The most bytes of a producer's team id that a log line repeats.
-const LOGGED_TEAM_ID_BYTES: usize = 256;
+/// The outcome and the fields of the job's log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub outcome: Outcome,
+    /// This round's number (1-based).
+    pub attempt: u32,
+    pub facts: JobFacts,
+}
 
 impl Report {
-    /// A report that knows nothing of the job yet.
+    /// The report of a job whose outcome was decided before it was read.
     pub fn new(outcome: Outcome, attempt: u32) -> Report {
         Report {
             outcome,
-            notification_uuid: None,
-            team_id: None,
-            kind: None,
-            action: None,
-            alias: None,
-            status: None,
             attempt,
-            request_id: None,
+            facts: JobFacts::default(),
+        }
+    }
+}
+
+impl JobFacts {
+    /// Takes what the job says about itself, and names the job in the current span (the one
+    /// `process` opens), so that every line logged while it is processed names it too.
+    fn describe(&mut self, job: &AlertJob, request: &OpsgenieRequest) {
+        let team_id = cap_bytes(&job.team_id, LOGGED_TEAM_ID_BYTES).into_owned();
+        let span = tracing::Span::current();
+        span.record("notification_uuid", job.notification_uuid.as_str());
+        span.record("team_id", team_id.as_str());
+        if let Some(alias) = &request.alias {
+            span.record("alias", alias.as_str());
+        }
+        self.notification_uuid = Some(job.notification_uuid.clone());
+        self.team_id = Some(team_id);
+        self.kind = Some(job.kind().as_str());
+        self.action = Some(request.action.as_str());
+        self.alias = request.alias.clone();
+    }
+}
+
+/// A job read from its message, with the Opsgenie request it makes.
+struct Prepared {
+    job: AlertJob,
+    request: OpsgenieRequest,
+}
+
+/// What Opsgenie answered to a delivered request.
+struct Delivered {
+    status: u16,
+    request_id: String,
+}
+
+/// Reads the job and builds its request; a body that is not a job is a dead letter.
+fn parse_and_build(body: &[u8]) -> Result<Prepared, Outcome> {
+    match AlertJob::parse(body) {
+        Ok(job) => {
+            let request = build_request(&job);
+            Ok(Prepared { job, request })
+        }
+        Err(error) => {
+            let reason = match error {
+                JobError::TooLarge { .. } => DeadReason::TooLarge,
+                JobError::Invalid { .. } => DeadReason::InvalidJob,
+            };
+            Err(Outcome::dead_letter(reason, error.to_string()))
         }
     }
 }
@@ -202,27 +260,45 @@ impl Pipeline {
     }
 
     /// Processes one job body. Never fails: every way a job can end is an `Outcome`.
+    ///
+    /// Everything logged inside, down to a Redis retry, is in the job's span, which names it
+    /// once the body is read. The span is at the error level so that it is on whenever any
+    /// line is: a filter of `warn` must not strip the job's name from its warnings.
+    #[tracing::instrument(
+        name = "job",
+        level = "error",
+        skip_all,
+        fields(
+            notification_uuid = tracing::field::Empty,
+            team_id = tracing::field::Empty,
+            alias = tracing::field::Empty,
+        )
+    )]
     pub async fn process(&self, body: &[u8], envelope: Envelope, shutdown: &Shutdown) -> Report {
-        let attempt = envelope.previous_attempts.saturating_add(1);
-        let mut report = Report::new(Outcome::Requeue, attempt);
-        let job = match AlertJob::parse(body) {
-            Ok(job) => job,
-            Err(error) => {
-                let reason = match error {
-                    JobError::TooLarge { .. } => DeadReason::TooLarge,
-                    JobError::Invalid { .. } => DeadReason::InvalidJob,
-                };
-                report.outcome = Outcome::dead_letter(reason, error.to_string());
-                return report;
-            }
+        let mut facts = JobFacts::default();
+        let outcome = self.steps(body, &envelope, shutdown, &mut facts).await;
+        Report {
+            outcome,
+            attempt: envelope.attempt(),
+            facts,
+        }
+    }
+
+    /// The steps of `process` in order; the first that decides the outcome ends the job.
+    async fn steps(
+        &self,
+        body: &[u8],
+        envelope: &Envelope,
+        shutdown: &Shutdown,
+        facts: &mut JobFacts,
+    ) -> Outcome {
+        let Prepared { job, request } = match parse_and_build(body) {
+            Ok(prepared) => prepared,
+            Err(dead_letter) => return dead_letter,
         };
-        let request = build_request(&job);
-        report.notification_uuid = Some(job.notification_uuid.clone());
-        report.team_id = Some(cap_bytes(&job.team_id, LOGGED_TEAM_ID_BYTES).into_owned());
-        report.kind = Some(job.kind().as_str());
-        report.action = Some(request.action.as_str());
-        report.alias = request.alias.clone();
+        facts.describe(&job, &request);
         if let Some(priority) = &request.ignored_priority {
+            // Named here as well as in the span: JSON log lines hold the event's own fields.
             tracing::warn!(
                 notification_uuid = job.notification_uuid,
                 priority = cap_bytes(priority, 64).as_ref(),
@@ -231,14 +307,13 @@ impl Pipeline {
         }
 
         let Some(team) = self.keyring.load().team(&job.team_id).cloned() else {
-            report.outcome = Outcome::dead_letter(
+            return Outcome::dead_letter(
                 DeadReason::UnknownTeam,
                 format!(
                     "team \"{}\" is not in the keyring",
                     cap_bytes(&job.team_id, LOGGED_TEAM_ID_BYTES)
                 ),
             );
-            return report;
         };
 
         // Metric alerts of one incident take turns through its alias; anything else only
@@ -257,144 +332,191 @@ impl Pipeline {
             token,
         );
 
-        let wait_deadline = Instant::now() + self.policy.quick_window;
-        let mut pause = Duration::from_millis(20);
+        if let ControlFlow::Break(outcome) =
+            self.wait_for_admission(&keys, envelope, shutdown).await
+        {
+            return outcome;
+        }
+
+        let Delivered { status, request_id } = match self
+            .deliver_round(&team, &request, &keys, envelope, shutdown, facts)
+            .await
+        {
+            ControlFlow::Continue(delivered) => delivered,
+            ControlFlow::Break(outcome) => return outcome,
+        };
+        let fields: Fields = delivery_fields(
+            &job,
+            &request,
+            &Delivery {
+                status,
+                request_id: &request_id,
+                attempts: envelope.attempt(),
+                delivered_at_ms: crate::amqp::now_ms(),
+            },
+        )
+        .into();
+        facts.request_id = Some(request_id);
+        self.record_until_durable(&job.notification_uuid, &keys, &fields)
+            .await;
+        Outcome::Delivered
+    }
+
+    /// Asks Redis whether the job may be sent, within the quick window. Continues with the
+    /// incident's lease taken; breaks with the outcome when the job is a duplicate or stale,
+    /// must wait longer than the window (a retry), or shutdown came first (a requeue: nothing
+    /// was sent).
+    async fn wait_for_admission(
+        &self,
+        keys: &Arc<JobKeys>,
+        envelope: &Envelope,
+        shutdown: &Shutdown,
+    ) -> ControlFlow<Outcome> {
+        let deadline = Instant::now() + self.policy.quick_window;
+        let mut pacing = Pacing::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
-            match self.buffer.admit(&keys).await {
+            let pause = match self.buffer.admit(keys).await {
                 Ok(Admission::Go) => {
                     self.health.set_redis(true);
-                    break;
+                    return ControlFlow::Continue(());
                 }
-                Ok(Admission::Duplicate) => {
-                    report.outcome = Outcome::Duplicate;
-                    return report;
+                Ok(Admission::Duplicate) => return ControlFlow::Break(Outcome::Duplicate),
+                Ok(Admission::Stale) => return ControlFlow::Break(Outcome::Stale),
+                Ok(Admission::Busy) => {
+                    let pause = pacing.next_pause();
+                    if Instant::now() + pause > deadline {
+                        return ControlFlow::Break(self.retry_outcome(envelope, None, None));
+                    }
+                    pause
                 }
-                Ok(Admission::Stale) => {
-                    report.outcome = Outcome::Stale;
-                    return report;
-                }
-                Ok(Admission::Busy) if Instant::now() + pause > wait_deadline => {
-                    report.outcome = self.retry_outcome(attempt, &envelope, None);
-                    return report;
-                }
-                Ok(Admission::Busy) => {}
                 Ok(Admission::Cooldown(wait)) => {
                     // Another replica (or this one) was told to slow down for this key.
-                    if Instant::now() + wait > wait_deadline {
-                        report.outcome = self.retry_outcome(attempt, &envelope, Some(wait));
-                        return report;
+                    if Instant::now() + wait > deadline {
+                        return ControlFlow::Break(self.retry_outcome(envelope, Some(wait), None));
                     }
-                    if !shutdown.sleep_until(Instant::now() + wait).await {
-                        return report;
-                    }
-                    continue;
+                    wait
                 }
                 Err(error) => {
                     // Without Redis we cannot know whether the job was delivered: wait for it.
                     self.health.set_redis(false);
                     tracing::warn!(error = %error, "Redis is unreachable; waiting before checking the job.");
-                    pause = Duration::from_millis(500);
+                    pacing.to_ceiling();
+                    pacing.next_pause()
                 }
+            };
+            if !shutdown.sleep_until(Instant::now() + pause).await {
+                // Nothing was sent: the job goes back to the queue as it was.
+                return ControlFlow::Break(Outcome::Requeue);
             }
-            if !shutdown.sleep_until(Instant::now() + jitter(pause)).await {
-                return report;
-            }
-            pause = (pause * 2).min(Duration::from_millis(500));
         }
+    }
 
-        let round = self
+    /// Sends the request, with the sender's quick retries. Continues with Opsgenie's answer
+    /// when it was delivered (the lease is still held: the record frees it); otherwise frees
+    /// the lease and breaks with a dead letter or a retry.
+    async fn deliver_round(
+        &self,
+        team: &Team,
+        request: &OpsgenieRequest,
+        keys: &JobKeys,
+        envelope: &Envelope,
+        shutdown: &Shutdown,
+        facts: &mut JobFacts,
+    ) -> ControlFlow<Outcome, Delivered> {
+        match self
             .sender
-            .deliver(&team, &request, &self.policy, shutdown)
-            .await;
-        match round {
+            .deliver(team, request, &self.policy, shutdown)
+            .await
+        {
             RoundResult::Delivered { status, request_id } => {
-                report.status = Some(status);
-                let fields: crate::buffer::Fields = delivery_fields(
-                    &job,
-                    &request,
-                    &Delivery {
-                        status,
-                        request_id: &request_id,
-                        attempts: attempt,
-                        delivered_at_ms: crate::amqp::now_ms(),
-                    },
-                )
-                .into();
-                report.request_id = Some(request_id);
-                // The request went out: the record must land before the ack, however long
-                // Redis is away, or a redelivery would page twice.
-                let mut pause = Duration::from_millis(100);
-                loop {
-                    match self.buffer.record(&keys, &fields).await {
-                        Ok(_) => {
-                            self.health.set_redis(true);
-                            report.outcome = Outcome::Delivered;
-                            return report;
-                        }
-                        Err(error) => {
-                            self.health.set_redis(false);
-                            tracing::error!(
-                                notification_uuid = job.notification_uuid,
-                                error = %error,
-                                "Delivered, but the record could not be written to Redis; trying again."
-                            );
-                        }
-                    }
-                    // Not cut short by shutdown: only the drain deadline ends this wait
-                    // (the job then returns to the queue unacked; see `consumer`).
-                    tokio::time::sleep(jitter(pause)).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
+                facts.status = Some(status);
+                ControlFlow::Continue(Delivered { status, request_id })
             }
             RoundResult::Refused {
                 reason,
                 status,
                 message,
             } => {
-                self.release(&keys).await;
-                report.status = Some(status);
-                report.outcome = Outcome::dead_letter(reason, message);
-                report
+                self.release(keys).await;
+                facts.status = Some(status);
+                ControlFlow::Break(Outcome::dead_letter(reason, message))
             }
             RoundResult::Failed {
                 status,
                 wait,
                 message,
             } => {
-                self.release(&keys).await;
-                report.status = status;
+                self.release(keys).await;
+                facts.status = status;
                 tracing::debug!(
-                    notification_uuid = job.notification_uuid,
+                    notification_uuid = facts.notification_uuid.as_deref(),
                     message,
                     "Delivery round failed."
                 );
-                report.outcome = match self.retry_outcome(attempt, &envelope, wait) {
-                    Outcome::DeadLetter {
-                        reason,
-                        message: why,
-                    } => Outcome::dead_letter(reason, format!("{why}: {message}")),
-                    other => other,
-                };
-                report
+                ControlFlow::Break(self.retry_outcome(envelope, wait, Some(&message)))
             }
         }
     }
 
-    fn retry_outcome(&self, attempt: u32, envelope: &Envelope, wait: Option<Duration>) -> Outcome {
-        let age = Duration::from_millis(envelope.now_ms.saturating_sub(envelope.first_seen_ms));
-        match self.policy.next_step(attempt, age, wait) {
-            NextStep::Delay { tier } => Outcome::RetryLater { tier },
-            NextStep::Exhausted => Outcome::dead_letter(
-                DeadReason::Exhausted,
-                format!(
-                    "not delivered after {attempt} attempts over {} s",
-                    age.as_secs()
-                ),
-            ),
+    /// Writes the delivery's record, trying until it lands: the request went out, so the
+    /// record must be durable before the ack, however long Redis is away, or a redelivery
+    /// would page twice. Not cut short by shutdown: only the drain deadline ends this wait
+    /// (the job then returns to the queue unacked; see `consumer`). The lines it writes name
+    /// the job in their own fields too, as JSON log lines hold only those.
+    async fn record_until_durable(
+        &self,
+        notification_uuid: &str,
+        keys: &Arc<JobKeys>,
+        fields: &Fields,
+    ) {
+        let mut pacing = Pacing::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.buffer.record(keys, fields).await {
+                Ok(_) => {
+                    self.health.set_redis(true);
+                    return;
+                }
+                Err(error) => {
+                    self.health.set_redis(false);
+                    tracing::error!(
+                        notification_uuid,
+                        error = %error,
+                        "Delivered, but the record could not be written to Redis; trying again."
+                    );
+                }
+            }
+            tokio::time::sleep(pacing.next_pause()).await;
         }
     }
 
-    async fn release(&self, keys: &crate::buffer::JobKeys) {
+    /// A retry from a later delay queue, or a dead letter once attempts or age run out;
+    /// `detail` (why this round failed) goes into the dead letter's message.
+    fn retry_outcome(
+        &self,
+        envelope: &Envelope,
+        wait: Option<Duration>,
+        detail: Option<&str>,
+    ) -> Outcome {
+        let attempt = envelope.attempt();
+        let age = Duration::from_millis(envelope.now_ms.saturating_sub(envelope.first_seen_ms));
+        match self.policy.next_step(attempt, age, wait) {
+            NextStep::Delay { tier } => Outcome::RetryLater { tier },
+            NextStep::Exhausted => {
+                let why = format!(
+                    "not delivered after {attempt} attempts over {} s",
+                    age.as_secs()
+                );
+                match detail {
+                    Some(detail) => {
+                        Outcome::dead_letter(DeadReason::Exhausted, format!("{why}: {detail}"))
+                    }
+                    None => Outcome::dead_letter(DeadReason::Exhausted, why),
+                }
+            }
+        }
+    }
+
+    async fn release(&self, keys: &JobKeys) {
         if let Err(error) = self.buffer.release(keys).await {
             // The lease expires by itself; this only delays the incident's next job.
             tracing::warn!(error = %error, "Could not free the incident lease.");
@@ -402,8 +524,138 @@ impl Pipeline {
     }
 }
 
-/// `d` give or take a quarter, so that replicas waiting on the same thing do not wake together.
-fn jitter(d: Duration) -> Duration {
-    let f = 0.75 + rand::random::<f64>() * 0.5;
-    d.mul_f64(f)
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use opsgenie_shared::DeadReason;
+
+    use super::*;
+    use crate::buffer::BufferSettings;
+
+    /// What the log writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A pipeline with an empty keyring: every job that parses ends as `unknown_team` before
+    /// it reaches Redis or Opsgenie.
+    fn pipeline() -> Pipeline {
+        crate::init_tls();
+        let buffer = Buffer::new(
+            "redis://127.0.0.1:6379",
+            BufferSettings {
+                prefix: "test:process:".into(),
+                stream_maxlen: 1,
+                dedupe_ttl: Duration::from_secs(1),
+                lease_ttl: Duration::from_secs(1),
+            },
+        )
+        .unwrap();
+        Pipeline {
+            keyring: Arc::new(ArcSwap::from_pointee(Keyring::default())),
+            sender: Sender::new(Duration::from_secs(1)),
+            buffer,
+            policy: Default::default(),
+            health: Default::default(),
+            poison_after: 3,
+            quarantine: Default::default(),
+        }
+    }
+
+    const ENVELOPE: Envelope = Envelope {
+        previous_attempts: 2,
+        first_seen_ms: 0,
+        now_ms: 0,
+    };
+
+    #[tokio::test]
+    async fn every_line_written_while_a_job_is_processed_names_it() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+        let team_id = "t".repeat(300);
+        let body = serde_json::json!({
+            "version": 1,
+            "kind": "metric_alert",
+            "notification_uuid": "b7e2d4c1-0a9f-4c3e-8d21-6f5a7b9c0e12",
+            "team_id": team_id,
+            "priority": "urgent",
+            "organization": {"id": 1, "slug": "acme", "url": "https://acme.example"},
+            "alert_rule": {"id": 9, "name": "p95 latency above 2s"},
+            "incident": {"identifier": 314, "status": "critical", "sequence": 1},
+        });
+        let (_trigger, shutdown) = Shutdown::new();
+        let report = pipeline()
+            .process(body.to_string().as_bytes(), ENVELOPE, &shutdown)
+            .await;
+
+        assert!(
+            matches!(
+                report.outcome,
+                Outcome::DeadLetter {
+                    reason: DeadReason::UnknownTeam,
+                    ..
+                }
+            ),
+            "{report:?}"
+        );
+        assert_eq!(report.attempt, 3);
+        // Cut, as everywhere a producer's text reaches a log line.
+        let logged = cap_bytes(&team_id, LOGGED_TEAM_ID_BYTES);
+        assert!(logged.len() <= LOGGED_TEAM_ID_BYTES);
+        assert_eq!(report.facts.team_id.as_deref(), Some(logged.as_ref()));
+        assert_eq!(report.facts.alias.as_deref(), Some("incident_1_314"));
+
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("priority is not one of P1..P5"))
+            .unwrap_or_else(|| panic!("no priority warning in:\n{log}"));
+        let span = &line[line.find("job{").expect(line)..line.find("}:").expect(line)];
+        assert!(
+            span.contains("b7e2d4c1-0a9f-4c3e-8d21-6f5a7b9c0e12"),
+            "{span}"
+        );
+        assert!(span.contains("incident_1_314"), "{span}");
+        assert!(span.contains(logged.as_ref()), "{span}");
+        assert!(!span.contains(&team_id[..LOGGED_TEAM_ID_BYTES]), "{span}");
+
+        a_body_that_is_not_a_job_is_a_dead_letter_that_names_nothing().await;
+    }
+
+    /// Not a test of its own: the job span's callsite must first be reached with the
+    /// capturing subscriber in place, which a test on another thread could race.
+    async fn a_body_that_is_not_a_job_is_a_dead_letter_that_names_nothing() {
+        let (_trigger, shutdown) = Shutdown::new();
+        let report = pipeline().process(b"{}", ENVELOPE, &shutdown).await;
+        assert!(
+            matches!(
+                report.outcome,
+                Outcome::DeadLetter {
+                    reason: DeadReason::InvalidJob,
+                    ..
+                }
+            ),
+            "{report:?}"
+        );
+        assert_eq!(report.facts, JobFacts::default());
+        assert_eq!(report.attempt, 3);
+    }
 }
