@@ -97,40 +97,6 @@ pub fn seg(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, UNRESERVED_KEPT).to_string()
 }
 
-/// `s` as the inside of a JSON string (no quotes), handed to `push` in pieces: runs of
-/// plain text as they are, and each character JSON must escape as its escape.
-pub fn json_escaped(s: &str, mut push: impl FnMut(&str)) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut plain = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let short = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        push(&s[plain..i]);
-        if short.is_empty() {
-            let code = [
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0xf)],
-            ];
-            push(std::str::from_utf8(&code).unwrap_or_default());
-        } else {
-            push(short);
-        }
-        plain = i + 1;
-    }
-    push(&s[plain..]);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,16 +248,6 @@ mod tests {
                 }
             }
             prop_assert_eq!(decode(&out), s.as_bytes());
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn json_escaped_reads_back_as_the_same_string(s in any::<String>()) {
-            let mut inside = String::new();
-            json_escaped(&s, |piece| inside.push_str(piece));
-            let back: String = serde_json::from_str(&format!("\"{inside}\"")).unwrap();
-            prop_assert_eq!(back, s);
         }
     }
 }

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
 use opsgenie_shared::outcome::{classify_response, classify_transport_error};
 use opsgenie_shared::retry::RetryPolicy;
 use opsgenie_shared::text::{cap_bytes, printable};
@@ -26,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::config::redact_url;
 use crate::keyring::Team;
+use crate::pacing::Pacing;
 use crate::shutdown::Shutdown;
 
 const USER_AGENT: &str = concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION"));
@@ -162,13 +162,7 @@ impl Sender {
         shutdown: &Shutdown,
     ) -> RoundResult {
         let deadline = Instant::now() + policy.quick_window;
-        let mut backoff = backoff::ExponentialBackoffBuilder::new()
-            .with_initial_interval(Duration::from_millis(200))
-            .with_multiplier(3.0)
-            .with_randomization_factor(0.5)
-            .with_max_interval(policy.quick_window)
-            .with_max_elapsed_time(None)
-            .build();
+        let mut pacing = Pacing::growing(Duration::from_millis(200), policy.quick_window, 3.0, 0.5);
         let client = match self.client_for(team).await {
             Ok(client) => client,
             Err(message) => {
@@ -285,7 +279,7 @@ impl Sender {
                 Verdict::Retry { wait, rate_limited } => {
                     let pause = match wait {
                         Some(w) => w,
-                        None => backoff.next_backoff().unwrap_or(policy.quick_window),
+                        None => pacing.next_pause(),
                     };
                     if rate_limited {
                         self.cool_down(&team.id, Instant::now() + pause);

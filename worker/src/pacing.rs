@@ -3,8 +3,10 @@
 //! first pause up to a ceiling, give or take a quarter so that replicas waiting on the same
 //! thing do not wake together.
 //!
-//! The `backoff` crate has an unmaintained advisory: this module is the one place besides
-//! `opsgenie` that uses it, so that it can be swapped without touching any caller.
+//! The quick retries of a delivery round (`opsgenie`) grow faster, and with more jitter.
+//!
+//! The `backoff` crate has an unmaintained advisory: this module is the one place that uses
+//! it, so that it can be swapped without touching any caller.
 
 use std::time::Duration;
 
@@ -24,13 +26,19 @@ impl Pacing {
     /// Pauses start near `initial` and double up to near `max` (never more than a quarter
     /// over it), for as long as they are asked for.
     pub fn new(initial: Duration, max: Duration) -> Pacing {
+        Pacing::growing(initial, max, 2.0, JITTER)
+    }
+
+    /// Pauses that start near `initial` and grow `multiplier` times each, up to near `max`,
+    /// each give or take `jitter` (a share of it).
+    pub fn growing(initial: Duration, max: Duration, multiplier: f64, jitter: f64) -> Pacing {
         let initial = initial.min(max);
         Pacing {
             backoff: ExponentialBackoff {
                 current_interval: initial,
                 initial_interval: initial,
-                randomization_factor: JITTER,
-                multiplier: 2.0,
+                randomization_factor: jitter,
+                multiplier,
                 max_interval: max,
                 // Never gives up: whether to go on is the caller's decision.
                 max_elapsed_time: None,

@@ -565,7 +565,7 @@ mod tests {
         .unwrap();
         Pipeline {
             keyring: Arc::new(ArcSwap::from_pointee(Keyring::default())),
-            sender: Sender::new(Duration::from_secs(1)),
+            sender: Sender::new(Duration::from_secs(1)).unwrap(),
             buffer,
             policy: Default::default(),
             health: Default::default(),
