@@ -97,6 +97,36 @@ async fn jobs_waiting(env: &TestEnv) -> u32 {
     n
 }
 
+/// Starts a worker with `vars` in its environment and waits until it is ready (consuming,
+/// Redis reachable); fails at once, with its log, if it exits instead (a keyring it refuses).
+async fn ready_worker(
+    env: &TestEnv,
+    keyring: &std::path::Path,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+) -> WorkerProcess {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut flags = vec!["--metrics-addr", addr.as_str()];
+    flags.extend_from_slice(extra);
+    let mut worker = env.spawn_worker_with_env(keyring, &flags, vars);
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(Some(status)) = worker.child.try_wait() {
+            panic!("the worker exited ({status}):\n{}", log_tail(&worker, 30));
+        }
+        if matches!(http_get(port, "/readyz").await, Some((200, _))) {
+            return worker;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "never ready:\n{}",
+            log_tail(&worker, 30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// SIGTERM ends the worker with exit code 0, and its log never shows `key`.
 async fn stop(worker: &mut WorkerProcess, key: &str) {
     let status = worker.terminate(DEADLINE).await;
@@ -125,7 +155,7 @@ async fn fifty_concurrent_jobs_share_one_http2_connection_to_a_private_ca_server
         publish(&env, &uuid, group).await;
         uuids.push(uuid);
     }
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let mut worker = ready_worker(&env, &keyring, &[], &[]).await;
 
     assert!(
         wait_until(DEADLINE, || async {
@@ -179,7 +209,7 @@ async fn a_server_certificate_from_an_unknown_ca_is_refused_and_the_job_kept() {
         },
         None,
     )]);
-    let mut worker = env.spawn_worker(&keyring, &["--quick-tries", "1"]);
+    let mut worker = ready_worker(&env, &keyring, &["--quick-tries", "1"], &[]).await;
     let uuid = new_uuid();
     let mut job = issue_job(&uuid, 1);
     job["team_id"] = UNTRUSTED_TEAM.into();
@@ -241,7 +271,7 @@ async fn https_goes_through_the_connect_proxy_named_by_https_proxy() {
     let proxy = ConnectProxy::start().await.expect("proxy");
     let proxy_url = proxy.url();
     let mut worker =
-        env.spawn_worker_with_env(&keyring, &[], &[("HTTPS_PROXY", proxy_url.as_str())]);
+        ready_worker(&env, &keyring, &[], &[("HTTPS_PROXY", proxy_url.as_str())]).await;
     let mut uuids = Vec::new();
     for group in 0..JOBS {
         let uuid = new_uuid();
@@ -278,7 +308,8 @@ async fn no_proxy_naming_the_host_bypasses_the_proxy() {
         tls_standin_for_team(&env, TEAM, KEY, StandInConfig::default(), true).await;
     let proxy = ConnectProxy::start().await.expect("proxy");
     let proxy_url = proxy.url();
-    let mut worker = env.spawn_worker_with_env(
+    let mut worker = ready_worker(
+        &env,
         &keyring,
         &[],
         &[
@@ -286,7 +317,8 @@ async fn no_proxy_naming_the_host_bypasses_the_proxy() {
             ("HTTP_PROXY", proxy_url.as_str()),
             ("NO_PROXY", "example.test,127.0.0.1"),
         ],
-    );
+    )
+    .await;
     let uuid = new_uuid();
     publish(&env, &uuid, 1).await;
 
@@ -312,14 +344,16 @@ async fn plain_http_uses_http_proxy_and_never_https_proxy() {
     let for_http = ConnectProxy::start().await.expect("proxy");
     let (https_url, http_url) = (https_only.url(), for_http.url());
     // Lower case: curl reads only `http_proxy` for plain http.
-    let mut worker = env.spawn_worker_with_env(
+    let mut worker = ready_worker(
+        &env,
         &keyring,
         &[],
         &[
             ("HTTPS_PROXY", https_url.as_str()),
             ("http_proxy", http_url.as_str()),
         ],
-    );
+    )
+    .await;
     let uuid = new_uuid();
     publish(&env, &uuid, 1).await;
 
@@ -352,7 +386,7 @@ async fn a_connection_dropped_while_idle_without_close_notify_costs_no_try() {
         ..StandInConfig::default()
     };
     let (standin, keyring) = tls_standin_for_team(&env, TEAM, KEY, config, true).await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let mut worker = ready_worker(&env, &keyring, &[], &[]).await;
 
     let first = new_uuid();
     publish(&env, &first, 1).await;
@@ -412,7 +446,7 @@ async fn a_hang_up_is_a_try_and_the_job_is_retried(
     standin
         .push_faults(vec![Fault::hang_up()])
         .expect("hang-up fault");
-    let mut worker = env.spawn_worker(keyring, &["--quick-tries", "1"]);
+    let mut worker = ready_worker(env, keyring, &["--quick-tries", "1"], &[]).await;
     let uuid = new_uuid();
     publish(env, &uuid, 1).await;
 
