@@ -422,4 +422,45 @@ mod tests {
             Some(serde_json::json!({"message": "through the proxy"}))
         );
     }
+
+    /// What the worker's client will do: reqwest through the proxy, https by CONNECT to a
+    /// TLS stand-in of a private CA, plain http in absolute form.
+    #[tokio::test]
+    async fn carries_reqwest_https_and_http_to_the_stand_in() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let pki = crate::LocalPki::generate().expect("pki");
+        let tls = crate::StandIn::start(crate::StandInConfig {
+            tls: Some(pki.server.clone()),
+            ..crate::StandInConfig::default()
+        })
+        .await
+        .expect("TLS stand-in");
+        let plain = crate::StandIn::start(crate::StandInConfig::default())
+            .await
+            .expect("stand-in");
+        let proxy = ConnectProxy::start().await.expect("proxy");
+        let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).expect("CA");
+        let client = reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .proxy(reqwest::Proxy::all(proxy.url()).expect("proxy URL"))
+            .build()
+            .expect("client");
+        for standin in [&tls, &plain] {
+            let answer = client
+                .post(format!("{}/v2/alerts", standin.base_url()))
+                .header("Authorization", "GenieKey k")
+                .body(r#"{"message":"m"}"#)
+                .send()
+                .await
+                .expect("answered");
+            assert_eq!(answer.status(), 202);
+        }
+        assert_eq!((proxy.tunnels(), proxy.forwarded()), (1, 1));
+        assert_eq!(
+            proxy.targets(),
+            [tls.addr().to_string(), plain.addr().to_string()]
+        );
+        assert_eq!(tls.requests()[0].http_version, "HTTP/2.0");
+        assert_eq!(plain.requests()[0].http_version, "HTTP/1.1");
+    }
 }
