@@ -381,20 +381,19 @@ async fn plain_http_uses_http_proxy_and_never_https_proxy() {
 // ---------------------------------------------------------------------------------------------
 // Servers that misbehave at the connection level
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_dropped_while_idle_without_close_notify_costs_no_try() {
-    const KEY: &str = "key-idle";
-    let env = TestEnv::new("idle-drop").await;
-    let config = StandInConfig {
-        idle_drop: Some(Duration::from_millis(300)),
-        ..StandInConfig::default()
-    };
-    let (standin, keyring) = tls_standin_for_team(&env, TEAM, KEY, config, true).await;
-    let mut worker = ready_worker(&env, &keyring, &[], &[]).await;
+/// The server drops the worker's kept-alive connection while it is idle: the next job's
+/// request must go on a new connection as its first try, not fail a try on the dead one.
+async fn an_idle_drop_costs_the_next_job_no_try(
+    env: &TestEnv,
+    standin: &StandIn,
+    key: &str,
+    keyring: &std::path::Path,
+) {
+    let mut worker = ready_worker(env, keyring, &[], &[]).await;
 
     let first = new_uuid();
-    publish(&env, &first, 1).await;
-    wait_for_stream_len(&env, &worker, 1).await;
+    publish(env, &first, 1).await;
+    wait_for_stream_len(env, &worker, 1).await;
     // The worker keeps its connection for 30 s; the server drops it well before.
     assert!(
         standin
@@ -405,8 +404,8 @@ async fn a_connection_dropped_while_idle_without_close_notify_costs_no_try() {
     );
 
     let second = new_uuid();
-    publish(&env, &second, 2).await;
-    wait_for_stream_len(&env, &worker, 2).await;
+    publish(env, &second, 2).await;
+    wait_for_stream_len(env, &worker, 2).await;
     assert!(
         wait_until(DEADLINE, || async {
             !job_lines_for(&worker, &second).is_empty()
@@ -419,7 +418,7 @@ async fn a_connection_dropped_while_idle_without_close_notify_costs_no_try() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["outcome"], "delivered", "{}", lines[0]);
     assert_eq!(lines[0]["attempt"], 1, "{}", lines[0]);
-    assert_eq!(requests_for(&standin, &alias(2)), 1);
+    assert_eq!(requests_for(standin, &alias(2)), 1);
     let entry = env
         .stream()
         .await
@@ -434,7 +433,39 @@ async fn a_connection_dropped_while_idle_without_close_notify_costs_no_try() {
     let connections: Vec<u64> = standin.requests().iter().map(|r| r.connection_id).collect();
     assert_ne!(connections.first(), connections.last(), "{connections:?}");
 
-    stop(&mut worker, KEY).await;
+    stop(&mut worker, key).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_dropped_while_idle_without_close_notify_costs_no_try() {
+    const KEY: &str = "key-idle-tls";
+    let env = TestEnv::new("idle-drop-tls").await;
+    let config = StandInConfig {
+        idle_drop: Some(Duration::from_millis(300)),
+        ..StandInConfig::default()
+    };
+    let (standin, keyring) = tls_standin_for_team(&env, TEAM, KEY, config, true).await;
+    an_idle_drop_costs_the_next_job_no_try(&env, &standin, KEY, &keyring).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_connection_dropped_while_idle_costs_no_try() {
+    const KEY: &str = "key-idle-http";
+    let env = TestEnv::new("idle-drop-http").await;
+    let standin = StandIn::start(StandInConfig {
+        keys: vec![KEY.into()],
+        idle_drop: Some(Duration::from_millis(300)),
+        ..StandInConfig::default()
+    })
+    .await
+    .expect("stand-in");
+    let keyring = env.write_keyring(&[TeamSpec {
+        id: TEAM,
+        key: KEY,
+        api_url: &standin.base_url(),
+    }]);
+    an_idle_drop_costs_the_next_job_no_try(&env, &standin, KEY, &keyring).await;
     env.cleanup().await;
 }
 
