@@ -6,9 +6,15 @@
 //! first. `admin` exposes what was received under `/_standin/` so the binary can be driven and
 //! inspected from outside. [`StandIn`] is the in-process handle: it binds, serves on the current
 //! tokio runtime, and lets a test read the same books and wait on them without polling.
+//! `serve` accepts the connections, plain or TLS (HTTP/2 or HTTP/1.1 by ALPN), and stages the
+//! connection-level faults; `pki` makes a private CA for TLS tests.
 
 mod admin;
 mod opsgenie;
+mod pki;
+mod serve;
+
+pub use pki::LocalPki;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -33,6 +39,21 @@ pub struct StandInConfig {
     pub record_bodies: bool,
     /// Added before every Opsgenie API answer, faulted or not.
     pub delay: Option<Duration>,
+    /// Serve https instead of http: the same API over TLS, HTTP/2 or HTTP/1.1 by ALPN.
+    pub tls: Option<StandInTls>,
+    /// Misbehaviour: a connection with no request in flight for this long is dropped abruptly,
+    /// as an aggressive load balancer does: the TCP stream is closed without an HTTP/2 GOAWAY
+    /// and, under TLS, without a `close_notify` alert. A client that reuses it finds it dead.
+    pub idle_drop: Option<Duration>,
+}
+
+/// A server certificate chain and its private key, both PEM (see [`LocalPki`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandInTls {
+    /// The server certificate first, then any intermediates.
+    pub cert_chain_pem: String,
+    /// PKCS#8, PKCS#1 or SEC1.
+    pub key_pem: String,
 }
 
 impl Default for StandInConfig {
@@ -42,6 +63,8 @@ impl Default for StandInConfig {
             keys: Vec::new(),
             record_bodies: true,
             delay: None,
+            tls: None,
+            idle_drop: None,
         }
     }
 }
@@ -59,15 +82,24 @@ pub struct RecordedRequest {
     pub body: String,
     /// The body parsed, when it is JSON.
     pub json: Option<serde_json::Value>,
+    /// 0 when the request was hung up on (see [`Fault::hang_up`]).
     pub status: u16,
     pub request_id: String,
     /// Milliseconds since the UNIX epoch.
     pub received_at_ms: u64,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    #[serde(default)]
+    pub http_version: String,
+    /// Which connection the request came on: connections are numbered from 1 as accepted.
+    #[serde(default)]
+    pub connection_id: u64,
 }
 
 /// A scripted answer, served `count` times before normal behaviour resumes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fault {
+    /// Ignored when `hang_up` is set.
+    #[serde(default)]
     pub status: u16,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -75,6 +107,11 @@ pub struct Fault {
     pub count: u32,
     #[serde(default)]
     pub delay_ms: Option<u64>,
+    /// Misbehaviour: read the request in full, then close its connection without answering
+    /// (under HTTP/2, every stream on that connection goes with it). The request counts as
+    /// received and is recorded with status 0; the client cannot tell whether it was acted on.
+    #[serde(default)]
+    pub hang_up: bool,
 }
 
 fn one() -> u32 {
@@ -88,6 +125,15 @@ impl Fault {
             headers: BTreeMap::new(),
             count: 1,
             delay_ms: None,
+            hang_up: false,
+        }
+    }
+
+    /// A request read in full and then hung up on: see [`Fault::hang_up`] (the field).
+    pub fn hang_up() -> Self {
+        Self {
+            hang_up: true,
+            ..Self::new(0)
         }
     }
 
@@ -128,6 +174,7 @@ pub struct AliasState {
 /// Counters over everything answered since start; not reset by clearing the requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
+    /// Requests read, hung-up ones included.
     pub received: u64,
     pub delivered: u64,
     pub by_status: BTreeMap<u16, u64>,
@@ -135,19 +182,38 @@ pub struct Stats {
     pub open_aliases: usize,
     pub recorded: usize,
     pub pending_faults: u64,
+    /// TCP connections accepted, whether or not a TLS handshake followed.
+    #[serde(default)]
+    pub connections: u64,
+    /// Connections that ended, for any reason (client close, idle drop, hang-up, failed TLS).
+    #[serde(default)]
+    pub closed_connections: u64,
+    /// Connections dropped by `idle_drop`.
+    #[serde(default)]
+    pub idle_drops: u64,
+    /// Requests hung up on by a [`Fault::hang_up`].
+    #[serde(default)]
+    pub hang_ups: u64,
 }
 
 /// A fault after validation, so serving it cannot fail.
 struct ScriptedAnswer {
-    status: StatusCode,
-    headers: HeaderMap,
+    action: Scripted,
     remaining: u32,
     delay: Option<Duration>,
+}
+
+/// What a scripted fault does with the request it meets.
+#[derive(Clone)]
+pub(crate) enum Scripted {
+    Answer(StatusCode, HeaderMap),
+    HangUp,
 }
 
 #[derive(Default)]
 struct Books {
     received: u64,
+    hang_ups: u64,
     by_status: BTreeMap<u16, u64>,
     requests: Vec<RecordedRequest>,
     alerts: HashMap<String, AliasState>,
@@ -167,7 +233,12 @@ struct Shared {
     delay: Option<Duration>,
     /// Outside the mutex so a benchmark can poll it at any rate without slowing the server.
     delivered: AtomicU64,
-    /// Woken after every answer so waiters re-check their condition instead of sleeping.
+    /// Counted by the accept loop, outside the mutex like `delivered`.
+    connections: AtomicU64,
+    closed_connections: AtomicU64,
+    idle_drops: AtomicU64,
+    /// Woken after every answer and every closed connection so waiters re-check their
+    /// condition instead of sleeping.
     answered: Notify,
     books: Mutex<Books>,
 }
@@ -187,10 +258,10 @@ impl Shared {
         Ok(())
     }
 
-    fn take_fault(&self) -> Option<(StatusCode, HeaderMap, Option<Duration>)> {
+    fn take_fault(&self) -> Option<(Scripted, Option<Duration>)> {
         let mut books = self.books();
         let front = books.script.front_mut()?;
-        let served = (front.status, front.headers.clone(), front.delay);
+        let served = (front.action.clone(), front.delay);
         front.remaining -= 1;
         if front.remaining == 0 {
             books.script.pop_front();
@@ -236,6 +307,16 @@ impl Shared {
         self.answered.notify_waiters();
     }
 
+    /// Books a request that is hung up on: read, recorded, never answered.
+    fn settle_hang_up(&self, record: Option<RecordedRequest>) {
+        let mut books = self.books();
+        books.received += 1;
+        books.hang_ups += 1;
+        books.requests.extend(record);
+        drop(books);
+        self.answered.notify_waiters();
+    }
+
     fn stats(&self) -> Stats {
         let books = self.books();
         Stats {
@@ -250,6 +331,10 @@ impl Shared {
                 .count(),
             recorded: books.requests.len(),
             pending_faults: books.script.iter().map(|s| u64::from(s.remaining)).sum(),
+            connections: self.connections.load(Ordering::SeqCst),
+            closed_connections: self.closed_connections.load(Ordering::SeqCst),
+            idle_drops: self.idle_drops.load(Ordering::SeqCst),
+            hang_ups: books.hang_ups,
         }
     }
 }
@@ -258,9 +343,16 @@ impl TryFrom<Fault> for ScriptedAnswer {
     type Error = anyhow::Error;
 
     fn try_from(fault: Fault) -> anyhow::Result<Self> {
+        anyhow::ensure!(fault.count > 0, "fault count must be at least 1");
+        if fault.hang_up {
+            return Ok(Self {
+                action: Scripted::HangUp,
+                remaining: fault.count,
+                delay: fault.delay_ms.map(Duration::from_millis),
+            });
+        }
         let status = StatusCode::from_u16(fault.status)
             .with_context(|| format!("invalid fault status {}", fault.status))?;
-        anyhow::ensure!(fault.count > 0, "fault count must be at least 1");
         let mut headers = HeaderMap::new();
         for (name, value) in &fault.headers {
             let name = HeaderName::try_from(name.as_str())
@@ -270,8 +362,7 @@ impl TryFrom<Fault> for ScriptedAnswer {
             headers.insert(name, value);
         }
         Ok(Self {
-            status,
-            headers,
+            action: Scripted::Answer(status, headers),
             remaining: fault.count,
             delay: fault.delay_ms.map(Duration::from_millis),
         })
@@ -282,6 +373,8 @@ impl TryFrom<Fault> for ScriptedAnswer {
 pub struct StandIn {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// Whether `base_url` is https.
+    tls: bool,
     /// Dropping it (with the handle, or in `shutdown`) starts the graceful shutdown.
     stop: oneshot::Sender<()>,
     server: JoinHandle<std::io::Result<()>>,
@@ -290,8 +383,10 @@ pub struct StandIn {
 impl StandIn {
     /// Binds `config.addr` and serves on the current tokio runtime.
     ///
-    /// Fails when the address does not resolve or cannot be bound.
+    /// Fails when the address does not resolve or cannot be bound, or when `config.tls` holds
+    /// no usable certificate and key.
     pub async fn start(config: StandInConfig) -> anyhow::Result<StandIn> {
+        let tls = config.tls.as_ref().map(serve::tls_acceptor).transpose()?;
         let listener = tokio::net::TcpListener::bind(&config.addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.addr))?;
@@ -303,22 +398,25 @@ impl StandIn {
             record_bodies: config.record_bodies,
             delay: config.delay.filter(|d| !d.is_zero()),
             delivered: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            closed_connections: AtomicU64::new(0),
+            idle_drops: AtomicU64::new(0),
             answered: Notify::new(),
             books: Mutex::new(Books::default()),
         });
         let (stop, stopped) = oneshot::channel::<()>();
-        let app = admin::routes(Arc::clone(&shared));
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    // Err means the handle was dropped, which is a stop request as well.
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let is_tls = tls.is_some();
+        let server = serve::Server {
+            shared: Arc::clone(&shared),
+            app: admin::routes(Arc::clone(&shared)),
+            tls,
+            idle_drop: config.idle_drop.filter(|d| !d.is_zero()),
+        };
+        let server = tokio::spawn(serve::serve(listener, server, stopped));
         Ok(StandIn {
             shared,
             addr,
+            tls: is_tls,
             stop,
             server,
         })
@@ -328,9 +426,10 @@ impl StandIn {
         self.addr
     }
 
-    /// `http://host:port`, without a trailing slash.
+    /// `http://host:port` (`https://` when serving TLS), without a trailing slash.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Empty when started with `record_bodies: false`.

@@ -13,7 +13,8 @@ use tracing_subscriber::EnvFilter;
 /// Answers `POST /v2/alerts` and `POST /v2/alerts/{alias}/close?identifierType=alias` like
 /// Opsgenie (202 with a requestId, 401 on a wrong key, 422 over a field limit) and records what it
 /// received. Inspect and script it under /_standin/: GET|DELETE requests, GET stats,
-/// GET alerts, POST|DELETE faults (a JSON array of {"status", "headers", "count", "delay_ms"}).
+/// GET alerts, POST|DELETE faults (a JSON array of {"status", "headers", "count", "delay_ms",
+/// "hang_up"}; a hang-up reads the request and closes the connection without answering).
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Flags {
@@ -63,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         keys,
         record_bodies,
         delay: Some(Duration::from_millis(flags.delay_ms)),
+        ..StandInConfig::default()
     })
     .await?;
     info!(

@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use crate::{Effect, RecordedRequest, Shared};
+use crate::serve::ConnectionTag;
+use crate::{Effect, RecordedRequest, Scripted, Shared};
 
 /// Far above what a valid alert can hold (about 50 000 chars of text), so only junk is cut off.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -101,9 +102,32 @@ pub(crate) async fn answer(State(shared): State<Arc<Shared>>, request: Request) 
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(b).ok());
 
+    let connection = parts.extensions.get::<ConnectionTag>().cloned();
     let verdict = match (shared.take_fault(), &body) {
+        (Some((Scripted::HangUp, delay)), _) => {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            let record = shared.record_bodies.then(|| {
+                record(
+                    &parts,
+                    &body,
+                    json,
+                    0,
+                    request_id,
+                    received_at_ms,
+                    connection.as_ref(),
+                )
+            });
+            shared.settle_hang_up(record);
+            if let Some(ConnectionTag(connection)) = connection {
+                connection.hang_up();
+            }
+            // The connection task drops this answer with the connection; it is never sent.
+            return std::future::pending().await;
+        }
         // A 2xx fault is a slow or scripted success, so it answers like one, minus the effect.
-        (Some((status, headers, delay)), _) => Verdict {
+        (Some((Scripted::Answer(status, headers), delay)), _) => Verdict {
             status,
             headers,
             delay,
@@ -129,28 +153,15 @@ pub(crate) async fn answer(State(shared): State<Arc<Shared>>, request: Request) 
     }
 
     let record = shared.record_bodies.then(|| {
-        let text = |name| {
-            parts
-                .headers
-                .get(name)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        };
-        RecordedRequest {
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_owned(),
-            query: parts.uri.query().map(str::to_owned),
-            authorization: text(header::AUTHORIZATION),
-            content_type: text(header::CONTENT_TYPE),
-            user_agent: text(header::USER_AGENT),
-            body: body
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default(),
+        record(
+            &parts,
+            &body,
             json,
-            status: verdict.status.as_u16(),
-            request_id: request_id.clone(),
+            verdict.status.as_u16(),
+            request_id.clone(),
             received_at_ms,
-        }
+            connection.as_ref(),
+        )
     });
     shared.settle(verdict.status, verdict.effect, record);
 
@@ -174,6 +185,41 @@ pub(crate) async fn answer(State(shared): State<Arc<Shared>>, request: Request) 
         .into_response();
     response.headers_mut().extend(verdict.headers);
     response
+}
+
+fn record(
+    parts: &axum::http::request::Parts,
+    body: &Result<axum::body::Bytes, axum::Error>,
+    json: Option<Value>,
+    status: u16,
+    request_id: String,
+    received_at_ms: u64,
+    connection: Option<&ConnectionTag>,
+) -> RecordedRequest {
+    let text = |name| {
+        parts
+            .headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    RecordedRequest {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        authorization: text(header::AUTHORIZATION),
+        content_type: text(header::CONTENT_TYPE),
+        user_agent: text(header::USER_AGENT),
+        body: body
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default(),
+        json,
+        status,
+        request_id,
+        received_at_ms,
+        http_version: format!("{:?}", parts.version),
+        connection_id: connection.map_or(0, |ConnectionTag(c)| c.id),
+    }
 }
 
 enum Route<'a> {

@@ -520,6 +520,53 @@ impl TestEnv {
         redis_url: &str,
         extra: &[&str],
     ) -> WorkerProcess {
+        self.spawn_worker_via_with_env(keyring, amqp_url, redis_url, extra, &[])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transport (`transport`): TLS stand-ins with a private CA, teams with a `ca_file`, an egress
+// proxy, and workers started with proxy variables of the test's choosing.
+
+pub mod proxy;
+
+pub use opsgenie_standin::{LocalPki, StandInTls};
+
+/// Proxy variables as curl and reqwest read them, in both cases. None of them reaches a worker
+/// unless a test passes it: the machine's own proxy settings must not decide a test.
+pub const PROXY_VARS: [&str; 8] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+impl TestEnv {
+    /// Like `spawn_worker`, with `env` set in the worker's environment (after the proxy
+    /// variables of `PROXY_VARS` are removed from it).
+    pub fn spawn_worker_with_env(
+        &self,
+        keyring: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
+        self.spawn_worker_via_with_env(keyring, AMQP_URL, REDIS_URL, extra, env)
+    }
+
+    /// `spawn_worker_via` with `env` set in the worker's environment; the variables of
+    /// `PROXY_VARS` are removed from it first.
+    pub fn spawn_worker_via_with_env(
+        &self,
+        keyring: &Path,
+        amqp_url: &str,
+        redis_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
         let log = self.dir.join(format!("worker-{n}.log"));
         let mut broker = self.broker_args();
@@ -536,14 +583,77 @@ impl TestEnv {
         if !extra.contains(&"--metrics-addr") {
             cmd.args(["--metrics-addr", "off"]);
         }
+        for var in PROXY_VARS {
+            cmd.env_remove(var);
+        }
         cmd.args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
         let child = cmd.spawn().expect("start opsgenie-worker");
         WorkerProcess { child, log }
     }
+
+    /// Writes `name` (a CA certificate, PEM) in the test's directory and returns its path.
+    pub fn write_pem(&self, name: &str, pem: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, pem).expect("write PEM");
+        path
+    }
+
+    /// Like `write_keyring`, with a `ca_file` line for each team that has one.
+    pub fn write_keyring_with_ca_files(&self, teams: &[(TeamSpec<'_>, Option<&Path>)]) -> PathBuf {
+        let quoted = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        let mut text = String::new();
+        for (t, ca_file) in teams {
+            text.push_str(&format!(
+                "[[team]]\nid = {}\nintegration_key = {}\napi_url = {}\n",
+                quoted(t.id),
+                quoted(t.key),
+                quoted(t.api_url)
+            ));
+            if let Some(ca_file) = ca_file {
+                let ca_file = ca_file.to_str().expect("a UTF-8 temp path");
+                text.push_str(&format!("ca_file = {}\n", quoted(ca_file)));
+            }
+            text.push('\n');
+        }
+        let path = self.dir.join("keyring.toml");
+        std::fs::write(&path, text).expect("write keyring");
+        path
+    }
+}
+
+/// A TLS stand-in (certificate from a fresh private CA) started with `config`, which accepts
+/// only `key`, and a keyring in which `team` is served by it: with the CA as its `ca_file`
+/// when `trust_ca`, without any `ca_file` otherwise.
+pub async fn tls_standin_for_team(
+    env: &TestEnv,
+    team: &str,
+    key: &str,
+    config: StandInConfig,
+    trust_ca: bool,
+) -> (StandIn, PathBuf) {
+    let pki = LocalPki::generate().expect("a private CA");
+    let standin = StandIn::start(StandInConfig {
+        keys: vec![key.to_owned()],
+        tls: Some(pki.server.clone()),
+        ..config
+    })
+    .await
+    .expect("start the TLS stand-in");
+    let ca_file = env.write_pem("ca.pem", &pki.ca_pem);
+    let keyring = env.write_keyring_with_ca_files(&[(
+        TeamSpec {
+            id: team,
+            key,
+            api_url: &standin.base_url(),
+        },
+        trust_ca.then_some(ca_file.as_path()),
+    )]);
+    (standin, keyring)
 }
 
 // ---------------------------------------------------------------------------------------------
