@@ -66,6 +66,11 @@ pub struct Sender {
     ca_clients: Arc<Mutex<HashMap<[u8; 32], reqwest::Client>>>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    /// Per API base and trust set: whether a connection is known to be open, so that a burst of
+    /// jobs to a cold destination sends one request first (its connection learns by ALPN
+    /// whether the server speaks HTTP/2, and then carries the rest) instead of opening one
+    /// connection per job.
+    warmth: Arc<Mutex<HashMap<String, Arc<Warmth>>>>,
     /// Until when requests with a key must wait after a 429, by team id. Shared by every task
     /// so that one 429 slows all requests with that key, not only the one that got it.
     cooldowns: Arc<Mutex<HashMap<String, Instant>>>,
@@ -82,6 +87,29 @@ pub struct SenderError(#[from] reqwest::Error);
 struct Accepted {
     #[serde(rename = "requestId", default)]
     request_id: String,
+}
+
+/// Whether a destination has a connection open, as far as the sender can tell.
+#[derive(Default)]
+struct Warmth {
+    /// When a request to it was last answered.
+    answered: Mutex<Option<std::time::Instant>>,
+    /// Held by the one request that opens the connection.
+    opening: tokio::sync::Mutex<()>,
+}
+
+impl Warmth {
+    /// Answered within the idle time-out: its connection is likely still open.
+    fn is_warm(&self) -> bool {
+        self.answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < IDLE_TIMEOUT)
+    }
+
+    fn answered_now(&self) {
+        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
 }
 
 /// What came back from one request.
@@ -102,6 +130,7 @@ impl Sender {
         Ok(Sender {
             default_client: build_client(connect_timeout, request_timeout, &[])?,
             ca_clients: Arc::new(Mutex::new(HashMap::new())),
+            warmth: Arc::new(Mutex::new(HashMap::new())),
             connect_timeout,
             request_timeout,
             cooldowns: Arc::new(Mutex::new(HashMap::new())),
@@ -136,6 +165,42 @@ impl Sender {
             .entry(ca.digest)
             .or_insert(built)
             .clone())
+    }
+
+    /// The warmth of `team`'s destination (its API base, with its trust set).
+    fn warmth_of(&self, team: &Team) -> Arc<Warmth> {
+        let mut map = self.warmth.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(warmth) = map.get(&team.api_base)
+            && team.ca.is_none()
+        {
+            return Arc::clone(warmth);
+        }
+        let key = match &team.ca {
+            None => team.api_base.clone(),
+            Some(ca) => format!("{} {}", team.api_base, ca.path.display()),
+        };
+        Arc::clone(map.entry(key).or_default())
+    }
+
+    /// Sends one request; to a cold destination, one at a time until one is answered.
+    async fn send_warm(
+        &self,
+        warmth: &Warmth,
+        client: &reqwest::Client,
+        url: &str,
+        authorization: &HeaderValue,
+        body: &[u8],
+    ) -> Result<Answer, reqwest::Error> {
+        let answer = if warmth.is_warm() {
+            send(client, url, authorization, body).await
+        } else {
+            let _opening = warmth.opening.lock().await;
+            send(client, url, authorization, body).await
+        };
+        if answer.is_ok() {
+            warmth.answered_now();
+        }
+        answer
     }
 
     fn lock_ca_clients(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], reqwest::Client>> {
@@ -190,6 +255,7 @@ impl Sender {
             }
         };
         authorization.set_sensitive(true);
+        let warmth = self.warmth_of(team);
         let mut tries = 0u32;
         loop {
             if let Some(until) = self.cooldown(&team.id) {
@@ -205,7 +271,9 @@ impl Sender {
                 }
             }
             let started = std::time::Instant::now();
-            let answer = send(&client, &url, &authorization, &request.body).await;
+            let answer = self
+                .send_warm(&warmth, &client, &url, &authorization, &request.body)
+                .await;
             // A request that never reached the server (no connection could be made) is not
             // a try; anything else may have been received, and counts.
             if !matches!(&answer, Err(e) if e.is_connect()) {
