@@ -8,6 +8,7 @@
 //! tokio runtime, and lets a test read the same books and wait on them without polling.
 
 mod admin;
+mod listen;
 mod opsgenie;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -292,7 +293,7 @@ impl StandIn {
     ///
     /// Fails when the address does not resolve or cannot be bound.
     pub async fn start(config: StandInConfig) -> anyhow::Result<StandIn> {
-        let listener = tokio::net::TcpListener::bind(&config.addr)
+        let listener = listen::bind(&config.addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.addr))?;
         let addr = listener
