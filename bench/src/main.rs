@@ -218,7 +218,7 @@ async fn main() -> Result<()> {
             )
             .await?;
         println!(
-            "backlog drain ({label}): {} jobs/s = {}; CPU per 1,000 jobs: worker {}, broker {}; peak RSS {:.1} MiB",
+            "backlog drain, {label}: {} jobs/s = {}; CPU per 1,000 jobs: worker {}, broker {}; peak RSS {:.1} MiB",
             thousands(d.rate),
             ratios(d.rate, &ceilings),
             ms(Some(d.cpu_ms_per_1000)),
@@ -526,8 +526,13 @@ impl Bench<'_> {
         let delay_ms = delay.as_secs_f64() * 1000.0;
         let probe = concurrent_probe(standin.addr(), 256).await?;
         println!(
-            "stand-in answering after {delay_ms:.0} ms: 256 concurrent requests all answered in {:.0} ms",
-            probe.as_secs_f64() * 1000.0
+            "stand-in answering after {delay_ms:.0} ms: 256 concurrent requests all answered in {:.0} ms{}",
+            probe.as_secs_f64() * 1000.0,
+            if probe < delay * 2 {
+                " (side by side)"
+            } else {
+                " (NOT side by side: the figures below understate the worker)"
+            }
         );
         let bodies = realistic_jobs(self.args.api_jobs, 13);
         let mut rows = Vec::new();
