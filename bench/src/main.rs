@@ -2,11 +2,17 @@
 //! in-process Opsgenie stand-in, on its own exchange, queues and Redis prefix. It prints
 //! figures and never fails on a time.
 //!
-//! 1. ceiling: a plain consumer (prefetch 256, one ack per message, no work) drains N jobs;
-//! 2. backlog drain: N jobs published first, then `opsgenie-worker run` at its defaults;
+//! 1. ceilings: a plain consumer (no work) drains N jobs, acking one by one at prefetch 256,
+//!    then with one `multiple` ack every 64 deliveries at prefetch 64 and at prefetch 256;
+//! 2. backlog drain: N jobs published first, then `opsgenie-worker run` at its defaults (and
+//!    at prefetch 256), as a ratio to each ceiling;
 //! 3. latency at a steady rate, publish to the stand-in's receipt;
-//! 4. CPU seconds per 1,000 jobs and peak RSS of the worker, from /proc;
-//! 5. the drain with 1, 2 and 4 replicas.
+//! 4. CPU per 1,000 jobs of the worker and of the broker (beam.smp) and peak RSS of the
+//!    worker, from /proc;
+//! 5. at a real API's distance: the stand-in answers after `--api-latency`, and a backlog is
+//!    drained at prefetch 64 and 256, against the ideal of prefetch / latency;
+//! 6. the drain with 1, 2 and 4 replicas;
+//! 7. a summary, as rows of the README's table.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,6 +48,12 @@ struct Args {
     /// Replica counts for the scaling drains, comma-separated ("" to skip them).
     #[arg(long, default_value = "1,2,4", value_parser = replica_counts)]
     replicas: ReplicaCounts,
+    /// How long the stand-in takes to answer in the API-latency phase ("0" or "off" skips it).
+    #[arg(long, default_value = "100ms", value_parser = api_latency)]
+    api_latency: ApiLatency,
+    /// Jobs per drain of the API-latency phase.
+    #[arg(long, default_value_t = 3_000)]
+    api_jobs: usize,
     /// The worker binary (default: opsgenie-worker beside this one).
     #[arg(long)]
     worker: Option<PathBuf>,
@@ -64,6 +76,30 @@ fn replica_counts(text: &str) -> Result<ReplicaCounts, String> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map(ReplicaCounts)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ApiLatency(Option<Duration>);
+
+/// "100ms", "1s", or "0"/"off" for none.
+fn api_latency(text: &str) -> Result<ApiLatency, String> {
+    let text = text.trim();
+    if text == "off" || text.chars().all(|c| c == '0') && !text.is_empty() {
+        return Ok(ApiLatency(None));
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a latency (100ms, 1s, 0 or off)"))?;
+    let latency = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        _ => return Err(format!("\"{text}\" is not a latency (100ms, 1s, 0 or off)")),
+    };
+    Ok(ApiLatency(Some(latency).filter(|d| !d.is_zero())))
 }
 
 #[tokio::main]
@@ -112,30 +148,95 @@ async fn main() -> Result<()> {
     let mean = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len().max(1);
     println!("jobs: realistic issue alerts, mean body {mean} bytes\n");
 
-    settle().await;
-    let ceiling = bench.ceiling(&bodies).await?;
-    println!("ceiling (plain consumer, prefetch 256, no work): {ceiling:.0} msg/s");
+    let broker = Broker::find();
+    match broker.pids.as_slice() {
+        [] => println!("broker: no beam.smp process found, so its CPU is not shown"),
+        pids => println!(
+            "broker: beam.smp pid {} (its CPU is read from /proc; anything else using the broker meanwhile is counted too)",
+            pids.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+    println!();
+    let mut summary = Vec::new();
 
-    settle().await;
-    let drain = bench.drain("drain", &bodies, 1, &[]).await?;
-    println!(
-        "backlog drain (worker defaults, prefetch 64): {:.0} jobs/s = {:.2} x ceiling; worker CPU {:.1} ms per 1,000 jobs; peak RSS {:.1} MiB",
-        drain.rate,
-        drain.rate / ceiling,
-        drain.cpu_ms_per_1000,
-        drain.peak_rss_mib
-    );
-    settle().await;
-    let drain256 = bench
-        .drain("drain256", &bodies, 1, &["--prefetch", "256"])
-        .await?;
-    println!(
-        "backlog drain (prefetch 256): {:.0} jobs/s = {:.2} x ceiling; worker CPU {:.1} ms per 1,000 jobs; peak RSS {:.1} MiB",
-        drain256.rate,
-        drain256.rate / ceiling,
-        drain256.cpu_ms_per_1000,
-        drain256.peak_rss_mib
-    );
+    let mut ceilings = Vec::new();
+    for (label, short, prefetch, ack_every) in [
+        ("one-by-one acks, prefetch 256", "one-by-one", 256, 1),
+        (
+            "`multiple` ack every 64, prefetch 64",
+            "multiple/64 @64",
+            64,
+            64,
+        ),
+        (
+            "`multiple` ack every 64, prefetch 256",
+            "multiple/64 @256",
+            256,
+            64,
+        ),
+    ] {
+        settle().await;
+        let ceiling = bench.ceiling(&broker, &bodies, prefetch, ack_every).await?;
+        println!(
+            "ceiling (plain consumer, {label}, no work): {} msg/s; broker CPU {} per 1,000",
+            thousands(ceiling.rate),
+            ms(ceiling.broker_cpu_ms_per_1000)
+        );
+        summary.push(format!(
+            "| ceiling, {label} | {} msg/s; broker CPU {} per 1,000 |",
+            thousands(ceiling.rate),
+            ms(ceiling.broker_cpu_ms_per_1000)
+        ));
+        ceilings.push(Ceiling {
+            short,
+            rate: ceiling.rate,
+        });
+    }
+
+    for (label, extra) in [
+        ("defaults (prefetch 64)", &[][..]),
+        ("prefetch 256", &["--prefetch", "256"][..]),
+    ] {
+        settle().await;
+        let phase = if extra.is_empty() {
+            "drain"
+        } else {
+            "drain256"
+        };
+        let d = bench
+            .drain(
+                &bench.standin,
+                &bench.keyring,
+                &broker,
+                phase,
+                &bodies,
+                1,
+                extra,
+            )
+            .await?;
+        println!(
+            "backlog drain, {label}: {} jobs/s = {}; CPU per 1,000 jobs: worker {}, broker {}; peak RSS {:.1} MiB",
+            thousands(d.rate),
+            ratios(d.rate, &ceilings),
+            ms(Some(d.cpu_ms_per_1000)),
+            ms(d.broker_cpu_ms_per_1000),
+            d.peak_rss_mib
+        );
+        summary.push(format!(
+            "| backlog drain, {label} | {} jobs/s = {} |",
+            thousands(d.rate),
+            ratios(d.rate, &ceilings)
+        ));
+        summary.push(format!(
+            "| CPU per 1,000 jobs, {label} | worker {}, broker {} |",
+            ms(Some(d.cpu_ms_per_1000)),
+            ms(d.broker_cpu_ms_per_1000)
+        ));
+        summary.push(format!("| peak RSS, {label} | {:.1} MiB |", d.peak_rss_mib));
+    }
 
     settle().await;
     let latency = bench.latency().await?;
@@ -143,19 +244,54 @@ async fn main() -> Result<()> {
         "latency at {} jobs/s for {} s (publish -> stand-in receipt): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} jobs)",
         args.rate, args.seconds, latency.p50, latency.p99, latency.max, latency.count
     );
+    summary.push(format!(
+        "| latency at {} jobs/s | p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms |",
+        thousands(f64::from(args.rate)),
+        latency.p50,
+        latency.p99,
+        latency.max
+    ));
+
+    if let ApiLatency(Some(delay)) = args.api_latency {
+        settle().await;
+        summary.extend(bench.api_distance(&broker, delay).await?);
+    }
 
     for &replicas in &args.replicas.0 {
         settle().await;
         let r = bench
-            .drain(&format!("replicas{replicas}"), &bodies, replicas, &[])
+            .drain(
+                &bench.standin,
+                &bench.keyring,
+                &broker,
+                &format!("replicas{replicas}"),
+                &bodies,
+                replicas,
+                &[],
+            )
             .await?;
-        println!(
-            "drain with {replicas} replica{}: {:.0} jobs/s = {:.2} x ceiling; CPU {:.1} ms per 1,000 jobs (all replicas)",
-            if replicas == 1 { "" } else { "s" },
-            r.rate,
-            r.rate / ceiling,
-            r.cpu_ms_per_1000
+        let label = format!(
+            "drain with {replicas} replica{}",
+            if replicas == 1 { "" } else { "s" }
         );
+        println!(
+            "{label}: {} jobs/s = {}; CPU per 1,000 jobs: workers {}, broker {}",
+            thousands(r.rate),
+            ratios(r.rate, &ceilings),
+            ms(Some(r.cpu_ms_per_1000)),
+            ms(r.broker_cpu_ms_per_1000)
+        );
+        summary.push(format!(
+            "| {label} | {} jobs/s = {} |",
+            thousands(r.rate),
+            ratios(r.rate, &ceilings)
+        ));
+    }
+
+    println!("\nsummary ({} jobs per drain):\n", args.jobs);
+    println!("| | figure |\n| --- | --- |");
+    for line in &summary {
+        println!("{line}");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -174,7 +310,23 @@ struct Bench<'a> {
 struct DrainResult {
     rate: f64,
     cpu_ms_per_1000: f64,
+    broker_cpu_ms_per_1000: Option<f64>,
     peak_rss_mib: f64,
+    /// From the workers' start to the stand-in's first 2xx answer.
+    first_answer: Duration,
+    /// From the workers' start to the last answer.
+    elapsed: Duration,
+}
+
+struct CeilingResult {
+    rate: f64,
+    broker_cpu_ms_per_1000: Option<f64>,
+}
+
+/// A ceiling's rate, for the ratios of the drains.
+struct Ceiling {
+    short: &'static str,
+    rate: f64,
 }
 
 struct Latency {
@@ -205,11 +357,18 @@ impl Bench<'_> {
         Ok(channel)
     }
 
-    /// The broker's own rate: publish the jobs to a plain queue, then consume and ack them
-    /// one by one with prefetch 256.
-    async fn ceiling(&self, bodies: &[Vec<u8>]) -> Result<f64> {
+    /// The broker's own rate: publish the jobs to a plain queue, then consume them at
+    /// `prefetch` and ack them one by one (`ack_every` 1) or with one `multiple` ack every
+    /// `ack_every` deliveries (and one for the rest at the end).
+    async fn ceiling(
+        &self,
+        broker: &Broker,
+        bodies: &[Vec<u8>],
+        prefetch: u16,
+        ack_every: usize,
+    ) -> Result<CeilingResult> {
         let channel = self.channel().await?;
-        let queue = format!("bench.{}.ceiling", self.run_id);
+        let queue = format!("bench.{}.ceiling{prefetch}x{ack_every}", self.run_id);
         channel
             .queue_declare(
                 queue.as_str().into(),
@@ -221,7 +380,9 @@ impl Bench<'_> {
             )
             .await?;
         publish_all(&channel, "", &queue, bodies).await?;
-        channel.basic_qos(256, BasicQosOptions::default()).await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
         let mut consumer = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -230,18 +391,28 @@ impl Bench<'_> {
                 FieldTable::default(),
             )
             .await?;
+        let broker_before = broker.cpu_seconds();
         let started = Instant::now();
-        let mut acked = 0;
-        while acked < bodies.len() {
+        let mut received = 0;
+        while received < bodies.len() {
             let delivery = consumer.next().await.context("consumer ended")??;
-            delivery.ack(BasicAckOptions::default()).await?;
-            acked += 1;
+            received += 1;
+            if ack_every <= 1 {
+                delivery.ack(BasicAckOptions::default()).await?;
+            } else if received % ack_every == 0 || received == bodies.len() {
+                delivery.ack(BasicAckOptions { multiple: true }).await?;
+            }
         }
-        let rate = acked as f64 / started.elapsed().as_secs_f64();
+        let elapsed = started.elapsed().as_secs_f64();
+        let broker_cpu = broker_before.zip(broker.cpu_seconds()).map(|(b, a)| a - b);
         channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await?;
-        Ok(rate)
+        let _ = channel.close(200, "done".into()).await;
+        Ok(CeilingResult {
+            rate: received as f64 / elapsed,
+            broker_cpu_ms_per_1000: broker_cpu.map(|c| per_1000(c, received)),
+        })
     }
 
     fn spawn_worker(
@@ -277,10 +448,14 @@ impl Bench<'_> {
             .context("start opsgenie-worker")
     }
 
-    /// Publishes the backlog, starts `replicas` workers, and times until the stand-in has
+    /// Publishes the backlog, starts `replicas` workers, and times until `standin` has
     /// counted every job.
+    #[allow(clippy::too_many_arguments)]
     async fn drain(
         &self,
+        standin: &StandIn,
+        keyring: &Path,
+        broker: &Broker,
         phase: &str,
         bodies: &[Vec<u8>],
         replicas: usize,
@@ -290,17 +465,25 @@ impl Bench<'_> {
         let channel = self.channel().await?;
         topology.declare(&channel).await?;
         publish_all(&channel, &topology.exchange, &topology.routing_key, bodies).await?;
-        let target = self.standin.delivered() + bodies.len() as u64;
+        let base = standin.delivered();
+        let target = base + bodies.len() as u64;
+        let broker_before = broker.cpu_seconds();
         let started = Instant::now();
         let mut workers = Vec::new();
         for _ in 0..replicas {
-            workers.push(self.spawn_worker(&topology, phase, &self.keyring, extra)?);
+            workers.push(self.spawn_worker(&topology, phase, keyring, extra)?);
         }
-        let done = self
-            .standin
-            .wait_for_delivered(target, Duration::from_secs(600))
+        let mut done = standin
+            .wait_for_delivered(base + 1, Duration::from_secs(600))
             .await;
-        let elapsed = started.elapsed().as_secs_f64();
+        let first_answer = started.elapsed();
+        if done {
+            done = standin
+                .wait_for_delivered(target, Duration::from_secs(600))
+                .await;
+        }
+        let elapsed = started.elapsed();
+        let broker_cpu = broker_before.zip(broker.cpu_seconds()).map(|(b, a)| a - b);
         let cpu: f64 = workers.iter().map(|w| cpu_seconds(w.id())).sum();
         let rss = workers
             .iter()
@@ -310,17 +493,88 @@ impl Bench<'_> {
             stop(&mut w);
         }
         self.remove(&channel, &topology, phase).await;
+        let _ = channel.close(200, "done".into()).await;
         if !done {
             bail!(
-                "{phase}: the stand-in counted {} of {target}",
-                self.standin.delivered()
+                "{phase}: the stand-in counted {} of {}",
+                standin.delivered() - base,
+                bodies.len()
             );
         }
         Ok(DrainResult {
-            rate: bodies.len() as f64 / elapsed,
-            cpu_ms_per_1000: cpu * 1000.0 / (bodies.len() as f64 / 1000.0),
+            rate: bodies.len() as f64 / elapsed.as_secs_f64(),
+            cpu_ms_per_1000: per_1000(cpu, bodies.len()),
+            broker_cpu_ms_per_1000: broker_cpu.map(|c| per_1000(c, bodies.len())),
             peak_rss_mib: rss,
+            first_answer,
+            elapsed,
         })
+    }
+
+    /// At a real API's distance: a stand-in that answers after `delay`, a backlog of
+    /// `--api-jobs` drained at prefetch 64 and 256. With every prefetched job in flight the
+    /// ideal is prefetch / delay. The clock starts when the first request went out (the first
+    /// answer less the delay), so the worker's start-up is left out. Returns summary rows.
+    async fn api_distance(&self, broker: &Broker, delay: Duration) -> Result<Vec<String>> {
+        let standin = StandIn::start(StandInConfig {
+            record_bodies: false,
+            delay: Some(delay),
+            ..StandInConfig::default()
+        })
+        .await?;
+        let keyring = write_keyring(&self.dir.join("keyring-api.toml"), &standin)?;
+        let delay_ms = delay.as_secs_f64() * 1000.0;
+        let probe = concurrent_probe(standin.addr(), 256).await?;
+        println!(
+            "stand-in answering after {delay_ms:.0} ms: 256 concurrent requests all answered in {:.0} ms{}",
+            probe.as_secs_f64() * 1000.0,
+            if probe < delay * 2 {
+                " (side by side)"
+            } else {
+                " (NOT side by side: the figures below understate the worker)"
+            }
+        );
+        let bodies = realistic_jobs(self.args.api_jobs, 13);
+        let mut rows = Vec::new();
+        for prefetch in [64_u16, 256] {
+            settle().await;
+            let prefetch_text = prefetch.to_string();
+            let d = self
+                .drain(
+                    &standin,
+                    &keyring,
+                    broker,
+                    &format!("api{prefetch}"),
+                    &bodies,
+                    1,
+                    &["--prefetch", &prefetch_text],
+                )
+                .await?;
+            let clocked = d
+                .elapsed
+                .saturating_sub(d.first_answer.saturating_sub(delay));
+            let rate = bodies.len() as f64 / clocked.as_secs_f64();
+            let ideal = f64::from(prefetch) / delay.as_secs_f64();
+            println!(
+                "API {delay_ms:.0} ms away, prefetch {prefetch}: {} jobs/s = {:.2} x the ideal {} (prefetch / latency); first answer {:.0} ms after start; CPU per 1,000 jobs: worker {}, broker {}; peak RSS {:.1} MiB",
+                thousands(rate),
+                rate / ideal,
+                thousands(ideal),
+                d.first_answer.as_secs_f64() * 1000.0,
+                ms(Some(d.cpu_ms_per_1000)),
+                ms(d.broker_cpu_ms_per_1000),
+                d.peak_rss_mib
+            );
+            rows.push(format!(
+                "| API {delay_ms:.0} ms away, prefetch {prefetch} | {} jobs/s = {:.2} x the ideal {}; peak RSS {:.1} MiB |",
+                thousands(rate),
+                rate / ideal,
+                thousands(ideal),
+                d.peak_rss_mib
+            ));
+        }
+        let _ = standin.shutdown().await;
+        Ok(rows)
     }
 
     /// Publishes at a steady rate to a running worker; each job's publish time is matched
@@ -418,6 +672,88 @@ impl Bench<'_> {
             .stdout(Stdio::null())
             .status();
     }
+}
+
+/// The RabbitMQ server's processes (beam.smp), found by name in /proc.
+struct Broker {
+    pids: Vec<u32>,
+}
+
+impl Broker {
+    fn find() -> Broker {
+        let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|pid| {
+                        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                            .is_ok_and(|comm| comm.trim() == "beam.smp")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        pids.sort_unstable();
+        Broker { pids }
+    }
+
+    /// User plus system CPU of the broker's processes (threads included), seconds; None when
+    /// there is no broker process to read.
+    fn cpu_seconds(&self) -> Option<f64> {
+        (!self.pids.is_empty()).then(|| self.pids.iter().map(|&pid| cpu_seconds(pid)).sum())
+    }
+}
+
+/// Opens `n` connections to `addr`, sends one request on each at once, and returns the time
+/// until every answer is read: about one delay when the server answers them side by side.
+async fn concurrent_probe(addr: std::net::SocketAddr, n: usize) -> Result<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let requests = (0..n).map(|_| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        // Not an API route: answered 404 after the delay, and not counted as delivered.
+        stream
+            .write_all(b"GET /_probe HTTP/1.1\r\nHost: standin\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        anyhow::ensure!(answer.starts_with(b"HTTP/1.1 "), "no HTTP answer");
+        Ok::<_, anyhow::Error>(())
+    });
+    for result in futures_util::future::join_all(requests).await {
+        result.context("probe the stand-in")?;
+    }
+    Ok(started.elapsed())
+}
+
+/// CPU milliseconds per 1,000 jobs.
+fn per_1000(cpu_seconds: f64, jobs: usize) -> f64 {
+    cpu_seconds * 1000.0 / (jobs as f64 / 1000.0)
+}
+
+fn ms(value: Option<f64>) -> String {
+    value.map_or_else(|| "n/a".to_string(), |v| format!("{v:.1} ms"))
+}
+
+/// 12345.6 as "12,346".
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// "0.52 x one-by-one, 0.17 x multiple/64 @64, ..." for a drain's rate.
+fn ratios(rate: f64, ceilings: &[Ceiling]) -> String {
+    ceilings
+        .iter()
+        .map(|c| format!("{:.2} x {}", rate / c.rate, c.short))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A keyring whose one team, `backend`, is served by `standin`.

@@ -10,6 +10,7 @@
 //! connection-level faults; `pki` makes a private CA for TLS tests.
 
 mod admin;
+mod listen;
 mod opsgenie;
 mod pki;
 mod serve;
@@ -387,7 +388,7 @@ impl StandIn {
     /// no usable certificate and key.
     pub async fn start(config: StandInConfig) -> anyhow::Result<StandIn> {
         let tls = config.tls.as_ref().map(serve::tls_acceptor).transpose()?;
-        let listener = tokio::net::TcpListener::bind(&config.addr)
+        let listener = listen::bind(&config.addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.addr))?;
         let addr = listener
