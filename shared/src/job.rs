@@ -1,4 +1,4 @@
-//! The alert job (schema version 1, SPEC section 3): its types, parsing and validation.
+//! The alert job (schema version 1, docs/contract.md section 3): its types, parsing and validation.
 
 use serde::Deserialize;
 
@@ -145,7 +145,7 @@ impl AlertJob {
     /// Parses and validates one job body. Unknown fields are ignored.
     ///
     /// Fails with `JobError::TooLarge` for a body over `MAX_JOB_BYTES` (checked before
-    /// anything else) and `JobError::Invalid` for everything SPEC section 3 rules out.
+    /// anything else) and `JobError::Invalid` for everything docs/contract.md section 3 rules out.
     pub fn parse(body: &[u8]) -> Result<AlertJob, JobError> {
         if body.len() > MAX_JOB_BYTES {
             return Err(JobError::TooLarge { size: body.len() });

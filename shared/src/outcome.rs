@@ -1,4 +1,4 @@
-//! What an Opsgenie answer means for the job (SPEC section 6), decided once, here.
+//! What an Opsgenie answer means for the job (docs/contract.md section 6), decided once, here.
 
 use std::time::Duration;
 

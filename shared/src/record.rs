@@ -1,10 +1,10 @@
-//! The delivery record: the fields of the Redis stream entry of SPEC section 7.
+//! The delivery record: the fields of the Redis stream entry of docs/contract.md section 7.
 
 use crate::job::{Alert, AlertJob};
 use crate::request::OpsgenieRequest;
 use crate::text::cap_bytes;
 
-/// The most bytes a stream field's value holds (SPEC section 8); a longer one is cut on a
+/// The most bytes a stream field's value holds (docs/contract.md section 8); a longer one is cut on a
 /// character boundary and ends with `…`. Ids and numbers never come near it; a producer's
 /// slug or team id, or an answer's request id, can.
 pub const FIELD_LIMIT_BYTES: usize = 1024;

@@ -1,4 +1,4 @@
-//! The Opsgenie request a job becomes (SPEC section 5).
+//! The Opsgenie request a job becomes (docs/contract.md section 5).
 
 use serde::Serialize;
 
@@ -43,7 +43,7 @@ pub struct OpsgenieRequest {
     pub path: String,
     /// The query without `?`: `identifierType=alias` on a close, else empty.
     pub query: &'static str,
-    /// The serialized JSON body, keys in the order SPEC section 5 lists them.
+    /// The serialized JSON body, keys in the order docs/contract.md section 5 lists them.
     pub body: Vec<u8>,
     /// The alias the request carries or names (see `AlertJob::alias`).
     pub alias: Option<String>,
@@ -52,7 +52,7 @@ pub struct OpsgenieRequest {
     pub ignored_priority: Option<String>,
 }
 
-/// Builds the request for a validated job, exactly as SPEC section 5 says.
+/// Builds the request for a validated job, exactly as docs/contract.md section 5 says.
 pub fn build_request(job: &AlertJob) -> OpsgenieRequest {
     let alias = job.alias();
     let base = job.organization.url.trim_end_matches('/');
@@ -158,7 +158,7 @@ fn issue_body<'a>(
             ("Issue URL", DetailValue::of(&issue_url)),
         ]);
     }
-    // The rule labels and URLs are joined as SPEC section 5 says, but only as far as the
+    // The rule labels and URLs are joined as docs/contract.md section 5 says, but only as far as the
     // details cap can keep: each URL repeats the organization's base, so a job with a long
     // base and many rules would otherwise ask for (rules x base) bytes before the cap trims
     // them. The full length in chars is still counted, so the cap shrinks them exactly as if
@@ -243,7 +243,7 @@ fn metric_body<'a>(
     }
 }
 
-/// Keys in the order SPEC section 5 lists them; an issue alert never has a description and
+/// Keys in the order docs/contract.md section 5 lists them; an issue alert never has a description and
 /// a metric alert never has an entity or tags, so one order fits both.
 #[derive(Serialize)]
 struct CreateBody<'a> {
@@ -1094,7 +1094,7 @@ mod tests {
         }
     }
 
-    /// SPEC section 5's details of an issue alert, literally: every value built whole, the
+    /// docs/contract.md section 5's details of an issue alert, literally: every value built whole, the
     /// rule URLs joined whole, then the longest value shrunk until the entries fit.
     fn spec_details(job: &AlertJob) -> Vec<(String, String)> {
         let Alert::Issue(issue) = &job.alert else {

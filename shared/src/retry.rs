@@ -1,4 +1,4 @@
-//! When a job that could not be delivered is tried again (SPEC section 6).
+//! When a job that could not be delivered is tried again (docs/contract.md section 6).
 //!
 //! An *attempt* is one round of delivery: the job taken from the queue and tried up to
 //! `quick_tries` times in process. After a failed round the job goes to a delay queue whose

@@ -1,4 +1,4 @@
-//! The string rules of SPEC section 5: characters are Unicode scalar values, never split.
+//! The string rules of docs/contract.md section 5: characters are Unicode scalar values, never split.
 
 /// The number of Unicode scalar values in `s`.
 pub fn chars(s: &str) -> usize {
@@ -33,7 +33,7 @@ pub fn truncate(s: &str, n: usize) -> String {
 }
 
 /// `s` when it has at most `max` bytes, else as many of its first chars as fit in `max`
-/// bytes together with a closing `…` (U+2026, 3 bytes). For the sizes SPEC section 8 caps in
+/// bytes together with a closing `…` (U+2026, 3 bytes). For the sizes docs/contract.md section 8 caps in
 /// bytes: headers, stream fields. `max` below 3 gives the empty string for a long `s`.
 pub fn cap_bytes(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {

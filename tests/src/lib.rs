@@ -367,7 +367,7 @@ where
 // Jobs, stand-ins and dead letters shared by the delivery-pipeline suites (`delivery`,
 // `enqueue`). Kept apart from the harness above so that each suite can grow its own block.
 
-/// The issue alert example of SPEC section 3, for `team`.
+/// The issue alert example of docs/contract.md section 3, for `team`.
 pub fn spec_issue_job(uuid: &str, team: &str) -> serde_json::Value {
     serde_json::json!({"version":1,"kind":"issue_alert","notification_uuid":uuid,
      "team_id":team,"priority":"P2",
@@ -379,7 +379,7 @@ pub fn spec_issue_job(uuid: &str, team: &str) -> serde_json::Value {
      "rules":[{"id":17,"label":"Errors in prod"}]})
 }
 
-/// The metric alert example of SPEC section 3, for `team`, without a sequence so that any
+/// The metric alert example of docs/contract.md section 3, for `team`, without a sequence so that any
 /// status of incident `identifier` may follow any other.
 pub fn spec_metric_job(uuid: &str, team: &str, identifier: i64, status: &str) -> serde_json::Value {
     serde_json::json!({"version":1,"kind":"metric_alert","notification_uuid":uuid,

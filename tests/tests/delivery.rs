@@ -1,5 +1,5 @@
 //! The delivery pipeline end to end: a job on RabbitMQ becomes exactly the Opsgenie request of
-//! SPEC section 5, one stream entry, one log line, and an empty queue.
+//! docs/contract.md section 5, one stream entry, one log line, and an empty queue.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 /// Generous: the machine is small and shared, and a passing run never waits this long.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Fields every "Job finished." line carries (SPEC section 10).
+/// Fields every "Job finished." line carries (docs/contract.md section 10).
 const JOB_LINE_FIELDS: [&str; 10] = [
     "notification_uuid",
     "team_id",
@@ -965,7 +965,7 @@ async fn a_randomized_batch_is_delivered_exactly_once_per_job() {
     let names: BTreeSet<&str> = missing.iter().map(|(name, _)| *name).collect();
     assert!(
         missing.is_empty(),
-        "{} job lines lack a field of SPEC section 10 ({names:?}), for example:\n{}",
+        "{} job lines lack a field of docs/contract.md section 10 ({names:?}), for example:\n{}",
         missing.len(),
         missing[0].1
     );

@@ -30,7 +30,7 @@ async fn assert_queued(env: &TestEnv, n: u32) {
 }
 
 /// Starts a worker, lets it deliver `jobs`, stops it, and checks that the stand-in received
-/// exactly one request per job, each the one SPEC section 5 builds from it.
+/// exactly one request per job, each the one docs/contract.md section 5 builds from it.
 async fn deliver_and_check(
     env: &TestEnv,
     standin: &StandIn,
@@ -107,7 +107,7 @@ async fn a_file_with_one_pretty_printed_job_is_published_and_delivered() {
     enqueue_ok(&env, &["enqueue", file.to_str().expect("utf-8 path")], None);
     assert_queued(&env, 1).await;
 
-    // SPEC section 3: a persistent AMQP message, content type application/json.
+    // docs/contract.md section 3: a persistent AMQP message, content type application/json.
     let message = env
         .channel
         .basic_get(env.queue.as_str().into(), BasicGetOptions { no_ack: false })

@@ -1,7 +1,7 @@
 //! Fault injection: what the worker does when Opsgenie fails, when a replica dies, when Redis
 //! or RabbitMQ go away, when a job is poison, and when it is told to stop. Each test holds the
-//! worker to SPEC sections 6, 7, 8 and 10 with exact counts: nothing lost, nothing paged twice
-//! beyond what the SPEC allows, nothing acked before it is durable.
+//! worker to sections 6, 7, 8 and 10 of docs/contract.md with exact counts: nothing lost, nothing paged twice
+//! beyond what the contract allows, nothing acked before it is durable.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -796,7 +796,7 @@ fn edited_metric(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Vec<
     job.to_string().into_bytes()
 }
 
-/// Poison that never reaches Opsgenie: every way SPEC section 8 says a body is not a job, and
+/// Poison that never reaches Opsgenie: every way docs/contract.md section 8 says a body is not a job, and
 /// a team the keyring does not have.
 fn poison_before_http() -> Vec<Poison> {
     let text = |uuid: &str| issue_job(uuid, TEAM, 9).to_string();

@@ -1,4 +1,4 @@
-//! The worker's HTTP transport end to end (SPEC section 4): https with a team's `ca_file`,
+//! The worker's HTTP transport end to end (docs/contract.md section 4): https with a team's `ca_file`,
 //! HTTP/2 multiplexing on one connection, an egress proxy from `HTTPS_PROXY` and `NO_PROXY`,
 //! and servers that misbehave at the connection level. A request is sent again without
 //! counting as a try only when it provably never reached the server; anything else is a try.
@@ -18,7 +18,7 @@ fn new_uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// The SPEC issue job for `TEAM`, with its own group so that each job has its own alias.
+/// The contract's issue job for `TEAM`, with its own group so that each job has its own alias.
 fn issue_job(uuid: &str, group: i64) -> Value {
     let mut job = spec_issue_job(uuid, TEAM);
     job["group"]["id"] = group.into();

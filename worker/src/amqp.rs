@@ -1,4 +1,4 @@
-//! The RabbitMQ boundary (SPEC section 8): the topology, consuming, and the confirmed
+//! The RabbitMQ boundary (docs/contract.md section 8): the topology, consuming, and the confirmed
 //! publishes that make a retry or a dead letter durable before the original is acked.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,14 +30,14 @@ pub const HEADER_DEAD_AT: &str = "x-opsgenie-dead-at-ms";
 /// the copy would not have fitted in one frame with them.
 pub const HEADER_DROPPED: &str = "x-opsgenie-headers-dropped";
 
-/// The most bytes a header value the worker writes holds (SPEC section 8).
+/// The most bytes a header value the worker writes holds (docs/contract.md section 8).
 pub const HEADER_VALUE_LIMIT: usize = 1024;
 
 /// A content header frame's bytes besides the properties: frame type, channel and size (7),
 /// class, weight and body size (12), frame end (1).
 const HEADER_FRAME_OVERHEAD: usize = 20;
 
-/// The names of SPEC section 8, derived once from the flags.
+/// The names of docs/contract.md section 8, derived once from the flags.
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub exchange: String,
@@ -252,7 +252,7 @@ impl Publisher {
     }
 
     /// Sends a job to the dead-letter queue with the original body and properties and the
-    /// error headers of SPEC section 8.
+    /// error headers of docs/contract.md section 8.
     pub async fn dead_letter(
         &self,
         queue: &str,

@@ -1,4 +1,4 @@
-//! The Redis boundary (SPEC section 7): the checks before a request (already delivered? a
+//! The Redis boundary (docs/contract.md section 7): the checks before a request (already delivered? a
 //! stale incident status? another replica on this incident?) and the atomic record after it.
 //! Each is one Lua script, so one round trip and no half-written state. The scripts live in
 //! `buffer/*.lua`, each with its KEYS/ARGV contract and answers at its top, and every one runs
@@ -39,7 +39,7 @@ pub struct BufferSettings {
     pub lease_ttl: Duration,
 }
 
-/// How long the last delivered sequence of an incident is kept (SPEC section 7: 7 days).
+/// How long the last delivered sequence of an incident is kept (docs/contract.md section 7: 7 days).
 const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
 
 /// The admission checks and records of a batch of jobs in one atomic step; its KEYS/ARGV

@@ -1,4 +1,4 @@
-//! The command line (SPEC section 9): every flag, its environment variable and its default.
+//! The command line (docs/contract.md section 9): every flag, its environment variable and its default.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,7 +62,7 @@ pub enum QueueType {
     Quorum,
 }
 
-/// Where jobs come from: the broker and the names of SPEC section 8.
+/// Where jobs come from: the broker and the names of docs/contract.md section 8.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// RabbitMQ URL (amqp:// or amqps://). Default: the local broker as guest,

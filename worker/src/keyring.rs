@@ -1,4 +1,4 @@
-//! The keyring (SPEC section 4): which Opsgenie integration key and API base URL serve each
+//! The keyring (docs/contract.md section 4): which Opsgenie integration key and API base URL serve each
 //! team. Keys never travel in jobs; they come from this file, the environment or key files.
 
 use std::collections::HashMap;

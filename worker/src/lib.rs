@@ -37,7 +37,7 @@ use crate::opsgenie::Sender;
 use crate::process::Pipeline;
 use crate::shutdown::Shutdown;
 
-/// Why a command stopped; decides the exit code (SPEC section 9): 2 for something the
+/// Why a command stopped; decides the exit code (docs/contract.md section 9): 2 for something the
 /// operator must fix in the configuration, 1 for anything else.
 #[derive(Debug, thiserror::Error)]
 pub enum Fatal {

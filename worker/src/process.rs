@@ -38,7 +38,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// A dead letter whose message is cut to what a header may hold (SPEC section 8), so that
+    /// A dead letter whose message is cut to what a header may hold (docs/contract.md section 8), so that
     /// neither the dead letter nor the job's log line grows with the job.
     pub fn dead_letter(reason: DeadReason, message: impl AsRef<str>) -> Outcome {
         Outcome::DeadLetter {
