@@ -191,12 +191,20 @@ impl Sender {
         authorization: &HeaderValue,
         body: &[u8],
     ) -> Result<Answer, reqwest::Error> {
-        let answer = if warmth.is_warm() {
-            send(client, url, authorization, body).await
-        } else {
-            let _opening = warmth.opening.lock().await;
-            send(client, url, authorization, body).await
-        };
+        if !warmth.is_warm() {
+            let opening = warmth.opening.lock().await;
+            // Those that waited here while the first went out find it warm now, and go
+            // together.
+            if !warmth.is_warm() {
+                let answer = send(client, url, authorization, body).await;
+                if answer.is_ok() {
+                    warmth.answered_now();
+                }
+                drop(opening);
+                return answer;
+            }
+        }
+        let answer = send(client, url, authorization, body).await;
         if answer.is_ok() {
             warmth.answered_now();
         }
