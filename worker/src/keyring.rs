@@ -53,6 +53,9 @@ pub struct Team {
     /// The API base URL without a trailing `/`: an absolute http(s) URL, checked at load. A
     /// path prefix (a gateway's, or JSM's) is kept: requests go to `api_base + path`.
     pub api_base: String,
+    /// `api_base`, parsed once at load, so that a request's URL is built without parsing
+    /// (and IDNA-checking) the host again.
+    pub api: url::Url,
     /// `GenieKey <key>`, the `Authorization` header, built once; it prints as `***` too.
     pub authorization: IntegrationKey,
     /// Extra CA certificates this team's API is trusted by, beside the system's.
@@ -255,16 +258,19 @@ impl Keyring {
                     ));
                 }
             };
-            if let Err(problem) = check_api_base(&api_base) {
-                return Err(fail(
-                    span,
-                    format!(
-                        "{}: \"{}\" is not an http(s) URL: {problem}",
-                        at("api_url"),
-                        redact_url(&api_base)
-                    ),
-                ));
-            }
+            let api = match check_api_base(&api_base) {
+                Ok(api) => api,
+                Err(problem) => {
+                    return Err(fail(
+                        span,
+                        format!(
+                            "{}: \"{}\" is not an http(s) URL: {problem}",
+                            at("api_url"),
+                            redact_url(&api_base)
+                        ),
+                    ));
+                }
+            };
             let ca = match entry.ca_file {
                 None => None,
                 Some(file) => {
@@ -303,6 +309,7 @@ impl Keyring {
                 authorization: IntegrationKey(format!("GenieKey {key}")),
                 key: IntegrationKey(key),
                 api_base,
+                api,
                 ca,
             };
             if teams.insert(id.clone(), Arc::new(team)).is_some() {
@@ -318,7 +325,7 @@ impl Keyring {
 
 /// Why `url` cannot be a team's API base, if it cannot: an absolute `http` or `https` URL
 /// with a host, and no query or fragment (requests append their own path and query).
-fn check_api_base(url: &str) -> Result<(), String> {
+fn check_api_base(url: &str) -> Result<url::Url, String> {
     let parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(format!("the scheme is {:?}", parsed.scheme()));
@@ -329,7 +336,7 @@ fn check_api_base(url: &str) -> Result<(), String> {
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err("a base URL cannot carry a query or fragment".into());
     }
-    Ok(())
+    Ok(parsed)
 }
 
 /// Reads and parses a PEM bundle of CA certificates.

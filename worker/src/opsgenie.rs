@@ -167,30 +167,38 @@ impl Sender {
             .clone())
     }
 
-    /// The warmth of `team`'s destination (its API base, with its trust set).
-    fn warmth_of(&self, team: &Team) -> Arc<Warmth> {
+    /// The warmth of `team`'s destination (its API base, with its trust set). Only https
+    /// destinations have one: HTTP/2 is negotiated by ALPN only there, and over plain http
+    /// each request in flight needs a connection of its own anyway.
+    fn warmth_of(&self, team: &Team) -> Option<Arc<Warmth>> {
+        if !team.api_base.starts_with("https://") {
+            return None;
+        }
         let mut map = self.warmth.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(warmth) = map.get(&team.api_base)
             && team.ca.is_none()
         {
-            return Arc::clone(warmth);
+            return Some(Arc::clone(warmth));
         }
         let key = match &team.ca {
             None => team.api_base.clone(),
             Some(ca) => format!("{} {}", team.api_base, ca.path.display()),
         };
-        Arc::clone(map.entry(key).or_default())
+        Some(Arc::clone(map.entry(key).or_default()))
     }
 
     /// Sends one request; to a cold destination, one at a time until one is answered.
     async fn send_warm(
         &self,
-        warmth: &Warmth,
+        warmth: Option<&Warmth>,
         client: &reqwest::Client,
-        url: &str,
+        url: &url::Url,
         authorization: &HeaderValue,
         body: &[u8],
     ) -> Result<Answer, reqwest::Error> {
+        let Some(warmth) = warmth else {
+            return send(client, url, authorization, body).await;
+        };
         if !warmth.is_warm() {
             let opening = warmth.opening.lock().await;
             // Those that waited here while the first went out find it warm now, and go
@@ -247,10 +255,7 @@ impl Sender {
                 };
             }
         };
-        let url = match request.query {
-            "" => format!("{}{}", team.api_base, request.path),
-            query => format!("{}{}?{query}", team.api_base, request.path),
-        };
+        let url = request_url(&team.api, &request.path, request.query);
         let mut authorization = match HeaderValue::from_str(team.authorization.expose()) {
             Ok(value) => value,
             // Checked at load: a key has no character a header cannot carry.
@@ -280,7 +285,13 @@ impl Sender {
             }
             let started = std::time::Instant::now();
             let answer = self
-                .send_warm(&warmth, &client, &url, &authorization, &request.body)
+                .send_warm(
+                    warmth.as_deref(),
+                    &client,
+                    &url,
+                    &authorization,
+                    &request.body,
+                )
                 .await;
             // A request that never reached the server (no connection could be made) is not
             // a try; anything else may have been received, and counts.
@@ -427,15 +438,25 @@ fn build_client(
         .build()
 }
 
+/// `path` (already percent-encoded by the request builder) below the team's base, whose own
+/// path prefix (a gateway's, or JSM's `/jsm/ops/integration`) is kept, with `query`.
+fn request_url(api: &url::Url, path: &str, query: &str) -> url::Url {
+    let mut url = api.clone();
+    let base_path = api.path().trim_end_matches('/');
+    url.set_path(&format!("{base_path}{path}"));
+    url.set_query((!query.is_empty()).then_some(query));
+    url
+}
+
 /// One POST; the answer's body is read up to `MAX_ANSWER_BYTES`.
 async fn send(
     client: &reqwest::Client,
-    url: &str,
+    url: &url::Url,
     authorization: &HeaderValue,
     body: &[u8],
 ) -> Result<Answer, reqwest::Error> {
     let mut response = client
-        .post(url)
+        .post(url.clone())
         .header(AUTHORIZATION, authorization.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .body(body.to_vec())
@@ -535,7 +556,35 @@ fn status_label(status: Option<u16>) -> std::borrow::Cow<'static, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::excerpt;
+    use super::{excerpt, request_url};
+
+    #[test]
+    fn requests_go_below_the_base_with_its_prefix_kept() {
+        let cases = [
+            (
+                "https://api.opsgenie.com",
+                "/v2/alerts",
+                "",
+                "https://api.opsgenie.com/v2/alerts",
+            ),
+            (
+                "https://api.atlassian.com/jsm/ops/integration",
+                "/v2/alerts/incident_1_2/close",
+                "identifierType=alias",
+                "https://api.atlassian.com/jsm/ops/integration/v2/alerts/incident_1_2/close?identifierType=alias",
+            ),
+            (
+                "http://127.0.0.1:18080/gw/",
+                "/v2/alerts/sentry%3A%2012/close",
+                "identifierType=alias",
+                "http://127.0.0.1:18080/gw/v2/alerts/sentry%3A%2012/close?identifierType=alias",
+            ),
+        ];
+        for (base, path, query, expected) in cases {
+            let base = url::Url::parse(base).unwrap();
+            assert_eq!(request_url(&base, path, query).as_str(), expected);
+        }
+    }
 
     #[test]
     fn a_key_across_the_cut_leaves_no_piece_behind() {
