@@ -16,10 +16,15 @@ pub enum DeadReason {
     /// Processing was started several times and never finished: the message keeps killing
     /// the attempt (the worker dies or is cut off with it in hand).
     Poison,
+    /// Opsgenie accepted the request (202) and then failed to process it: the request status
+    /// says `isSuccess: false` (a disabled integration, a policy, a refused field).
+    FailedAsync,
+    /// Accepted (202), but no request status said it was processed within `--confirm-within`.
+    Unconfirmed,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 7] = [
+    pub const ALL: [DeadReason; 9] = [
         DeadReason::InvalidJob,
         DeadReason::TooLarge,
         DeadReason::UnknownTeam,
@@ -27,10 +32,12 @@ impl DeadReason {
         DeadReason::Rejected,
         DeadReason::Exhausted,
         DeadReason::Poison,
+        DeadReason::FailedAsync,
+        DeadReason::Unconfirmed,
     ];
 
     /// `invalid_job`, `too_large`, `unknown_team`, `unauthorized`, `rejected`, `exhausted`,
-    /// `poison`.
+    /// `poison`, `failed_async`, `unconfirmed`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadReason::InvalidJob => "invalid_job",
@@ -40,6 +47,8 @@ impl DeadReason {
             DeadReason::Rejected => "rejected",
             DeadReason::Exhausted => "exhausted",
             DeadReason::Poison => "poison",
+            DeadReason::FailedAsync => "failed_async",
+            DeadReason::Unconfirmed => "unconfirmed",
         }
     }
 
@@ -251,7 +260,9 @@ mod tests {
                 "unauthorized",
                 "rejected",
                 "exhausted",
-                "poison"
+                "poison",
+                "failed_async",
+                "unconfirmed"
             ]
         );
         for reason in DeadReason::ALL {

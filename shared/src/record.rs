@@ -23,13 +23,14 @@ pub struct Delivery<'a> {
 /// `team_id`, `alias` (empty when none), `organization_id`, then for an issue alert
 /// `project_slug`, `group_id` (empty without a group), `rule_ids` (comma-separated), or for a
 /// metric alert `incident_identifier`; then `status`, `request_id`, `attempts`,
-/// `delivered_at_ms`. Every value is at most `FIELD_LIMIT_BYTES` long.
+/// `delivered_at_ms`, and `event` = `delivered`. Every value is at most `FIELD_LIMIT_BYTES`
+/// long.
 pub fn delivery_fields(
     job: &AlertJob,
     request: &OpsgenieRequest,
     delivery: &Delivery<'_>,
 ) -> Vec<(&'static str, String)> {
-    let mut fields = Vec::with_capacity(14);
+    let mut fields = Vec::with_capacity(15);
     fields.extend([
         ("notification_uuid", job.notification_uuid.clone()),
         ("kind", job.kind().as_str().to_owned()),
@@ -66,6 +67,7 @@ pub fn delivery_fields(
         ("request_id", delivery.request_id.to_owned()),
         ("attempts", delivery.attempts.to_string()),
         ("delivered_at_ms", delivery.delivered_at_ms.to_string()),
+        ("event", "delivered".to_owned()),
     ]);
     for (_, value) in &mut fields {
         if value.len() > FIELD_LIMIT_BYTES {
@@ -73,6 +75,60 @@ pub fn delivery_fields(
         }
     }
     fields
+}
+
+/// How a delivery's confirmation ended (docs/contract.md section 6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfirmationEvent {
+    /// Opsgenie processed the request: `isSuccess: true`.
+    Confirmed,
+    /// Opsgenie processed the request and failed it: `isSuccess: false`.
+    FailedAsync,
+    /// No answer said it was processed within `--confirm-within`.
+    Unconfirmed,
+}
+
+impl ConfirmationEvent {
+    /// `confirmed`, `failed_async`, `unconfirmed`: the stream's `event` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfirmationEvent::Confirmed => "confirmed",
+            ConfirmationEvent::FailedAsync => "failed_async",
+            ConfirmationEvent::Unconfirmed => "unconfirmed",
+        }
+    }
+}
+
+/// What the shell knows once a confirmation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmation<'a> {
+    pub event: ConfirmationEvent,
+    pub request_id: &'a str,
+    /// Opsgenie's `status` text, or why there is none.
+    pub status_text: &'a str,
+    /// Opsgenie's `alertId`, or empty.
+    pub alert_id: &'a str,
+    pub confirmed_at_ms: u64,
+}
+
+/// The stream entry of a confirmation, in this order: `notification_uuid`, `event`,
+/// `request_id`, `status_text`, `alert_id`, `confirmed_at_ms`. Every value is at most
+/// `FIELD_LIMIT_BYTES` long.
+pub fn confirmation_fields(
+    notification_uuid: &str,
+    confirmation: &Confirmation<'_>,
+) -> Vec<(&'static str, String)> {
+    [
+        ("notification_uuid", notification_uuid),
+        ("event", confirmation.event.as_str()),
+        ("request_id", confirmation.request_id),
+        ("status_text", confirmation.status_text),
+        ("alert_id", confirmation.alert_id),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name, cap_bytes(value, FIELD_LIMIT_BYTES).into_owned()))
+    .chain([("confirmed_at_ms", confirmation.confirmed_at_ms.to_string())])
+    .collect()
 }
 
 #[cfg(test)]
@@ -124,6 +180,7 @@ mod tests {
                 ("request_id", "req-9"),
                 ("attempts", "2"),
                 ("delivered_at_ms", "1732665600123"),
+                ("event", "delivered"),
             ])
         );
     }
@@ -140,7 +197,7 @@ mod tests {
         assert_eq!(get("alias"), "");
         assert_eq!(get("group_id"), "");
         assert_eq!(get("request_id"), "");
-        assert_eq!(got.len(), 13);
+        assert_eq!(got.len(), 14);
     }
 
     #[test]
@@ -167,6 +224,7 @@ mod tests {
                 ("request_id", "req-9"),
                 ("attempts", "2"),
                 ("delivered_at_ms", "1732665600123"),
+                ("event", "delivered"),
             ])
         );
     }
@@ -203,5 +261,35 @@ mod tests {
         assert!(get("project_slug").starts_with("éé") && get("project_slug").ends_with('…'));
         assert!(get("rule_ids").starts_with("0,1,2,3,") && get("rule_ids").ends_with('…'));
         assert_eq!(get("notification_uuid"), "n-2");
+    }
+
+    #[test]
+    fn confirmation_fields_in_order_and_capped() {
+        let long = "s".repeat(5000);
+        let fields = confirmation_fields(
+            "n-3",
+            &Confirmation {
+                event: ConfirmationEvent::FailedAsync,
+                request_id: "req-1",
+                status_text: &long,
+                alert_id: "",
+                confirmed_at_ms: 7,
+            },
+        );
+        let names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "notification_uuid",
+                "event",
+                "request_id",
+                "status_text",
+                "alert_id",
+                "confirmed_at_ms"
+            ]
+        );
+        assert_eq!(fields[1].1, "failed_async");
+        assert!(fields[3].1.len() <= FIELD_LIMIT_BYTES && fields[3].1.ends_with('…'));
+        assert_eq!(fields[5].1, "7");
     }
 }

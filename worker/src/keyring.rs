@@ -13,8 +13,13 @@ use serde::Deserialize;
 
 use crate::config::redact_url;
 
-const US_API: &str = "https://api.opsgenie.com";
-const EU_API: &str = "https://api.eu.opsgenie.com";
+/// The API base of each `region`: Opsgenie's two, and Jira Service Management operations,
+/// which serves the same Alert API v2 (paths, bodies, `GenieKey` keys) below its own prefix.
+pub const REGIONS: [(&str, &str); 3] = [
+    ("us", "https://api.opsgenie.com"),
+    ("eu", "https://api.eu.opsgenie.com"),
+    ("jsm", "https://api.atlassian.com/jsm/ops/integration"),
+];
 
 /// The most a keyring file may hold: thousands of teams fit in far less.
 pub const MAX_KEYRING_BYTES: u64 = 1024 * 1024;
@@ -58,8 +63,34 @@ pub struct Team {
     pub api: url::Url,
     /// `GenieKey <key>`, the `Authorization` header, built once; it prints as `***` too.
     pub authorization: IntegrationKey,
+    /// The `region` its base came from; `None` when the keyring gave an `api_url`.
+    pub region: Option<&'static str>,
     /// Extra CA certificates this team's API is trusted by, beside the system's.
     pub ca: Option<Arc<CaBundle>>,
+}
+
+impl Team {
+    /// Where its requests go, for `check` and start-up: `region jsm, https://...` or
+    /// `api_url https://...`, with any credentials redacted. Never the key.
+    pub fn destination(&self) -> String {
+        let redacted = redact_url(&self.api_base);
+        let base = redacted.trim_end_matches('/');
+        match self.region {
+            Some(region) => format!("region {region}, {base}"),
+            None => format!("api_url {base}"),
+        }
+    }
+}
+
+/// The fleet's heartbeat (docs/contract.md section 6.2): pinged while the fleet is healthy.
+#[derive(Debug)]
+pub struct Heartbeat {
+    /// Its name in Opsgenie / JSM.
+    pub name: String,
+    /// How often the fleet pings.
+    pub interval: Duration,
+    /// The integration that pings: its key and API base, as for a team.
+    pub team: Arc<Team>,
 }
 
 /// The certificates of a team's `ca_file`, read and parsed at load.
@@ -87,6 +118,8 @@ pub const MAX_CA_FILE_BYTES: u64 = 1024 * 1024;
 #[derive(Debug, Default)]
 pub struct Keyring {
     teams: HashMap<String, Arc<Team>>,
+    /// The `[heartbeat]` table, if any.
+    pub heartbeat: Option<Arc<Heartbeat>>,
     /// The file it was read from, for messages.
     pub source: PathBuf,
 }
@@ -190,135 +223,211 @@ impl Keyring {
             if id.is_empty() {
                 return Err(fail(span, format!("{}: must not be empty", at("id"))));
             }
-            let key = match (
-                entry.integration_key,
-                entry.integration_key_env,
-                entry.integration_key_file,
-            ) {
-                (Some(key), None, None) => key,
-                (None, Some(var), None) => env(&var).ok_or_else(|| {
-                    fail(
-                        span.clone(),
-                        format!(
-                            "{}: environment variable {var} is not set",
-                            at("integration_key_env")
-                        ),
-                    )
-                })?,
-                (None, None, Some(file)) => {
-                    let key_path = resolve(path, &file);
-                    read_checked(&key_path, MAX_KEY_FILE_BYTES).map_err(|e| {
-                        fail(
-                            span.clone(),
-                            format!(
-                                "{}: cannot read {}: {e}",
-                                at("integration_key_file"),
-                                key_path.display()
-                            ),
-                        )
-                    })?
-                }
-                _ => {
-                    return Err(fail(
-                        span,
-                        format!(
-                            "{}: set exactly one of integration_key, integration_key_env, integration_key_file",
-                            at("integration_key")
-                        ),
-                    ));
-                }
+            let source = Source {
+                integration_key: entry.integration_key,
+                integration_key_env: entry.integration_key_env,
+                integration_key_file: entry.integration_key_file,
+                region: entry.region,
+                api_url: entry.api_url,
+                ca_file: entry.ca_file,
             };
-            let key = key.trim().to_string();
-            if key.is_empty() {
-                return Err(fail(
-                    span,
-                    format!("{}: the key is empty", at("integration_key")),
-                ));
-            }
-            let api_base = match (entry.api_url, entry.region.as_deref()) {
-                // An `@` is credentials, which an API base cannot carry, or a password that
-                // parses as a host and a port: the key must not go there.
-                (Some(url), _) if url.contains('@') => {
-                    return Err(fail(
-                        span,
-                        format!(
-                            "{}: \"{}\" has an `@`: an API base cannot carry credentials",
-                            at("api_url"),
-                            redact_url(&url)
-                        ),
-                    ));
-                }
-                (Some(url), _) => url.trim_end_matches('/').to_string(),
-                (None, None | Some("us")) => US_API.to_string(),
-                (None, Some("eu")) => EU_API.to_string(),
-                (None, Some(other)) => {
-                    return Err(fail(
-                        span,
-                        format!("{}: \"{other}\" is not a region (us or eu)", at("region")),
-                    ));
-                }
-            };
-            let api = match check_api_base(&api_base) {
-                Ok(api) => api,
-                Err(problem) => {
-                    return Err(fail(
-                        span,
-                        format!(
-                            "{}: \"{}\" is not an http(s) URL: {problem}",
-                            at("api_url"),
-                            redact_url(&api_base)
-                        ),
-                    ));
-                }
-            };
-            let ca = match entry.ca_file {
-                None => None,
-                Some(file) => {
-                    let ca_path = resolve(path, &file);
-                    match bundles.get(&ca_path) {
-                        Some(bundle) => Some(Arc::clone(bundle)),
-                        None => {
-                            let bundle = read_ca_bundle(&ca_path).map_err(|e| {
-                                fail(
-                                    span.clone(),
-                                    format!(
-                                        "{}: cannot use {}: {e}",
-                                        at("ca_file"),
-                                        ca_path.display()
-                                    ),
-                                )
-                            })?;
-                            let bundle = Arc::new(bundle);
-                            bundles.insert(ca_path, Arc::clone(&bundle));
-                            Some(bundle)
-                        }
-                    }
-                }
-            };
-            if key.chars().any(|c| c.is_control()) {
-                return Err(fail(
-                    span,
-                    format!(
-                        "{}: the key has characters a header cannot carry",
-                        at("integration_key")
-                    ),
-                ));
-            }
-            let team = Team {
-                id: id.clone(),
-                authorization: IntegrationKey(format!("GenieKey {key}")),
-                key: IntegrationKey(key),
-                api_base,
-                api,
-                ca,
-            };
+            let team = source
+                .into_team(id.clone(), &at, path, env, &mut bundles)
+                .map_err(|message| fail(span.clone(), message))?;
             if teams.insert(id.clone(), Arc::new(team)).is_some() {
                 return Err(fail(span, format!("{}: \"{id}\" appears twice", at("id"))));
             }
         }
+        let heartbeat = match file.heartbeat {
+            None => None,
+            Some(entry) => {
+                let span = Some(entry.name.span());
+                let name = entry.name.into_inner();
+                let at = |field: &str| format!("heartbeat.{field}");
+                let heartbeat = heartbeat_settings(&name, entry.interval.as_deref(), &at)
+                    .and_then(|interval| {
+                        let source = Source {
+                            integration_key: entry.integration_key,
+                            integration_key_env: entry.integration_key_env,
+                            integration_key_file: entry.integration_key_file,
+                            region: entry.region,
+                            api_url: entry.api_url,
+                            ca_file: entry.ca_file,
+                        };
+                        let team = source.into_team(
+                            HEARTBEAT_TEAM_ID.to_string(),
+                            &at,
+                            path,
+                            env,
+                            &mut bundles,
+                        )?;
+                        Ok(Heartbeat {
+                            name: name.clone(),
+                            interval,
+                            team: Arc::new(team),
+                        })
+                    })
+                    .map_err(|message| fail(span, message))?;
+                Some(Arc::new(heartbeat))
+            }
+        };
         Ok(Keyring {
             teams,
+            heartbeat,
             source: path.to_path_buf(),
+        })
+    }
+}
+
+/// The name the heartbeat's integration goes by in the sender's messages and cooldowns; no
+/// team can clash with it in practice, and none would share its cooldown by accident.
+pub const HEARTBEAT_TEAM_ID: &str = "[heartbeat]";
+/// The most bytes a heartbeat's name may hold.
+pub const MAX_HEARTBEAT_NAME_BYTES: usize = 200;
+/// How often the fleet pings without an `interval`.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The heartbeat's name and interval, checked.
+fn heartbeat_settings(
+    name: &str,
+    interval: Option<&str>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Duration, String> {
+    if name.trim().is_empty() {
+        return Err(format!("{}: must not be empty", at("name")));
+    }
+    if name.len() > MAX_HEARTBEAT_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(format!(
+            "{}: must be at most {MAX_HEARTBEAT_NAME_BYTES} bytes without control characters",
+            at("name")
+        ));
+    }
+    let Some(interval) = interval else {
+        return Ok(DEFAULT_HEARTBEAT_INTERVAL);
+    };
+    let interval = opsgenie_shared::retry::parse_duration(interval)
+        .map_err(|e| format!("{}: \"{interval}\" is not a duration: {e}", at("interval")))?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&interval) {
+        return Err(format!("{}: must be between 1s and 24h", at("interval")));
+    }
+    Ok(interval)
+}
+
+/// Where an integration's key and API come from, as written in the file.
+struct Source {
+    integration_key: Option<String>,
+    integration_key_env: Option<String>,
+    integration_key_file: Option<String>,
+    region: Option<String>,
+    api_url: Option<String>,
+    ca_file: Option<String>,
+}
+
+impl Source {
+    /// Reads the key (inline, from the environment or a file), resolves the API base (a
+    /// region, or `api_url`) and reads the CA bundle. `at` names a field for messages.
+    fn into_team(
+        self,
+        id: String,
+        at: &dyn Fn(&str) -> String,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        bundles: &mut HashMap<PathBuf, Arc<CaBundle>>,
+    ) -> Result<Team, String> {
+        let key = match (
+            self.integration_key,
+            self.integration_key_env,
+            self.integration_key_file,
+        ) {
+            (Some(key), None, None) => key,
+            (None, Some(var), None) => env(&var).ok_or_else(|| {
+                format!(
+                    "{}: environment variable {var} is not set",
+                    at("integration_key_env")
+                )
+            })?,
+            (None, None, Some(file)) => {
+                let key_path = resolve(path, &file);
+                read_checked(&key_path, MAX_KEY_FILE_BYTES).map_err(|e| {
+                    format!(
+                        "{}: cannot read {}: {e}",
+                        at("integration_key_file"),
+                        key_path.display()
+                    )
+                })?
+            }
+            _ => {
+                return Err(format!(
+                    "{}: set exactly one of integration_key, integration_key_env, integration_key_file",
+                    at("integration_key")
+                ));
+            }
+        };
+        let key = key.trim().to_string();
+        if key.is_empty() {
+            return Err(format!("{}: the key is empty", at("integration_key")));
+        }
+        if key.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "{}: the key has characters a header cannot carry",
+                at("integration_key")
+            ));
+        }
+        let (api_base, region) = match (self.api_url, self.region.as_deref()) {
+            // An `@` is credentials, which an API base cannot carry, or a password that
+            // parses as a host and a port: the key must not go there.
+            (Some(url), _) if url.contains('@') => {
+                return Err(format!(
+                    "{}: \"{}\" has an `@`: an API base cannot carry credentials",
+                    at("api_url"),
+                    redact_url(&url)
+                ));
+            }
+            (Some(url), _) => (url.trim_end_matches('/').to_string(), None),
+            (None, region) => {
+                let name = region.unwrap_or("us");
+                let Some((name, base)) = REGIONS.iter().find(|(n, _)| *n == name) else {
+                    return Err(format!(
+                        "{}: \"{name}\" is not a region ({})",
+                        at("region"),
+                        REGIONS.map(|(n, _)| n).join(", ")
+                    ));
+                };
+                ((*base).to_string(), Some(*name))
+            }
+        };
+        let api = check_api_base(&api_base).map_err(|problem| {
+            format!(
+                "{}: \"{}\" is not an http(s) URL: {problem}",
+                at("api_url"),
+                redact_url(&api_base)
+            )
+        })?;
+        let ca = match self.ca_file {
+            None => None,
+            Some(file) => {
+                let ca_path = resolve(path, &file);
+                match bundles.get(&ca_path) {
+                    Some(bundle) => Some(Arc::clone(bundle)),
+                    None => {
+                        let bundle = read_ca_bundle(&ca_path).map_err(|e| {
+                            format!("{}: cannot use {}: {e}", at("ca_file"), ca_path.display())
+                        })?;
+                        let bundle = Arc::new(bundle);
+                        bundles.insert(ca_path, Arc::clone(&bundle));
+                        Some(bundle)
+                    }
+                }
+            }
+        };
+        Ok(Team {
+            id,
+            authorization: IntegrationKey(format!("GenieKey {key}")),
+            key: IntegrationKey(key),
+            api_base,
+            api,
+            region,
+            ca,
         })
     }
 }
@@ -452,6 +561,20 @@ pub struct KeyringError {
 struct KeyringFile {
     #[serde(default)]
     team: Vec<TeamEntry>,
+    heartbeat: Option<HeartbeatEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeartbeatEntry {
+    name: toml::Spanned<String>,
+    integration_key: Option<String>,
+    integration_key_env: Option<String>,
+    integration_key_file: Option<String>,
+    region: Option<String>,
+    api_url: Option<String>,
+    ca_file: Option<String>,
+    interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -514,6 +637,141 @@ api_url = "http://127.0.0.1:18080/"
         assert_eq!(local.key.expose(), "inline");
         assert_eq!(ring.team_ids(), vec!["backend", "local", "ops"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn each_region_maps_to_its_api_and_api_url_overrides_it() {
+        let ring = parse(
+            "[[team]]\nid = \"us\"\nintegration_key = \"k\"\n\
+             [[team]]\nid = \"default\"\nintegration_key = \"k\"\n\
+             [[team]]\nid = \"eu\"\nintegration_key = \"k\"\nregion = \"eu\"\n\
+             [[team]]\nid = \"jsm\"\nintegration_key = \"k\"\nregion = \"jsm\"\n\
+             [[team]]\nid = \"gw\"\nintegration_key = \"k\"\nregion = \"jsm\"\n\
+             api_url = \"http://127.0.0.1:18080/jsm/ops/integration/\"\n",
+        )
+        .unwrap();
+        let cases = [
+            (
+                "us",
+                "https://api.opsgenie.com",
+                "region us, https://api.opsgenie.com",
+            ),
+            (
+                "default",
+                "https://api.opsgenie.com",
+                "region us, https://api.opsgenie.com",
+            ),
+            (
+                "eu",
+                "https://api.eu.opsgenie.com",
+                "region eu, https://api.eu.opsgenie.com",
+            ),
+            (
+                "jsm",
+                "https://api.atlassian.com/jsm/ops/integration",
+                "region jsm, https://api.atlassian.com/jsm/ops/integration",
+            ),
+            (
+                "gw",
+                "http://127.0.0.1:18080/jsm/ops/integration",
+                "api_url http://127.0.0.1:18080/jsm/ops/integration",
+            ),
+        ];
+        for (id, base, destination) in cases {
+            let team = ring.team(id).unwrap();
+            assert_eq!(team.api_base, base, "{id}");
+            assert_eq!(
+                team.api.path().trim_end_matches('/'),
+                url::Url::parse(base).unwrap().path().trim_end_matches('/')
+            );
+            assert_eq!(team.destination(), destination, "{id}");
+        }
+        let error = parse("[[team]]\nid = \"a\"\nintegration_key = \"k\"\nregion = \"JSM\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("\"JSM\" is not a region (us, eu, jsm)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_reads_its_key_like_a_team_and_checks_name_and_interval() {
+        let ring = parse(
+            "[heartbeat]\nname = \"pager pipeline\"\nintegration_key_env = \"OG_KEY_BACKEND\"\n\
+             region = \"jsm\"\ninterval = \"30s\"\n",
+        )
+        .unwrap();
+        let heartbeat = ring.heartbeat.as_ref().expect("a heartbeat");
+        assert_eq!(heartbeat.name, "pager pipeline");
+        assert_eq!(heartbeat.interval, Duration::from_secs(30));
+        assert_eq!(heartbeat.team.key.expose(), "env-key-123");
+        assert_eq!(
+            heartbeat.team.api_base,
+            "https://api.atlassian.com/jsm/ops/integration"
+        );
+        assert!(!format!("{heartbeat:?}").contains("env-key-123"));
+        let default = parse("[heartbeat]\nname = \"hb\"\nintegration_key = \"k\"\n").unwrap();
+        assert_eq!(
+            default.heartbeat.unwrap().interval,
+            DEFAULT_HEARTBEAT_INTERVAL
+        );
+        assert!(
+            parse("[[team]]\nid = \"a\"\nintegration_key = \"k\"\n")
+                .unwrap()
+                .heartbeat
+                .is_none()
+        );
+        let cases = [
+            (
+                "name = \"\"\nintegration_key = \"s3cret\"\n",
+                "heartbeat.name: must not be empty",
+            ),
+            (
+                "name = \"hb\"\n",
+                "heartbeat.integration_key: set exactly one",
+            ),
+            (
+                "name = \"hb\"\nintegration_key_env = \"MISSING\"\n",
+                "heartbeat.integration_key_env: environment variable MISSING",
+            ),
+            (
+                "name = \"hb\"\nintegration_key = \"s3cret\"\ninterval = \"soon\"\n",
+                "heartbeat.interval: \"soon\" is not a duration",
+            ),
+            (
+                "name = \"hb\"\nintegration_key = \"s3cret\"\ninterval = \"100ms\"\n",
+                "heartbeat.interval: must be between 1s and 24h",
+            ),
+            (
+                "name = \"hb\"\nintegration_key = \"s3cret\"\nregion = \"ap\"\n",
+                "heartbeat.region: \"ap\" is not a region",
+            ),
+            (
+                "name = \"hb\"\nintegration_key = \"s3cret\"\nintervall = \"1s\"\n",
+                "unknown field `intervall`",
+            ),
+        ];
+        for (body, expected) in cases {
+            let error = parse(&format!("[heartbeat]\n{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(expected),
+                "{error:?} does not contain {expected:?}"
+            );
+            assert!(!error.contains("s3cret"), "{error}");
+        }
+        let long = format!(
+            "[heartbeat]\nname = \"{}\"\nintegration_key = \"k\"\n",
+            "h".repeat(201)
+        );
+        assert!(
+            parse(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("at most 200 bytes")
+        );
     }
 
     #[test]
