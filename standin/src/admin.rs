@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::{Fault, Shared, opsgenie};
+use crate::{AsyncFailure, Fault, Shared, opsgenie};
 
 pub(crate) fn routes(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -20,6 +20,11 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
             "/_standin/faults",
             axum::routing::post(push_faults).delete(clear_faults),
         )
+        .route(
+            "/_standin/async-failures",
+            axum::routing::post(push_async_failures).delete(clear_async_failures),
+        )
+        .route("/_standin/heartbeats", get(heartbeats))
         .fallback(opsgenie::answer)
         .with_state(shared)
 }
@@ -54,4 +59,21 @@ async fn push_faults(
 async fn clear_faults(State(shared): State<Arc<Shared>>) -> StatusCode {
     shared.books().script.clear();
     StatusCode::NO_CONTENT
+}
+
+async fn push_async_failures(
+    State(shared): State<Arc<Shared>>,
+    Json(failures): Json<Vec<AsyncFailure>>,
+) -> StatusCode {
+    shared.processing().add_rules(failures);
+    StatusCode::NO_CONTENT
+}
+
+async fn clear_async_failures(State(shared): State<Arc<Shared>>) -> StatusCode {
+    shared.processing().clear_rules();
+    StatusCode::NO_CONTENT
+}
+
+async fn heartbeats(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.processing().ping_count.clone()).into_response()
 }

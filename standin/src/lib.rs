@@ -13,9 +13,11 @@ mod admin;
 mod listen;
 mod opsgenie;
 mod pki;
+mod processing;
 mod serve;
 
 pub use pki::LocalPki;
+pub use processing::AsyncFailure;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -46,6 +48,9 @@ pub struct StandInConfig {
     /// as an aggressive load balancer does: the TCP stream is closed without an HTTP/2 GOAWAY
     /// and, under TLS, without a `close_notify` alert. A client that reuses it finds it dead.
     pub idle_drop: Option<Duration>,
+    /// How long after its 202 a request counts as not processed yet: until then
+    /// `GET /v2/alerts/requests/{id}` answers 404 `RequestNotProcessed`.
+    pub processing_delay: Duration,
 }
 
 /// A server certificate chain and its private key, both PEM (see [`LocalPki`]).
@@ -66,6 +71,7 @@ impl Default for StandInConfig {
             delay: None,
             tls: None,
             idle_drop: None,
+            processing_delay: Duration::ZERO,
         }
     }
 }
@@ -195,6 +201,13 @@ pub struct Stats {
     /// Requests hung up on by a [`Fault::hang_up`].
     #[serde(default)]
     pub hang_ups: u64,
+    /// `GET /v2/alerts/requests/{id}` questions answered. Neither they nor pings count in
+    /// `received`, `delivered` or `by_status`, which are about alert requests only.
+    #[serde(default)]
+    pub status_asks: u64,
+    /// Heartbeat pings, by name.
+    #[serde(default)]
+    pub heartbeats: BTreeMap<String, u64>,
 }
 
 /// A fault after validation, so serving it cannot fail.
@@ -230,6 +243,8 @@ enum Effect {
 
 struct Shared {
     keys: Vec<String>,
+    processing_delay: Duration,
+    processing: Mutex<processing::Processing>,
     record_bodies: bool,
     delay: Option<Duration>,
     /// Outside the mutex so a benchmark can poll it at any rate without slowing the server.
@@ -319,6 +334,10 @@ impl Shared {
     }
 
     fn stats(&self) -> Stats {
+        let (status_asks, heartbeats) = {
+            let processing = self.processing();
+            (processing.status_asks, processing.ping_count.clone())
+        };
         let books = self.books();
         Stats {
             received: books.received,
@@ -336,7 +355,15 @@ impl Shared {
             closed_connections: self.closed_connections.load(Ordering::SeqCst),
             idle_drops: self.idle_drops.load(Ordering::SeqCst),
             hang_ups: books.hang_ups,
+            status_asks,
+            heartbeats,
         }
+    }
+
+    fn processing(&self) -> MutexGuard<'_, processing::Processing> {
+        self.processing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -396,6 +423,8 @@ impl StandIn {
             .context("bound socket has no address")?;
         let shared = Arc::new(Shared {
             keys: config.keys,
+            processing_delay: config.processing_delay,
+            processing: Mutex::new(processing::Processing::default()),
             record_bodies: config.record_bodies,
             delay: config.delay.filter(|d| !d.is_zero()),
             delivered: AtomicU64::new(0),
@@ -460,6 +489,17 @@ impl StandIn {
     /// Fails when a status is not a valid HTTP status, a count is 0, or a header is invalid.
     pub fn push_faults(&self, faults: Vec<Fault>) -> anyhow::Result<()> {
         self.shared.push_faults(faults)
+    }
+
+    /// Makes the alert requests whose body contains `failure.contains` fail after their 202
+    /// (see [`AsyncFailure`]).
+    pub fn fail_asynchronously(&self, failure: AsyncFailure) {
+        self.shared.processing().add_rules(vec![failure]);
+    }
+
+    /// When each ping of heartbeat `name` arrived, in ms since the epoch, oldest first.
+    pub fn heartbeat_pings(&self, name: &str) -> Vec<u64> {
+        self.shared.processing().ping_times(name)
     }
 
     /// Waits until `delivered() >= n`; false when `deadline` passed first.

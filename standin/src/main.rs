@@ -12,9 +12,13 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Answers `POST /v2/alerts` and `POST /v2/alerts/{alias}/close?identifierType=alias` like
 /// Opsgenie (202 with a requestId, 401 on a wrong key, 422 over a field limit) and records what it
-/// received. Inspect and script it under /_standin/: GET|DELETE requests, GET stats,
-/// GET alerts, POST|DELETE faults (a JSON array of {"status", "headers", "count", "delay_ms",
-/// "hang_up"}; a hang-up reads the request and closes the connection without answering).
+/// received; answers `GET /v2/alerts/requests/{id}` (404 RequestNotProcessed until the processing
+/// delay has passed, then the outcome) and counts heartbeat pings (`/v2/heartbeats/{name}/ping`).
+/// Inspect and script it under /_standin/: GET|DELETE requests, GET stats, GET alerts,
+/// GET heartbeats, POST|DELETE faults (a JSON array of {"status", "headers", "count", "delay_ms",
+/// "hang_up"}; a hang-up reads the request and closes the connection without answering),
+/// POST|DELETE async-failures (a JSON array of {"contains", "status", "count"}: accepted requests
+/// whose body contains the text fail after their 202 with that status text).
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Flags {
@@ -36,6 +40,16 @@ struct Flags {
     /// Delay every Opsgenie API answer by this many milliseconds.
     #[arg(long, value_name = "N", env = "STANDIN_DELAY_MS", default_value_t = 0)]
     delay_ms: u64,
+
+    /// How long after its 202 a request counts as not processed: until then, asking for its
+    /// status (`GET /v2/alerts/requests/{id}`) answers 404 RequestNotProcessed.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "STANDIN_PROCESSING_DELAY_MS",
+        default_value_t = 0
+    )]
+    processing_delay_ms: u64,
 
     /// Keep only counts, statuses and alias state, not the requests, so a long benchmark does not
     /// grow memory.
@@ -64,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         keys,
         record_bodies,
         delay: Some(Duration::from_millis(flags.delay_ms)),
+        processing_delay: Duration::from_millis(flags.processing_delay_ms),
         ..StandInConfig::default()
     })
     .await?;

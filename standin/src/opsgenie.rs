@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::serve::ConnectionTag;
-use crate::{Effect, RecordedRequest, Scripted, Shared};
+use crate::{Effect, RecordedRequest, Scripted, Shared, processing};
 
 /// Far above what a valid alert can hold (about 50 000 chars of text), so only junk is cut off.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -96,7 +96,11 @@ pub(crate) async fn answer(State(shared): State<Arc<Shared>>, request: Request) 
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await;
-    let request_id = Uuid::new_v4().to_string();
+    if let Some(route) = processing::route(&parts.method, api_path(parts.uri.path())) {
+        return after_the_202(&shared, &parts, route).await;
+    }
+    let request_uuid = processing::new_request_id();
+    let request_id = request_uuid.to_string();
     let json = body
         .as_ref()
         .ok()
@@ -152,6 +156,11 @@ pub(crate) async fn answer(State(shared): State<Arc<Shared>>, request: Request) 
         tokio::time::sleep(delay).await;
     }
 
+    if verdict.status.is_success()
+        && let Ok(bytes) = &body
+    {
+        shared.processing().accepted(request_uuid, bytes);
+    }
     let record = shared.record_bodies.then(|| {
         record(
             &parts,
@@ -185,6 +194,42 @@ pub(crate) async fn answer(State(shared): State<Arc<Shared>>, request: Request) 
         .into_response();
     response.headers_mut().extend(verdict.headers);
     response
+}
+
+/// A request status question or a heartbeat ping: authenticated like an alert request,
+/// delayed like one, never faulted, recorded or counted with them.
+async fn after_the_202(
+    shared: &Shared,
+    parts: &axum::http::request::Parts,
+    route: processing::Route,
+) -> Response {
+    if let Some(delay) = shared.delay {
+        tokio::time::sleep(delay).await;
+    }
+    let (status, body) = if !authorized(&shared.keys, &parts.headers) {
+        (
+            StatusCode::UNAUTHORIZED,
+            json!({"message": "Could not authenticate", "took": 0.0, "requestId": Uuid::new_v4().to_string()})
+                .to_string(),
+        )
+    } else {
+        match route {
+            processing::Route::Status(id) => {
+                shared.processing().status(&id, shared.processing_delay)
+            }
+            processing::Route::Ping(name) => {
+                shared.processing().ping(name);
+                (StatusCode::ACCEPTED, processing::pong())
+            }
+        }
+    };
+    shared.answered.notify_waiters();
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(body),
+    )
+        .into_response()
 }
 
 fn record(
@@ -227,13 +272,25 @@ enum Route<'a> {
     Close(&'a str),
 }
 
+/// Where Jira Service Management operations serves the Alert API: the stand-in answers below
+/// it too, so that a team moved to JSM (`region = "jsm"`, here through `api_url`) is served
+/// the same way. Requests are recorded with the path as received.
+const JSM_PREFIX: &str = "/jsm/ops/integration";
+
+/// The Alert API path of a request, below the JSM prefix if it has one.
+fn api_path(path: &str) -> &str {
+    path.strip_prefix(JSM_PREFIX)
+        .filter(|rest| rest.starts_with('/'))
+        .unwrap_or(path)
+}
+
 fn judge(
     keys: &[String],
     parts: &axum::http::request::Parts,
     json: Option<&Value>,
     body: &[u8],
 ) -> Verdict {
-    let path = parts.uri.path();
+    let path = api_path(parts.uri.path());
     let route = if parts.method != Method::POST {
         None
     } else if path == "/v2/alerts" {

@@ -236,8 +236,18 @@ impl TestEnv {
         format!("{}.dead", self.queue)
     }
 
-    /// Every entry of the deliveries stream, oldest first, as field maps.
+    /// The delivery entries of the stream (`event` = `delivered`), oldest first, as field maps.
     pub async fn stream(&self) -> Vec<HashMap<String, String>> {
+        self.stream_events()
+            .await
+            .into_iter()
+            .filter(|fields| fields.get("event").is_none_or(|e| e == "delivered"))
+            .collect()
+    }
+
+    /// Every entry of the stream, deliveries and the confirmations that follow them
+    /// (`event` = `confirmed`, `failed_async` or `unconfirmed`), oldest first.
+    pub async fn stream_events(&self) -> Vec<HashMap<String, String>> {
         let entries: Vec<(String, HashMap<String, String>)> = self
             .redis
             .xrange(format!("{}deliveries", self.prefix), "-", "+", None)

@@ -26,7 +26,47 @@ struct Call {
     keys: Arc<JobKeys>,
     /// `None`: the admission check; else the record, with the stream entry's fields.
     record: Option<Fields>,
+    /// With a record: the confirmation to ask for later, written with it.
+    pending: Option<Arc<Pending>>,
     reply: oneshot::Sender<Result<String, Error>>,
+}
+
+/// A delivery's confirmation to come (docs/contract.md section 6.1), written by the same
+/// script as its record so that a crash can never leave one without the other.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The notification_uuid: the member of the due set, and the name of the hash.
+    pub member: String,
+    /// When to ask first, in ms since the epoch.
+    pub due_ms: u64,
+    /// How long the hash lives if it is never settled.
+    pub ttl_ms: u64,
+    /// The hash: job body, team, request id, delivery time, deadline, ...
+    pub fields: Vec<(&'static str, String)>,
+}
+
+/// How a claimed confirmation is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle<'a> {
+    /// Not processed yet (or the question failed): ask again at this time (ms).
+    Again { due_ms: u64 },
+    /// Ended: the stream entry; `failed` deletes the sent marker and rolls the incident's
+    /// sequence back, so that the dead letter can be replayed.
+    Done {
+        fields: &'a [(&'static str, String)],
+        failed: bool,
+    },
+}
+
+/// What settling found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Rescheduled.
+    Again,
+    /// Ended; the stream entry's id.
+    Done(String),
+    /// The claim ran out and another confirmer has the member, or it was settled already.
+    Lost,
 }
 
 /// Keys and limits, from the command line.
@@ -59,6 +99,12 @@ const ATTEMPTS_TTL_SECS: u64 = 24 * 3600;
 /// Frees a lease this round of a job holds.
 const RELEASE: &str = include_str!("buffer/release.lua");
 
+/// Claims due confirmations for a while.
+const CONFIRM_CLAIM: &str = include_str!("buffer/confirm_claim.lua");
+
+/// Reschedules or ends a claimed confirmation.
+const CONFIRM_SETTLE: &str = include_str!("buffer/confirm_settle.lua");
+
 /// What the pre-send check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -85,6 +131,8 @@ pub struct Buffer {
     release: Script,
     cool_down: Script,
     attempt_started: Script,
+    confirm_claim: Script,
+    confirm_settle: Script,
     /// The batching task's inbox, started with the first call (which runs on the runtime).
     batches: Arc<OnceLock<mpsc::UnboundedSender<Call>>>,
     /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
@@ -96,6 +144,8 @@ pub struct Buffer {
 #[derive(Debug)]
 struct FixedArgs {
     stream_key: String,
+    /// The pending confirmations, by due time.
+    due_key: String,
     lease_ms: String,
     stream_maxlen: String,
     dedupe_ttl_s: String,
@@ -109,6 +159,8 @@ pub struct JobKeys {
     lease: String,
     sequence: String,
     cooldown: String,
+    /// The pending confirmation's hash.
+    pending: String,
     /// Unique per job round, so that only the holder frees the lease.
     token: String,
     /// The incident's sequence in decimal, or "" without one: the scripts compare sequences
@@ -148,6 +200,7 @@ impl Buffer {
             .build()?;
         let fixed = Arc::new(FixedArgs {
             stream_key: format!("{}deliveries", settings.prefix),
+            due_key: format!("{}confirm:due", settings.prefix),
             lease_ms: settings.lease_ttl.as_millis().to_string(),
             stream_maxlen: settings.stream_maxlen.to_string(),
             dedupe_ttl_s: settings.dedupe_ttl.as_secs().max(1).to_string(),
@@ -161,6 +214,8 @@ impl Buffer {
             release: Script::from_lua(RELEASE),
             cool_down: Script::from_lua(COOL_DOWN),
             attempt_started: Script::from_lua(ATTEMPT_STARTED),
+            confirm_claim: Script::from_lua(CONFIRM_CLAIM),
+            confirm_settle: Script::from_lua(CONFIRM_SETTLE),
             batches: Arc::new(OnceLock::new()),
             quitting: Arc::new(AtomicBool::new(false)),
         })
@@ -240,6 +295,7 @@ impl Buffer {
             lease,
             sequence,
             cooldown: format!("{p}cooldown:{team}"),
+            pending: format!("{p}confirm:{notification_uuid}"),
             token,
             seq: seq.map(|n| n.to_string()).unwrap_or_default(),
         })
@@ -247,7 +303,7 @@ impl Buffer {
 
     /// Checks whether the job may be sent now, taking the lease when it may.
     pub async fn admit(&self, keys: &Arc<JobKeys>) -> Result<Admission, Error> {
-        let answer = self.batched(Arc::clone(keys), None).await?;
+        let answer = self.batched(Arc::clone(keys), None, None).await?;
         admission(&answer)
     }
 
@@ -255,7 +311,17 @@ impl Buffer {
     /// lease, atomically. Returns the stream entry id, or "" when the notification was
     /// already recorded (nothing is written then but the lease is freed).
     pub async fn record(&self, keys: &Arc<JobKeys>, fields: &Fields) -> Result<String, Error> {
-        self.batched(Arc::clone(keys), Some(Arc::clone(fields)))
+        self.record_confirming(keys, fields, None).await
+    }
+
+    /// `record`, and with `pending` the confirmation to ask for later, in the same script.
+    pub async fn record_confirming(
+        &self,
+        keys: &Arc<JobKeys>,
+        fields: &Fields,
+        pending: Option<Arc<Pending>>,
+    ) -> Result<String, Error> {
+        self.batched(Arc::clone(keys), Some(Arc::clone(fields)), pending)
             .await
     }
 
@@ -263,7 +329,12 @@ impl Buffer {
     /// jobs share one script call, one write and one round trip instead of one each: per job,
     /// the Redis client's work was a large share of the worker's CPU. A batch is sent as soon
     /// as the one before it is answered, so a lone call waits for nothing.
-    async fn batched(&self, keys: Arc<JobKeys>, record: Option<Fields>) -> Result<String, Error> {
+    async fn batched(
+        &self,
+        keys: Arc<JobKeys>,
+        record: Option<Fields>,
+        pending: Option<Arc<Pending>>,
+    ) -> Result<String, Error> {
         let inbox = self.batches.get_or_init(|| {
             let (inbox, calls) = mpsc::unbounded_channel();
             tokio::spawn(run_batches(
@@ -279,6 +350,7 @@ impl Buffer {
             .send(Call {
                 keys,
                 record,
+                pending,
                 reply,
             })
             .map_err(|_| Error::new(ErrorKind::Canceled, "the Redis batching task is gone"))?;
@@ -331,6 +403,133 @@ impl Buffer {
     pub async fn attempt_finished(&self, key: &str) -> Result<(), Error> {
         let _: i64 = Box::pin(self.client.del(key)).await?;
         Ok(())
+    }
+
+    /// Claims up to `limit` confirmations due at `now_ms` for `lease`; answers (member,
+    /// token) pairs.
+    pub async fn claim_confirmations(
+        &self,
+        now_ms: u64,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let flat: Vec<String> = Box::pin(self.confirm_claim.evalsha_with_reload(
+            &self.client,
+            vec![self.fixed.due_key.as_str()],
+            vec![
+                now_ms.to_string(),
+                lease.as_millis().to_string(),
+                limit.to_string(),
+            ],
+        ))
+        .await?;
+        let mut pairs = Vec::with_capacity(flat.len() / 2);
+        let mut words = flat.into_iter();
+        while let (Some(member), Some(token)) = (words.next(), words.next()) {
+            pairs.push((member, token));
+        }
+        Ok(pairs)
+    }
+
+    /// The hashes of pending confirmations, in the order of `members`, in one round trip;
+    /// an empty map for one that is gone.
+    pub async fn pending_confirmations(
+        &self,
+        members: &[String],
+    ) -> Result<Vec<std::collections::HashMap<String, String>>, Error> {
+        let pipeline = self.client.pipeline();
+        for member in members {
+            let _: () = pipeline.hgetall(self.confirm_key(member)).await?;
+        }
+        pipeline.all().await
+    }
+
+    fn confirm_key(&self, member: &str) -> String {
+        format!("{}confirm:{member}", self.settings.prefix)
+    }
+
+    /// Confirmations waiting, due or not.
+    pub async fn confirmations_waiting(&self) -> Result<u64, Error> {
+        Box::pin(self.client.zcard(self.fixed.due_key.as_str())).await
+    }
+
+    /// Settles a claimed confirmation, if the claim is still the caller's. `alias` names the
+    /// incident whose sequence a failure rolls back (none for an issue alert).
+    pub async fn settle_confirmation(
+        &self,
+        member: &str,
+        token: &str,
+        alias: Option<&str>,
+        settle: Settle<'_>,
+    ) -> Result<Settled, Error> {
+        let p = &self.settings.prefix;
+        let sequence = match alias {
+            Some(alias) => format!("{p}seq:{alias}"),
+            None => format!("{p}seq:notification:{member}"),
+        };
+        let keys = vec![
+            self.fixed.due_key.clone(),
+            self.confirm_key(member),
+            self.fixed.stream_key.clone(),
+            format!("{p}sent:{member}"),
+            sequence,
+        ];
+        let mut args = vec![member.to_string(), token.to_string()];
+        match settle {
+            Settle::Again { due_ms } => {
+                args.extend(["again".to_string(), due_ms.to_string()]);
+            }
+            Settle::Done { fields, failed } => {
+                let entry = serde_json::to_string(fields).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Unknown,
+                        format!("cannot write the script arguments: {e}"),
+                    )
+                })?;
+                args.extend([
+                    "done".to_string(),
+                    self.fixed.stream_maxlen.clone(),
+                    if failed { "1" } else { "0" }.to_string(),
+                    entry,
+                ]);
+            }
+        }
+        let answer: String = Box::pin(self.confirm_settle.evalsha_with_reload(
+            &self.client,
+            keys,
+            args,
+        ))
+        .await?;
+        Ok(match answer.as_str() {
+            "lost" => Settled::Lost,
+            "again" => Settled::Again,
+            _ => Settled::Done(answer),
+        })
+    }
+
+    /// Takes the fleet's turn to ping the heartbeat `name`: true for the one replica whose
+    /// `SET NX` made the key, which then lives `interval`, so that the fleet pings about once
+    /// per interval however many replicas ask.
+    pub async fn take_heartbeat_turn(
+        &self,
+        name: &str,
+        interval: Duration,
+        replica: &str,
+    ) -> Result<bool, Error> {
+        use fred::types::{Expiration, SetOptions};
+        let key = format!("{}heartbeat:{name}", self.settings.prefix);
+        let ms = i64::try_from(interval.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let set: Option<String> = Box::pin(self.client.set(
+            key,
+            replica,
+            Some(Expiration::PX(ms)),
+            Some(SetOptions::NX),
+            false,
+        ))
+        .await?;
+        Ok(set.is_some())
     }
 
     /// Frees the lease after a round that delivered nothing.
@@ -414,7 +613,7 @@ fn admission(answer: &str) -> Result<Admission, Error> {
 }
 
 /// One call of a batch as `steps.lua` reads it from ARGV[5]: a JSON array
-/// `[op, token, sequence, [[name, value], ...]]`.
+/// `[op, token, sequence, [[name, value], ...], pending]`.
 #[derive(Debug, serde::Serialize)]
 struct StepCall<'a>(
     /// "a" (admission) or "r" (record).
@@ -426,14 +625,22 @@ struct StepCall<'a>(
     &'a str,
     /// A record's stream entry; empty for an admission.
     &'a [(&'static str, String)],
+    /// A record's confirmation to come, or null.
+    Option<PendingCall<'a>>,
 );
+
+/// A pending confirmation as `steps.lua` reads it: `[member, due ms, ttl ms, [[name, value],
+/// ...]]`, the numbers as decimal strings.
+#[derive(Debug, serde::Serialize)]
+struct PendingCall<'a>(&'a str, String, String, &'a [(&'static str, String)]);
 
 /// The keys and arguments of one `STEPS` call.
 ///
 /// Fails only if serde_json cannot write the arguments, which strings and slices never cause.
 fn step_words(fixed: &FixedArgs, batch: &[Call]) -> Result<(Vec<Key>, Vec<Value>), Error> {
-    let mut keys: Vec<Key> = Vec::with_capacity(1 + 4 * batch.len());
+    let mut keys: Vec<Key> = Vec::with_capacity(2 + 5 * batch.len());
     keys.push(fixed.stream_key.as_str().into());
+    keys.push(fixed.due_key.as_str().into());
     let mut calls: Vec<StepCall<'_>> = Vec::with_capacity(batch.len());
     for call in batch {
         let k = &call.keys;
@@ -442,12 +649,21 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> Result<(Vec<Key>, Vec<Value>
             Key::from(k.lease.as_str()),
             Key::from(k.sequence.as_str()),
             Key::from(k.cooldown.as_str()),
+            Key::from(k.pending.as_str()),
         ]);
         calls.push(StepCall(
             if call.record.is_some() { "r" } else { "a" },
             &k.token,
             &k.seq,
             call.record.as_deref().unwrap_or_default(),
+            call.pending.as_deref().map(|p| {
+                PendingCall(
+                    &p.member,
+                    p.due_ms.to_string(),
+                    p.ttl_ms.to_string(),
+                    &p.fields,
+                )
+            }),
         ));
     }
     // Every job's arguments in one JSON word: one string to build and send instead of a
@@ -544,6 +760,7 @@ mod tests {
         let call = |keys: Arc<JobKeys>, record: Option<Fields>| Call {
             keys,
             record,
+            pending: None,
             reply: oneshot::channel().0,
         };
         let batch = [
@@ -569,7 +786,7 @@ mod tests {
             ),
         ];
         let (keys, args) = step_words(&buffer.fixed, &batch).unwrap();
-        assert_eq!(keys.len(), 1 + 4 * batch.len());
+        assert_eq!(keys.len(), 2 + 5 * batch.len());
         assert_eq!(args.len(), 5);
         let Value::Bytes(calls) = &args[4] else {
             panic!("{:?}", args[4]);
@@ -578,12 +795,13 @@ mod tests {
         assert_eq!(
             calls,
             serde_json::json!([
-                ["a", "tok-1", "9007199254740993", []],
+                ["a", "tok-1", "9007199254740993", [], null],
                 [
                     "r",
                     "tok-2",
                     "",
-                    [["notification_uuid", "u-2"], ["title", hostile]]
+                    [["notification_uuid", "u-2"], ["title", hostile]],
+                    null
                 ],
             ])
         );

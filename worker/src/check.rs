@@ -26,6 +26,20 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
         if keyring.len() == 1 { "" } else { "s" },
         keyring.team_ids().join(", ")
     ));
+    // Where each team's alerts go: the region and base URL, never the key.
+    for id in keyring.team_ids() {
+        if let Some(team) = keyring.team(id) {
+            ok(format!("team {id}: {}", team.destination()));
+        }
+    }
+    if let Some(heartbeat) = &keyring.heartbeat {
+        ok(format!(
+            "heartbeat \"{}\" every {}: {}",
+            heartbeat.name,
+            humantime_like(heartbeat.interval),
+            heartbeat.team.destination()
+        ));
+    }
     let topology = Topology::new(&args.broker);
     check_names(&args.broker, &topology)?;
     let amqp_url = redact_url(&args.broker.amqp_url);
@@ -76,6 +90,15 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
     buffer.quit().await;
     ok(format!("Redis at {redis_url}"));
     Ok(())
+}
+
+/// `90s`, `1500ms`: short and exact.
+fn humantime_like(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 fn ok(line: String) {

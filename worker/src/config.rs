@@ -162,6 +162,21 @@ pub struct RunArgs {
     /// How often a summary line (delivered, retried, dead-lettered, in flight) is logged.
     #[arg(long, env = "SUMMARY_INTERVAL", default_value = "60s", value_parser = parse_duration_arg)]
     pub summary_interval: Duration,
+    /// Confirm each delivery: ask Opsgenie whether the request it accepted (202) became an
+    /// alert, dead-letter it as failed_async when it did not. `off` stops at the 202.
+    #[arg(long, env = "CONFIRM", value_enum, default_value = "on")]
+    pub confirm: Switch,
+    /// How long after its delivery a request may stay unprocessed before it is
+    /// dead-lettered as unconfirmed.
+    #[arg(long, env = "CONFIRM_WITHIN", default_value = "15m", value_parser = parse_duration_arg)]
+    pub confirm_within: Duration,
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 impl RunArgs {

@@ -409,6 +409,7 @@ mod tests {
                 health: Default::default(),
                 poison_after: 3,
                 quarantine: Default::default(),
+                confirm_within: None,
             };
             let envelope = Envelope {
                 previous_attempts: 0,

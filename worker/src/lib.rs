@@ -11,10 +11,12 @@ pub mod amqp;
 pub mod buffer;
 pub mod check;
 pub mod config;
+pub mod confirm;
 pub mod consumer;
 pub mod dead;
 pub mod enqueue;
 pub mod health;
+pub mod heartbeat;
 pub mod keyring;
 pub mod opsgenie;
 pub mod pacing;
@@ -161,6 +163,29 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     reload_on_sighup(args.keyring.clone(), Arc::clone(&keyring));
     spawn_redis_probe(buffer.clone(), Arc::clone(&health), shutdown.clone());
 
+    let topology = Arc::new(topology);
+    let confirm_within = (args.confirm == config::Switch::On).then_some(args.confirm_within);
+    let mut background = Vec::new();
+    if confirm_within.is_some() {
+        let confirmer = confirm::Confirmer::new(
+            buffer.clone(),
+            sender.clone(),
+            Arc::clone(&keyring),
+            Arc::clone(&health),
+            args.broker.amqp_url.clone(),
+            Arc::clone(&topology),
+            args.request_timeout,
+        );
+        background.push(tokio::spawn(confirmer.run(shutdown.clone())));
+    }
+    background.push(tokio::spawn(heartbeat::run(
+        Arc::clone(&keyring),
+        buffer.clone(),
+        sender.clone(),
+        Arc::clone(&health),
+        shutdown.clone(),
+    )));
+
     let counts = Arc::new(telemetry::JobCounts::default());
     let summary =
         telemetry::spawn_summary(Arc::clone(&counts), args.summary_interval, shutdown.clone());
@@ -172,11 +197,12 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         health,
         poison_after: args.poison_after,
         quarantine: tokio::sync::RwLock::new(()),
+        confirm_within,
     });
     consumer::consume(
         ConsumerSettings {
             amqp_url: args.broker.amqp_url.clone(),
-            topology: Arc::new(topology),
+            topology,
             prefetch: args.prefetch,
             drain_timeout: args.drain_timeout,
             counts: Arc::clone(&counts),
@@ -185,6 +211,9 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         shutdown,
     )
     .await;
+    for task in background {
+        let _ = task.await;
+    }
     buffer.quit().await;
     let _ = summary.await;
     if let Some(server) = server {

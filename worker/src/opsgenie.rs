@@ -78,6 +78,34 @@ pub struct Sender {
     rate_limits: Option<mpsc::UnboundedSender<(String, Duration)>>,
 }
 
+/// The answer to a `Sender::call`.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    /// How long a 429 asked to wait.
+    pub wait: Option<Duration>,
+    /// At most `MAX_ANSWER_BYTES`.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The start of the body, for a message, without the team's key.
+    pub fn excerpt(&self, team: &Team) -> String {
+        excerpt(&self.body, team.key.expose())
+    }
+}
+
+/// Why a `Sender::call` got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The key is cooling down after a 429 for this long; nothing was sent.
+    #[error("rate limited: the key is cooling down")]
+    CoolingDown(Duration),
+    /// No answer: the connection or the request failed. Names the team, never the key.
+    #[error("{0}")]
+    Transport(String),
+}
+
 /// Why the sender could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the HTTP client: {0}")]
@@ -400,6 +428,75 @@ impl Sender {
         }
     }
 
+    /// One request outside the delivery path (a request's status, a heartbeat ping): one
+    /// try, no retries (the caller asks again on its own schedule), and none while the key is
+    /// cooling down after a 429 (`Err` then, with the time left).
+    ///
+    /// Fails, with a message naming the team and never the key, when no answer came.
+    pub async fn call(
+        &self,
+        team: &Team,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<Reply, CallError> {
+        if let Some(until) = self.cooldown(&team.id) {
+            return Err(CallError::CoolingDown(until - Instant::now()));
+        }
+        let client = self.client_for(team).await.map_err(CallError::Transport)?;
+        let mut authorization =
+            HeaderValue::from_str(team.authorization.expose()).map_err(|_| {
+                CallError::Transport(format!(
+                    "team {}: the key cannot be sent in a header",
+                    team.id
+                ))
+            })?;
+        authorization.set_sensitive(true);
+        let url = request_url(&team.api, path, "");
+        let started = std::time::Instant::now();
+        let request = client
+            .request(method, url)
+            .header(AUTHORIZATION, authorization);
+        let answer = read_answer(request).await;
+        metrics::histogram!("opsgenie_request_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(answer) => {
+                metrics::counter!("opsgenie_responses_total", "status" => status_label(Some(answer.status)))
+                    .increment(1);
+                let wait = match classify_response(
+                    opsgenie_shared::Action::Create,
+                    answer.status,
+                    answer.retry_after.as_deref(),
+                    answer.rate_limit_period.as_deref(),
+                ) {
+                    Verdict::Retry {
+                        wait: Some(wait),
+                        rate_limited: true,
+                    } => {
+                        self.cool_down(&team.id, Instant::now() + wait);
+                        Some(wait)
+                    }
+                    _ => None,
+                };
+                Ok(Reply {
+                    status: answer.status,
+                    wait,
+                    body: answer.body,
+                })
+            }
+            Err(error) => {
+                metrics::counter!("opsgenie_responses_total", "status" => status_label(None))
+                    .increment(1);
+                Err(CallError::Transport(format!(
+                    "team {}: request to {} failed: {}",
+                    team.id,
+                    redact_url(&team.api_base),
+                    error_chain(&error.without_url())
+                )))
+            }
+        }
+    }
+
     fn cooldown(&self, team: &str) -> Option<Instant> {
         let mut map = self.cooldowns.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(team) {
@@ -455,13 +552,17 @@ async fn send(
     authorization: &HeaderValue,
     body: &[u8],
 ) -> Result<Answer, reqwest::Error> {
-    let mut response = client
+    let request = client
         .post(url.clone())
         .header(AUTHORIZATION, authorization.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .body(body.to_vec())
-        .send()
-        .await?;
+        .body(body.to_vec());
+    read_answer(request).await
+}
+
+/// Sends `request`; the answer's body is read up to `MAX_ANSWER_BYTES`.
+async fn read_answer(request: reqwest::RequestBuilder) -> Result<Answer, reqwest::Error> {
+    let mut response = request.send().await?;
     let header = |name: &str| {
         response
             .headers()

@@ -175,6 +175,9 @@ pub struct Pipeline {
     /// write side), so that if it kills its attempt again it is the only one counted; every
     /// other job holds the read side while it runs.
     pub quarantine: tokio::sync::RwLock<()>,
+    /// With confirmation on (docs/contract.md section 6.1): how long after its delivery a
+    /// request may stay unprocessed.
+    pub confirm_within: Option<Duration>,
 }
 
 /// How a delivery may proceed, decided by its count of unfinished attempts.
@@ -345,19 +348,24 @@ impl Pipeline {
             ControlFlow::Continue(delivered) => delivered,
             ControlFlow::Break(outcome) => return outcome,
         };
-        let fields: Fields = delivery_fields(
-            &job,
-            &request,
-            &Delivery {
-                status,
-                request_id: &request_id,
-                attempts: envelope.attempt(),
-                delivered_at_ms: crate::amqp::now_ms(),
-            },
-        )
-        .into();
+        let delivery = Delivery {
+            status,
+            request_id: &request_id,
+            attempts: envelope.attempt(),
+            delivered_at_ms: crate::amqp::now_ms(),
+        };
+        let fields: Fields = delivery_fields(&job, &request, &delivery).into();
+        // Only an accepted request has a status to ask about: a 404 on a close did nothing.
+        let pending = match self.confirm_within {
+            Some(within) if (200..300).contains(&status) && !request_id.is_empty() => {
+                Some(Arc::new(crate::confirm::pending(
+                    body, &job, &request, &delivery, within,
+                )))
+            }
+            _ => None,
+        };
         facts.request_id = Some(request_id);
-        self.record_until_durable(&job.notification_uuid, &keys, &fields)
+        self.record_until_durable(&job.notification_uuid, &keys, &fields, pending)
             .await;
         Outcome::Delivered
     }
@@ -468,10 +476,15 @@ impl Pipeline {
         notification_uuid: &str,
         keys: &Arc<JobKeys>,
         fields: &Fields,
+        pending: Option<Arc<crate::buffer::Pending>>,
     ) {
         let mut pacing = Pacing::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match self.buffer.record(keys, fields).await {
+            match self
+                .buffer
+                .record_confirming(keys, fields, pending.clone())
+                .await
+            {
                 Ok(_) => {
                     self.health.set_redis(true);
                     return;
@@ -571,6 +584,7 @@ mod tests {
             health: Default::default(),
             poison_after: 3,
             quarantine: Default::default(),
+            confirm_within: None,
         }
     }
 

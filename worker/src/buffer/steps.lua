@@ -1,16 +1,21 @@
 -- The admission checks and records of a batch of jobs, in the order they came, in one atomic
 -- step (SPEC section 7).
 --
--- KEYS[1]: the deliveries stream. Then four keys per job, for the i-th job at 4i-2 .. 4i+1:
---   its sent marker, its lease, its incident's sequence and its team's cooldown.
+-- KEYS[1]: the deliveries stream. KEYS[2]: the pending confirmations, by due time. Then five
+--   keys per job, for the i-th job at 5i-2 .. 5i+2: its sent marker, its lease, its
+--   incident's sequence, its team's cooldown and its pending confirmation.
 -- ARGV[1]: lease ms. ARGV[2]: stream maxlen. ARGV[3]: dedupe ttl s. ARGV[4]: sequence ttl s.
 -- ARGV[5]: a JSON array with one array per job, in the order of the keys:
---   [op, token, sequence, fields]
+--   [op, token, sequence, fields, pending]
 --   op: "a" (admission) or "r" (record);
 --   token: the lease token of this round of the job;
 --   sequence: the incident's sequence as a decimal string, or "" (never a JSON number: Lua
 --     numbers are doubles, exact only up to 2^53);
---   fields: a record's stream entry as [[name, value], ...] in order; [] for an admission.
+--   fields: a record's stream entry as [[name, value], ...] in order; [] for an admission;
+--   pending: null, or a record's confirmation to come: [member, due ms, ttl ms,
+--     [[name, value], ...]]: the hash at the job's fifth key gets the fields (and
+--     `prev_seq`, the incident's sequence before this record, for a rollback should the
+--     request fail after its 202) and lives ttl ms; the member goes into KEYS[2], due then.
 --
 -- Answers an array with one string per job, in the same order:
 --   admission: "duplicate", "cooldown:<ms>", "busy", "stale" or "ok" (the lease is taken);
@@ -39,9 +44,9 @@ end
 local calls = cjson.decode(ARGV[5])
 local out = {}
 for i, call in ipairs(calls) do
-  local k = 4 * i - 2
-  local sent, lease, seqkey, cool = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local op, token, seq, fields = call[1], call[2], call[3], call[4]
+  local k = 5 * i - 2
+  local sent, lease, seqkey, cool, pendkey = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  local op, token, seq, fields, pending = call[1], call[2], call[3], call[4], call[5]
   local answer
   if op == 'a' then
     if redis.call('EXISTS', sent) == 1 then
@@ -76,11 +81,24 @@ for i, call in ipairs(calls) do
       end
       answer = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(entry))
       redis.call('SET', sent, '1', 'EX', dedupe_ttl)
+      local before = ''
       if seq ~= '' then
         local last = redis.call('GET', seqkey)
+        if last then before = last end
         if (not last) or seq_above(seq, last) then
           redis.call('SET', seqkey, seq, 'EX', seq_ttl)
         end
+      end
+      if type(pending) == 'table' then
+        local member, due, ttl, hash = pending[1], pending[2], pending[3], pending[4]
+        local flat = {'prev_seq', before}
+        for _, pair in ipairs(hash) do
+          flat[#flat + 1] = pair[1]
+          flat[#flat + 1] = pair[2]
+        end
+        redis.call('HSET', pendkey, unpack(flat))
+        redis.call('PEXPIRE', pendkey, ttl)
+        redis.call('ZADD', KEYS[2], due, member)
       end
     end
     if redis.call('GET', lease) == token then redis.call('DEL', lease) end

@@ -1,0 +1,611 @@
+//! Confirmation (docs/contract.md section 6.1): a 202 is not an alert. Opsgenie accepts a
+//! request and processes it later, when it can still fail (a disabled integration, a policy, a
+//! refused field). Every delivery answered with a `requestId` leaves a pending confirmation in
+//! Redis, written by the same script as its record; a confirmer in every replica claims the
+//! due ones (a claim is a lease, so a confirmer that dies leaves them to another), asks
+//! `GET {api}/v2/alerts/requests/{requestId}`, and settles each:
+//!
+//! - processed with `isSuccess: true`: `event=confirmed` in the stream;
+//! - processed with `isSuccess: false`: the job is dead-lettered as `failed_async` with
+//!   Opsgenie's status text, its sent marker deleted (so that `dead replay` delivers it again)
+//!   and `event=failed_async` appended;
+//! - not processed yet (404), or the question failed: asked again later, less and less often;
+//! - nothing said within `--confirm-within`: dead-lettered as `unconfirmed`, and
+//!   `event=unconfirmed` appended.
+//!
+//! The ack of a job never waits for any of this.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt as _;
+use opsgenie_shared::record::{Confirmation, ConfirmationEvent, Delivery, confirmation_fields};
+use opsgenie_shared::text::{cap_bytes, printable, seg};
+use opsgenie_shared::{Alert, AlertJob, DeadReason, OpsgenieRequest};
+use tokio::time::Instant;
+
+use crate::amqp::{self, DeadLetter, Publisher, Topology};
+use crate::buffer::{Buffer, Pending, Settle, Settled};
+use crate::health::Health;
+use crate::keyring::Keyring;
+use crate::opsgenie::{CallError, Sender};
+use crate::shutdown::Shutdown;
+
+/// How long a claim lasts beyond two request time-outs (the question, and a dead letter's
+/// publish), so that a live confirmer settles what it claimed before another may take it,
+/// and a dead one's claims pass to another soon.
+const CLAIM_MARGIN: Duration = Duration::from_secs(5);
+/// The most confirmations claimed at once.
+const CLAIM_BATCH: usize = 64;
+/// The most questions in flight at once per replica.
+const CONCURRENCY: usize = 16;
+/// How long an idle confirmer waits before looking for due confirmations again.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+/// The first question goes this long after the delivery; each next one waits twice as long
+/// as the one before, up to `LONGEST_GAP`.
+const FIRST_ASK: Duration = Duration::from_secs(1);
+const LONGEST_GAP: Duration = Duration::from_secs(60);
+/// How long a pending confirmation outlives its deadline in Redis if nothing settles it.
+const PENDING_MARGIN: Duration = Duration::from_secs(24 * 3600);
+/// The most bytes of Opsgenie's status text and alert id kept.
+const TEXT_LIMIT_BYTES: usize = 512;
+
+/// The pending confirmation of a delivery, for `Buffer::record_confirming`.
+pub fn pending(
+    body: &[u8],
+    job: &AlertJob,
+    request: &OpsgenieRequest,
+    delivery: &Delivery<'_>,
+    within: Duration,
+) -> Pending {
+    let delivered_at_ms = delivery.delivered_at_ms;
+    let within_ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
+    let incident = match (&job.alert, &request.alias) {
+        (Alert::Metric(_), Some(alias)) => alias.clone(),
+        _ => String::new(),
+    };
+    Pending {
+        member: job.notification_uuid.clone(),
+        due_ms: delivered_at_ms + u64::try_from(FIRST_ASK.as_millis()).unwrap_or(0),
+        ttl_ms: within_ms.saturating_add(u64::try_from(PENDING_MARGIN.as_millis()).unwrap_or(0)),
+        fields: vec![
+            ("body", String::from_utf8_lossy(body).into_owned()),
+            ("team", job.team_id.clone()),
+            ("request_id", delivery.request_id.to_string()),
+            ("status", delivery.status.to_string()),
+            ("attempts", delivery.attempts.to_string()),
+            ("delivered_at_ms", delivered_at_ms.to_string()),
+            (
+                "deadline_ms",
+                delivered_at_ms.saturating_add(within_ms).to_string(),
+            ),
+            ("incident", incident),
+            (
+                "seq",
+                job.sequence().map(|n| n.to_string()).unwrap_or_default(),
+            ),
+            ("asks", "0".to_string()),
+        ],
+    }
+}
+
+/// The confirmer of one replica.
+pub struct Confirmer {
+    pub buffer: Buffer,
+    pub sender: Sender,
+    pub keyring: Arc<ArcSwap<Keyring>>,
+    pub health: Arc<Health>,
+    pub amqp_url: String,
+    pub topology: Arc<Topology>,
+    /// How long a claim lasts.
+    lease: Duration,
+    /// Dead letters go out on a connection of the confirmer's own, opened when the first
+    /// one is needed.
+    publisher: tokio::sync::Mutex<Option<(lapin::Connection, Publisher)>>,
+}
+
+/// A claimed confirmation, read from its hash.
+struct Claimed {
+    member: String,
+    token: String,
+    fields: HashMap<String, String>,
+}
+
+impl Claimed {
+    fn text(&self, name: &str) -> &str {
+        self.fields.get(name).map_or("", String::as_str)
+    }
+
+    fn number(&self, name: &str) -> u64 {
+        self.text(name).parse().unwrap_or(0)
+    }
+
+    fn incident(&self) -> Option<&str> {
+        Some(self.text("incident")).filter(|a| !a.is_empty())
+    }
+}
+
+/// What Opsgenie said about a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Status {
+    /// Processed; `success` is `isSuccess`.
+    Processed {
+        success: bool,
+        text: String,
+        alert_id: String,
+    },
+    /// Not processed yet (404, or an answer without `isSuccess`).
+    NotYet,
+    /// No usable answer; ask again at the earliest after `wait`.
+    Failed {
+        message: String,
+        wait: Option<Duration>,
+    },
+}
+
+impl Confirmer {
+    pub fn new(
+        buffer: Buffer,
+        sender: Sender,
+        keyring: Arc<ArcSwap<Keyring>>,
+        health: Arc<Health>,
+        amqp_url: String,
+        topology: Arc<Topology>,
+        request_timeout: Duration,
+    ) -> Confirmer {
+        Confirmer {
+            lease: request_timeout.saturating_mul(2) + CLAIM_MARGIN,
+            buffer,
+            sender,
+            keyring,
+            health,
+            amqp_url,
+            topology,
+            publisher: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Claims and settles due confirmations until `shutdown`. What is claimed when shutdown
+    /// comes is left to its lease: another replica (or this one, restarted) takes it over.
+    pub async fn run(self, shutdown: Shutdown) {
+        let work = async {
+            let mut gauge_at = Instant::now();
+            loop {
+                if gauge_at <= Instant::now() {
+                    gauge_at = Instant::now() + Duration::from_secs(2);
+                    if let Ok(waiting) = self.buffer.confirmations_waiting().await {
+                        metrics::gauge!("opsgenie_confirmations_pending").set(waiting as f64);
+                    }
+                }
+                let claimed = match self.claim().await {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        tracing::debug!(error = %error, "Cannot claim confirmations; Redis is unreachable.");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let full = claimed.len() == CLAIM_BATCH;
+                futures_util::stream::iter(claimed)
+                    .for_each_concurrent(CONCURRENCY, |claimed| self.confirm(claimed))
+                    .await;
+                if !full {
+                    tokio::time::sleep(IDLE_POLL).await;
+                }
+            }
+        };
+        tokio::select! {
+            () = work => {}
+            () = shutdown.triggered() => {}
+        }
+        if let Some((connection, _)) = self.publisher.lock().await.take() {
+            let _ = connection.close(200, "shutting down".into()).await;
+        }
+    }
+
+    /// The due confirmations, claimed, with their hashes.
+    async fn claim(&self) -> Result<Vec<Claimed>, fred::error::Error> {
+        let claims = self
+            .buffer
+            .claim_confirmations(amqp::now_ms(), self.lease, CLAIM_BATCH)
+            .await?;
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let members: Vec<String> = claims.iter().map(|(m, _)| m.clone()).collect();
+        let hashes = self.buffer.pending_confirmations(&members).await?;
+        Ok(claims
+            .into_iter()
+            .zip(hashes)
+            .map(|((member, token), fields)| Claimed {
+                member,
+                token,
+                fields,
+            })
+            .collect())
+    }
+
+    /// Asks about one claimed confirmation and settles it.
+    async fn confirm(&self, claimed: Claimed) {
+        let now = amqp::now_ms();
+        let request_id = claimed.text("request_id").to_string();
+        if claimed.fields.is_empty() {
+            // Its hash outlived its deadline by a day without being settled: nothing is left
+            // to ask about or to dead-letter.
+            tracing::error!(
+                notification_uuid = claimed.member,
+                "A pending confirmation was lost before anyone settled it."
+            );
+            self.finish(
+                &claimed,
+                ConfirmationEvent::Unconfirmed,
+                "the pending confirmation expired",
+                "",
+                false,
+            )
+            .await;
+            return;
+        }
+        if now >= claimed.number("deadline_ms") {
+            self.give_up(&claimed).await;
+            return;
+        }
+        let status = match self.keyring.load().team(claimed.text("team")).cloned() {
+            None => Status::Failed {
+                message: format!(
+                    "team \"{}\" is no longer in the keyring",
+                    cap_bytes(claimed.text("team"), 100)
+                ),
+                wait: None,
+            },
+            Some(team) => {
+                let path = format!("/v2/alerts/requests/{}", seg(&request_id));
+                match self.sender.call(&team, reqwest::Method::GET, &path).await {
+                    Ok(reply) if (200..300).contains(&reply.status) => read_status(&reply.body),
+                    Ok(reply) if reply.status == 404 => Status::NotYet,
+                    Ok(reply) => Status::Failed {
+                        message: format!(
+                            "Opsgenie answered {}: {}",
+                            reply.status,
+                            reply.excerpt(&team)
+                        ),
+                        wait: reply.wait,
+                    },
+                    Err(CallError::CoolingDown(wait)) => Status::Failed {
+                        message: "rate limited: the key is cooling down".into(),
+                        wait: Some(wait),
+                    },
+                    Err(CallError::Transport(message)) => Status::Failed {
+                        message,
+                        wait: None,
+                    },
+                }
+            }
+        };
+        match status {
+            Status::Processed {
+                success: true,
+                text,
+                alert_id,
+            } => {
+                metrics::counter!("opsgenie_confirmations_total", "result" => "confirmed")
+                    .increment(1);
+                let lag_ms = now.saturating_sub(claimed.number("delivered_at_ms"));
+                metrics::histogram!("opsgenie_confirmation_lag_seconds")
+                    .record(lag_ms as f64 / 1000.0);
+                tracing::debug!(
+                    notification_uuid = claimed.member,
+                    request_id,
+                    alert_id,
+                    "Delivery confirmed."
+                );
+                self.finish(
+                    &claimed,
+                    ConfirmationEvent::Confirmed,
+                    &text,
+                    &alert_id,
+                    false,
+                )
+                .await;
+            }
+            Status::Processed {
+                success: false,
+                text,
+                alert_id,
+            } => {
+                let message =
+                    format!("Opsgenie accepted request {request_id} and then failed it: {text}");
+                tracing::warn!(
+                    notification_uuid = claimed.member,
+                    request_id,
+                    status_text = text,
+                    "A delivered request failed after its 202; dead-lettering the job."
+                );
+                if self
+                    .dead_letter(&claimed, DeadReason::FailedAsync, &message)
+                    .await
+                {
+                    metrics::counter!("opsgenie_confirmations_total", "result" => "failed_async")
+                        .increment(1);
+                    let lag_ms = now.saturating_sub(claimed.number("delivered_at_ms"));
+                    metrics::histogram!("opsgenie_confirmation_lag_seconds")
+                        .record(lag_ms as f64 / 1000.0);
+                    self.finish(
+                        &claimed,
+                        ConfirmationEvent::FailedAsync,
+                        &text,
+                        &alert_id,
+                        true,
+                    )
+                    .await;
+                } else {
+                    self.again(&claimed, now, None).await;
+                }
+            }
+            Status::NotYet => {
+                metrics::counter!("opsgenie_confirmations_total", "result" => "not_yet")
+                    .increment(1);
+                self.again(&claimed, now, None).await;
+            }
+            Status::Failed { message, wait } => {
+                metrics::counter!("opsgenie_confirmations_total", "result" => "error").increment(1);
+                tracing::warn!(
+                    notification_uuid = claimed.member,
+                    request_id,
+                    error = message,
+                    "Could not ask Opsgenie about a delivered request; asking again later."
+                );
+                self.again(&claimed, now, wait).await;
+            }
+        }
+    }
+
+    /// Past `--confirm-within` with no answer: dead-letter as `unconfirmed`.
+    async fn give_up(&self, claimed: &Claimed) {
+        let request_id = claimed.text("request_id");
+        let message = format!(
+            "Opsgenie accepted request {request_id} but did not say it was processed within the confirmation window"
+        );
+        tracing::warn!(
+            notification_uuid = claimed.member,
+            request_id,
+            "A delivered request was never confirmed; dead-lettering the job."
+        );
+        if self
+            .dead_letter(claimed, DeadReason::Unconfirmed, &message)
+            .await
+        {
+            metrics::counter!("opsgenie_confirmations_total", "result" => "unconfirmed")
+                .increment(1);
+            self.finish(
+                claimed,
+                ConfirmationEvent::Unconfirmed,
+                "not processed within the confirmation window",
+                "",
+                false,
+            )
+            .await;
+        } else {
+            // Nothing is lost: it stays pending and falls due again.
+            self.again(claimed, amqp::now_ms(), Some(Duration::from_secs(5)))
+                .await;
+        }
+    }
+
+    /// Asks again later: the gap doubles with each question, and the last one is at the
+    /// deadline.
+    async fn again(&self, claimed: &Claimed, now: u64, wait: Option<Duration>) {
+        let asks = u32::try_from(claimed.number("asks"))
+            .unwrap_or(u32::MAX)
+            .min(16);
+        let gap = FIRST_ASK
+            .saturating_mul(1 << asks)
+            .min(LONGEST_GAP)
+            .max(wait.unwrap_or_default());
+        let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
+        let due_ms = now
+            .saturating_add(gap_ms)
+            .min(claimed.number("deadline_ms").max(now));
+        let settled = self
+            .buffer
+            .settle_confirmation(
+                &claimed.member,
+                &claimed.token,
+                claimed.incident(),
+                Settle::Again { due_ms },
+            )
+            .await;
+        if let Err(error) = settled {
+            // The claim runs out and the confirmation falls due again by itself.
+            tracing::debug!(error = %error, "Could not reschedule a confirmation.");
+        }
+    }
+
+    /// Ends the confirmation with its stream entry, trying until Redis takes it (or the claim
+    /// was lost to another confirmer, which then writes it).
+    async fn finish(
+        &self,
+        claimed: &Claimed,
+        event: ConfirmationEvent,
+        status_text: &str,
+        alert_id: &str,
+        failed: bool,
+    ) {
+        let fields = confirmation_fields(
+            &claimed.member,
+            &Confirmation {
+                event,
+                request_id: claimed.text("request_id"),
+                status_text,
+                alert_id,
+                confirmed_at_ms: amqp::now_ms(),
+            },
+        );
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self
+                .buffer
+                .settle_confirmation(
+                    &claimed.member,
+                    &claimed.token,
+                    claimed.incident(),
+                    Settle::Done {
+                        fields: &fields,
+                        failed,
+                    },
+                )
+                .await
+            {
+                Ok(Settled::Lost) => {
+                    tracing::debug!(
+                        notification_uuid = claimed.member,
+                        "A confirmation was settled by another replica."
+                    );
+                    return;
+                }
+                Ok(_) => return,
+                Err(error) => {
+                    self.health.set_redis(false);
+                    tracing::warn!(
+                        notification_uuid = claimed.member,
+                        error = %error,
+                        "Could not write a confirmation to Redis; trying again."
+                    );
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Publishes the job body to the dead-letter queue, confirmed. False when it could not
+    /// be published now (the confirmation stays pending and is tried again).
+    async fn dead_letter(&self, claimed: &Claimed, reason: DeadReason, message: &str) -> bool {
+        let letter = DeadLetter {
+            reason,
+            message: message.to_string(),
+            status: claimed.text("status").parse().ok(),
+            attempts: u32::try_from(claimed.number("attempts")).unwrap_or(u32::MAX),
+        };
+        let properties = amqp::job_properties(&claimed.member);
+        let mut publisher = self.publisher.lock().await;
+        if publisher
+            .as_ref()
+            .is_none_or(|(c, _)| !c.status().connected())
+        {
+            match open_publisher(&self.amqp_url).await {
+                Ok(opened) => *publisher = Some(opened),
+                Err(error) => {
+                    tracing::warn!(error = %error, "Cannot reach RabbitMQ to dead-letter a job; trying again later.");
+                    return false;
+                }
+            }
+        }
+        let Some((_, channel)) = publisher.as_ref() else {
+            return false;
+        };
+        match channel
+            .dead_letter(
+                &self.topology.dead_queue,
+                claimed.text("body").as_bytes(),
+                &properties,
+                &letter,
+            )
+            .await
+        {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(error = %error, "Could not dead-letter a job; trying again later.");
+                *publisher = None;
+                false
+            }
+        }
+    }
+}
+
+async fn open_publisher(url: &str) -> lapin::Result<(lapin::Connection, Publisher)> {
+    let connection = amqp::connect(url, "opsgenie-worker confirm").await?;
+    let publisher = Publisher::new(&connection).await?;
+    Ok((connection, publisher))
+}
+
+/// Reads a request status answer: Opsgenie wraps it in `data`; the unwrapped form is
+/// accepted as well.
+fn read_status(body: &[u8]) -> Status {
+    let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Status::Failed {
+            message: "the request status answer is not JSON".into(),
+            wait: None,
+        };
+    };
+    let status = answer
+        .get("data")
+        .filter(|d| d.is_object())
+        .unwrap_or(&answer);
+    let text = |name: &str| {
+        status
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .map(|s| printable(&cap_bytes(s, TEXT_LIMIT_BYTES)).into_owned())
+            .unwrap_or_default()
+    };
+    let success = status
+        .get("isSuccess")
+        .or_else(|| status.get("success"))
+        .and_then(serde_json::Value::as_bool);
+    match success {
+        Some(success) => Status::Processed {
+            success,
+            text: text("status"),
+            alert_id: text("alertId"),
+        },
+        None => Status::NotYet,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_status_is_read_wrapped_or_not() {
+        let cases = [
+            (
+                r#"{"data":{"success":true,"action":"Create","isSuccess":true,"status":"Created alert","alertId":"a-1","alias":"x"},"took":0.01,"requestId":"r"}"#,
+                Status::Processed {
+                    success: true,
+                    text: "Created alert".into(),
+                    alert_id: "a-1".into(),
+                },
+            ),
+            (
+                r#"{"isSuccess":false,"status":"Integration is disabled"}"#,
+                Status::Processed {
+                    success: false,
+                    text: "Integration is disabled".into(),
+                    alert_id: String::new(),
+                },
+            ),
+            (r#"{"data":{"action":"Create"}}"#, Status::NotYet),
+            (r#"{"message":"Request not processed yet"}"#, Status::NotYet),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(read_status(body.as_bytes()), expected, "{body}");
+        }
+        assert!(matches!(read_status(b"<html>"), Status::Failed { .. }));
+        let long = format!(
+            r#"{{"isSuccess":false,"status":"{}\u001b[2J"}}"#,
+            "x".repeat(5000)
+        );
+        let Status::Processed { text, .. } = read_status(long.as_bytes()) else {
+            panic!("not processed");
+        };
+        assert!(
+            text.len() <= TEXT_LIMIT_BYTES + 8 && !text.contains('\u{1b}'),
+            "{}",
+            text.len()
+        );
+    }
+}
