@@ -122,15 +122,6 @@ impl Topology {
             .queue_declare(self.queue.as_str().into(), durable, self.queue_arguments())
             .await
             .map_err(|e| DeclareError::from_broker(e, "queue", &self.queue))?;
-        channel
-            .queue_bind(
-                self.queue.as_str().into(),
-                self.exchange.as_str().into(),
-                self.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
         // One queue per delay, each with a single TTL: messages expire in the order they came,
         // so a short delay never waits behind a long one. Expired messages go back to the
         // exchange with the work queue's routing key.
@@ -148,6 +139,17 @@ impl Topology {
             )
             .await
             .map_err(|e| DeclareError::from_broker(e, "queue", &self.dead_queue))?;
+        // Bound last: a queue of another deployment that conflicts with ours is never bound
+        // to this exchange.
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         Ok(())
     }
 
