@@ -18,6 +18,7 @@ use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use opsgenie_e2e::*;
 use opsgenie_shared::{AlertJob, build_request};
+use opsgenie_worker::config::QueueType;
 use serde_json::Value;
 
 /// Generous: three Erlang nodes share two cores with everything else.
@@ -326,6 +327,20 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         key: "key-cluster",
         api_url: &standin.base_url(),
     }]);
+    // The queues are declared through node 3, which so leads the work queue, while the
+    // worker starts on node 1: the first kill takes the worker's node, the second (most
+    // likely) a leader the worker is not connected to.
+    let mut topology = env.topology();
+    topology.queue_type = QueueType::Quorum;
+    let (connection, _) = opsgenie_worker::amqp::connect_from(&cluster.urls(), 2, "opsgenie-e2e")
+        .await
+        .expect("node 3");
+    let channel = connection.create_channel().await.expect("channel");
+    topology
+        .declare(&channel)
+        .await
+        .expect("declare the quorum topology");
+    let _ = connection.close(200, "".into()).await;
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let prefetch = PREFETCH.to_string();
@@ -358,11 +373,11 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let confirmed = Arc::new(AtomicU64::new(0));
-    // The worker tries node 1 first; the publisher starts on node 3.
+    // The worker tries node 1 first; the publisher starts on node 2.
     let publisher = tokio::spawn(publish_steadily(
         cluster.urls(),
         env.exchange.clone(),
-        2,
+        1,
         Arc::clone(&stop),
         Arc::clone(&confirmed),
     ));
@@ -374,14 +389,16 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
     assert!(progressed(300).await, "{}", log_tail(&worker, 30));
 
     // 1. SIGKILL the node the worker is connected to, mid-stream.
-    let mut first = None;
-    for via in 1..=3 {
-        first = cluster.connection_node(via, "opsgenie-worker run").await;
-        if first.is_some() {
-            break;
-        }
-    }
-    let first = first.expect("the worker's connection is listed");
+    let first = std::cell::Cell::new(None);
+    assert!(
+        wait_until(SLOW, || async {
+            first.set(cluster.connection_node(1, "opsgenie-worker run").await);
+            first.get().is_some()
+        })
+        .await,
+        "the worker's connection is not listed"
+    );
+    let first = first.get().expect("found above");
     let sessions = consuming(&worker);
     let in_flight_before = standin.delivered();
     cluster.kill(first).await;
@@ -395,12 +412,15 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         log_tail(&worker, 30)
     );
     let survivor = (1..=3).find(|n| *n != first).expect("a live node");
-    let now_on = cluster
-        .connection_node(survivor, "opsgenie-worker run")
-        .await;
     assert!(
-        now_on.is_some_and(|n| n != first),
-        "the worker is on node {now_on:?}"
+        wait_until(SLOW, || async {
+            cluster
+                .connection_node(survivor, "opsgenie-worker run")
+                .await
+                .is_some_and(|n| n != first)
+        })
+        .await,
+        "the worker's new connection is not listed on a live node"
     );
     assert!(progressed(300).await, "{}", log_tail(&worker, 30));
 
@@ -412,15 +432,25 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
     );
 
     // 2. SIGKILL the queue's leader, mid-stream.
-    let leader = cluster
-        .leader(survivor, &env.queue)
-        .await
-        .expect("the queue has a leader");
+    let leader = std::cell::Cell::new(None);
+    assert!(
+        wait_until(SLOW, || async {
+            leader.set(cluster.leader(survivor, &env.queue).await);
+            leader.get().is_some()
+        })
+        .await,
+        "the queue has no leader"
+    );
+    let leader = leader.get().expect("found above");
     let sessions = consuming(&worker);
     let before = standin.delivered();
+    let worker_on = cluster
+        .connection_node(survivor, "opsgenie-worker run")
+        .await;
     cluster.kill(leader).await;
     eprintln!(
-        "killed node {leader} (the queue's leader) after {before} deliveries, {} jobs confirmed",
+        "killed node {leader} (the queue's leader; the worker on node {worker_on:?}) after \
+         {before} deliveries, {} jobs confirmed",
         confirmed.load(Ordering::SeqCst)
     );
     assert!(progressed(300).await, "{}", log_tail(&worker, 30));
