@@ -6,7 +6,8 @@
 //!
 //! It takes a minute or two (three nodes start, one restarts), so it is ignored by the
 //! workspace's test command and run on its own:
-//! `cargo test -p opsgenie-e2e --test cluster -- --ignored` (`.ci/run` does).
+//! `cargo test -p opsgenie-e2e --test cluster -- --ignored` (`.ci/run` does). The other test
+//! here, a first node that refuses, needs only the machine's broker and runs with the rest.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -556,5 +557,50 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
     );
     assert_eq!(sent_twice, 0, "a job was sent to Opsgenie twice");
     drop(cluster);
+    env.cleanup().await;
+}
+
+/// The nodes of `--amqp-url` are tried in turn: a first node that refuses connections is
+/// passed over for the next, which the `Consuming.` line names, password redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_refuses_is_passed_over_for_the_next() {
+    let env = TestEnv::new("nodes").await;
+    let (standin, keyring) = standin_for_team(&env, TEAM, "key-nodes").await;
+    let closed = free_port();
+    let urls = format!("amqp://guest:Refused0@127.0.0.1:{closed}/%2f,{AMQP_URL}");
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut worker =
+        env.spawn_worker_via(&keyring, &urls, REDIS_URL, &["--metrics-addr", &metrics]);
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            matches!(http_get(port, "/readyz").await, Some((200, _)))
+        })
+        .await,
+        "never ready: {}",
+        log_tail(&worker, 20)
+    );
+    let job = issue_job(&new_uuid(), TEAM, 7);
+    env.publish(job.to_string().as_bytes()).await;
+    assert!(
+        standin.wait_for_delivered(1, Duration::from_secs(60)).await,
+        "{}",
+        log_tail(&worker, 20)
+    );
+    let status = worker.terminate(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "{}", log_tail(&worker, 20));
+    let consuming: Vec<Value> = worker
+        .logs()
+        .into_iter()
+        .filter(|l| l["message"] == "Consuming.")
+        .collect();
+    assert_eq!(consuming.len(), 1, "{}", worker.raw_log());
+    assert_eq!(
+        consuming[0]["node"],
+        "amqp://guest:***@127.0.0.1:5672/%2f",
+        "{}",
+        worker.raw_log()
+    );
+    assert!(!worker.raw_log().contains("Refused0"));
     env.cleanup().await;
 }

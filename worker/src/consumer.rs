@@ -58,7 +58,12 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                 next_node = (node + 1) % nodes;
                 opened
             }
-            Err(error) => {
+            Err((error, node)) => {
+                // A node that took the connection but could not serve it (still booting, or
+                // cut off from its cluster's majority) is not tried first again.
+                if let Some(node) = node {
+                    next_node = (node + 1) % nodes;
+                }
                 // lapin quotes a URL it cannot parse, password and all.
                 let error = crate::config::redact_error(&error, &settings.amqp_url);
                 let pause = pacing.next_pause();
@@ -145,15 +150,16 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
 }
 
 /// A consuming session on the first node, from `first` on, that answers; with the index of
-/// its node. The error is text fit for a log: redacted, and for a declaration that conflicts
-/// with the broker's, one that names the queue and the argument.
+/// its node. The error is text fit for a log (redacted, and for a declaration that conflicts
+/// with the broker's, one that names the queue and the argument), with the index of the node
+/// when one took the connection.
 async fn open(
     settings: &ConsumerSettings,
     first: usize,
-) -> Result<((Connection, Channel, Publisher, lapin::Consumer), usize), String> {
+) -> Result<((Connection, Channel, Publisher, lapin::Consumer), usize), (String, Option<usize>)> {
     let (connection, node) = amqp::connect_from(&settings.amqp_url, first, "opsgenie-worker run")
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| (e.to_string(), None))?;
     let session = async {
         let channel = connection.create_channel().await?;
         settings.topology.declare(&channel).await?;
@@ -177,7 +183,7 @@ async fn open(
         }
         Err(error) => {
             let _ = connection.close(200, "cannot consume".into()).await;
-            Err(error.to_string())
+            Err((error.to_string(), Some(node)))
         }
     }
 }
