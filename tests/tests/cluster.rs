@@ -499,6 +499,15 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         .await,
         "the stream misses jobs"
     );
+    // The jobs handled twice are reported in the metrics too: read before the worker stops.
+    let metrics_text = http_get(port, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    let duplicates_metric: u64 = metrics_text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"opsgenie_jobs_total{outcome="duplicate",reason=""} "#))
+        .map_or(0, |n| n.trim().parse().expect("a count"));
     // Let the worker finish what it holds, then count.
     let status = worker.terminate(SLOW).await;
     assert_eq!(status.code(), Some(0), "{}", log_tail(&worker, 30));
@@ -535,6 +544,7 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         published.resent,
         reconnected,
     );
+    assert_eq!(duplicates_metric, duplicates, "the duplicates metric");
     assert!(
         others.iter().all(|l| l["outcome"] == "requeued"),
         "unexpected outcomes: {others:?}"
