@@ -90,8 +90,11 @@ queues() {
 start_node() {
   local dir=$1 n=$2
   mkdir -p "$dir/n$n/log" "$dir/n$n/mnesia"
-  in_env "$dir" "$n" "$RMQ_BIN/rabbitmq-server" >>"$dir/n$n/log/console.log" 2>&1 &
-  echo $! >"$dir/n$n/launcher.pid"
+  # A session (and process group) of its own, whose id is the pid written here: every process
+  # of the node can be killed at once, even one that never finished booting.
+  (eval "exec env $(node_env "$dir" "$n") setsid \"\$RMQ_BIN/rabbitmq-server\"") \
+    </dev/null >>"$dir/n$n/log/console.log" 2>&1 &
+  echo $! >"$dir/n$n/group.pid"
 }
 
 await_node() {
@@ -115,15 +118,27 @@ beam_pid() {
 kill_node() {
   local dir=$1 n=$2 pid
   pid=$(beam_pid "$dir" "$n" || true)
-  [ -n "$pid" ] || { echo "rabbitmq-cluster: node $n is not running" >&2; return 1; }
+  if [ -z "$pid" ]; then
+    kill_group "$dir" "$n"
+    echo "rabbitmq-cluster: node $n is not running" >&2
+    return 1
+  fi
   kill -KILL "$pid" 2>/dev/null || true
   for _ in $(seq 1 100); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
   rm -f "$dir/n$n/pid"
-  # The launcher shell exits with the node.
-  if [ -s "$dir/n$n/launcher.pid" ]; then kill -KILL "$(cat "$dir/n$n/launcher.pid")" 2>/dev/null || true; fi
+  kill_group "$dir" "$n"
+}
+
+# Every process left of node N: the group it was started in.
+kill_group() {
+  local dir=$1 n=$2
+  if [ -s "$dir/n$n/group.pid" ]; then
+    kill -KILL -- "-$(cat "$dir/n$n/group.pid")" 2>/dev/null || true
+    rm -f "$dir/n$n/group.pid"
+  fi
 }
 
 cmd=${1:-}
