@@ -182,9 +182,11 @@ EOF
     done
     for n in 1 2 3; do await_node "$dir" "$n"; done
     for n in 2 3; do
-      ctl "$dir" "$n" stop_app >/dev/null
-      ctl "$dir" "$n" join_cluster "$NODE1" >/dev/null
-      ctl "$dir" "$n" start_app >/dev/null
+      for step in stop_app "join_cluster $NODE1" start_app; do
+        # shellcheck disable=SC2086
+        ctl "$dir" "$n" $step >>"$dir/join.log" 2>&1 \
+          || die "node $n: $step failed; see $dir/join.log"
+      done
       await_node "$dir" "$n"
     done
     running=$(ctl "$dir" 1 cluster_status --formatter json | grep -o "og-c[123]-$suffix@localhost" | sort -u | wc -l)
