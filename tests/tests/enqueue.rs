@@ -210,3 +210,210 @@ async fn an_invalid_job_is_reported_with_its_field_path_and_not_published() {
     );
     env.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A producer touches only what it is told (docs/contract.md section 9).
+
+/// Runs `opsgenie-worker` with exactly `args` (no names added), `RUST_LOG=warn`, and no
+/// `WORKER_QUEUE` from the environment; returns its exit code, standard output and error.
+fn run_exactly(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(worker_binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("WORKER_QUEUE")
+        .env_remove("WORKER_EXCHANGE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start opsgenie-worker");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether `queue` exists on the machine's broker.
+async fn queue_exists(env: &TestEnv, queue: &str) -> bool {
+    let channel = env.connection.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    let _ = channel.close(200, "".into()).await;
+    declared.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_an_exchange_no_queue_is_declared_and_an_unroutable_job_is_an_error() {
+    let env = TestEnv::new("enq-lone").await;
+    let exchange = format!("{}.lone", env.exchange);
+    let default_queue_existed = queue_exists(&env, "opsgenie.alerts").await;
+    let job = spec_issue_job(&new_uuid(), "backend");
+    let (code, stdout, stderr) = run_exactly(
+        &["enqueue", "--amqp-url", AMQP_URL, "--exchange", &exchange],
+        format!("{job}\n").as_bytes(),
+    );
+    assert_ne!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "no queue is bound to exchange \"{exchange}\" with routing key \"alert\""
+        )),
+        "{stderr}"
+    );
+    assert!(stdout.contains("published 0, failed 1"), "{stdout}");
+    // The exchange was declared; the default work queue and its retry and dead queues were
+    // not (had they been, they would be bound to the exchange and the job routed).
+    let channel = env.connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("the exchange exists");
+    if !default_queue_existed {
+        assert!(!queue_exists(&env, "opsgenie.alerts").await);
+        assert!(!queue_exists(&env, "opsgenie.alerts.dead").await);
+        assert!(!queue_exists(&env, "opsgenie.alerts.retry.5s").await);
+    }
+    let _ = channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_an_exchange_a_job_reaches_the_queue_a_worker_declared() {
+    let env = TestEnv::new("enq-bound").await;
+    let job = spec_issue_job(&new_uuid(), "backend");
+    let (code, stdout, stderr) = run_exactly(
+        &[
+            "enqueue",
+            "--amqp-url",
+            AMQP_URL,
+            "--exchange",
+            &env.exchange,
+        ],
+        format!("{job}\n").as_bytes(),
+    );
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_queued(&env, 1).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argument() {
+    // This test's topology stands for another deployment: its retry queues send expired
+    // jobs back to its own exchange.
+    let env = TestEnv::new("enq-clash").await;
+    let exchange = format!("{}.other", env.exchange);
+    let job = spec_issue_job(&new_uuid(), "backend");
+    let (code, stdout, stderr) = run_exactly(
+        &[
+            "enqueue",
+            "--amqp-url",
+            AMQP_URL,
+            "--exchange",
+            &exchange,
+            "--queue",
+            &env.queue,
+            "--retry-delays",
+            TEST_RETRY_DELAYS,
+        ],
+        format!("{job}\n").as_bytes(),
+    );
+    assert_eq!(code, 2, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let retry = format!("{}.retry.1s", env.queue);
+    assert!(
+        stderr.contains(&format!("the queue \"{retry}\" already exists")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("'x-dead-letter-exchange'"), "{stderr}");
+    // The command's own message is the clear one, not the broker's code.
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("opsgenie-worker: cannot declare: the queue")
+            && !last.contains("PRECONDITION"),
+        "{stderr}"
+    );
+    // Nothing was published, and the other deployment's queue was not bound to this exchange.
+    let channel = env.connection.create_channel().await.expect("channel");
+    let confirm_channel = env.connection.create_channel().await.expect("channel");
+    confirm_channel
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let confirm = confirm_channel
+        .basic_publish(
+            exchange.as_str().into(),
+            "alert".into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"{}",
+            Default::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(Some(_))),
+        "returned as unroutable: {confirm:?}"
+    );
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    let _ = channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+
+    // The same for the queue type, as `enqueue`, `check` and `dead` read it.
+    let keyring = env.write_keyring(&[]);
+    let keyring = keyring.to_str().expect("utf-8 path");
+    for args in [
+        vec!["enqueue", "--queue-type", "quorum"],
+        vec![
+            "check",
+            "--queue-type",
+            "quorum",
+            "--keyring",
+            keyring,
+            "--redis-url",
+            REDIS_URL,
+        ],
+        vec!["dead", "list", "--queue-type", "quorum"],
+        vec!["dead", "replay", "--queue-type", "quorum"],
+    ] {
+        let (code, stdout, stderr) = env.command(&args, Some(format!("{job}\n").as_bytes()));
+        assert_eq!(code, 2, "{args:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        assert!(
+            stderr.contains(&format!("the queue \"{}\" already exists", env.queue))
+                && stderr.contains("'x-queue-type'"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    env.cleanup().await;
+}

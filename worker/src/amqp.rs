@@ -7,6 +7,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -16,7 +17,7 @@ use opsgenie_shared::retry::format_duration;
 use opsgenie_shared::text::cap_bytes;
 use sha2::{Digest, Sha256};
 
-use crate::config::{BrokerArgs, QueueType};
+use crate::config::{BrokerArgs, QueueType, redact_error, redact_url};
 
 pub const HEADER_ERROR: &str = "x-opsgenie-error";
 pub const HEADER_ERROR_MESSAGE: &str = "x-opsgenie-error-message";
@@ -86,13 +87,16 @@ impl Topology {
     }
 
     /// Declares the exchange, the work queue and its binding, the delay queues and the
-    /// dead-letter queue. Idempotent; fails when an existing queue was declared with other
-    /// arguments (for example another queue type).
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
+    /// dead-letter queue. Idempotent; fails with `DeclareError::Conflict` when the broker has
+    /// one of them with other properties or arguments (for example another queue type, or
+    /// another deployment's dead-letter exchange).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), DeclareError> {
+        self.declare_exchange(channel).await?;
+        self.declare_queues(channel).await
+    }
+
+    /// Declares the exchange only: what a producer that names nothing else touches.
+    pub async fn declare_exchange(&self, channel: &Channel) -> Result<(), DeclareError> {
         channel
             .exchange_declare(
                 self.exchange.as_str().into(),
@@ -103,10 +107,40 @@ impl Topology {
                 },
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .map_err(|e| DeclareError::from_broker(e, "exchange", &self.exchange))
+    }
+
+    /// Declares the work queue and its binding, the delay queues and the dead-letter queue,
+    /// with exactly the arguments the worker gives them. The exchange must exist.
+    pub async fn declare_queues(&self, channel: &Channel) -> Result<(), DeclareError> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
         channel
             .queue_declare(self.queue.as_str().into(), durable, self.queue_arguments())
-            .await?;
+            .await
+            .map_err(|e| DeclareError::from_broker(e, "queue", &self.queue))?;
+        // One queue per delay, each with a single TTL: messages expire in the order they came,
+        // so a short delay never waits behind a long one. Expired messages go back to the
+        // exchange with the work queue's routing key.
+        for (name, delay) in &self.retry_queues {
+            channel
+                .queue_declare(name.as_str().into(), durable, self.retry_arguments(*delay))
+                .await
+                .map_err(|e| DeclareError::from_broker(e, "queue", name))?;
+        }
+        channel
+            .queue_declare(
+                self.dead_queue.as_str().into(),
+                durable,
+                self.queue_arguments(),
+            )
+            .await
+            .map_err(|e| DeclareError::from_broker(e, "queue", &self.dead_queue))?;
+        // Bound last: a queue of another deployment that conflicts with ours is never bound
+        // to this exchange.
         channel
             .queue_bind(
                 self.queue.as_str().into(),
@@ -116,51 +150,170 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        // One queue per delay, each with a single TTL: messages expire in the order they came,
-        // so a short delay never waits behind a long one. Expired messages go back to the
-        // exchange with the work queue's routing key.
-        for (name, delay) in &self.retry_queues {
-            let mut args = self.queue_arguments();
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-            );
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(self.exchange.as_str().into()),
-            );
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(self.routing_key.as_str().into()),
-            );
-            if self.queue_type == QueueType::Quorum {
-                // Quorum queues drop dead-lettered messages unless told to keep them safe.
-                args.insert(
-                    "x-dead-letter-strategy".into(),
-                    AMQPValue::LongString("at-least-once".into()),
-                );
-                args.insert(
-                    "x-overflow".into(),
-                    AMQPValue::LongString("reject-publish".into()),
-                );
-            }
-            channel
-                .queue_declare(name.as_str().into(), durable, args)
-                .await?;
-        }
-        channel
-            .queue_declare(
-                self.dead_queue.as_str().into(),
-                durable,
-                self.queue_arguments(),
-            )
-            .await?;
         Ok(())
+    }
+
+    /// The arguments of the delay queue for `delay`.
+    fn retry_arguments(&self, delay: Duration) -> FieldTable {
+        let mut args = self.queue_arguments();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.exchange.as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(self.routing_key.as_str().into()),
+        );
+        if self.queue_type == QueueType::Quorum {
+            // Quorum queues drop dead-lettered messages unless told to keep them safe.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        args
     }
 }
 
-/// Opens a connection; its heartbeat and name come from here so that every command agrees.
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+/// Why the topology could not be declared.
+#[derive(Debug, thiserror::Error)]
+pub enum DeclareError {
+    /// The broker already has the exchange or queue `name` with another value of `argument`
+    /// (PRECONDITION_FAILED): a configuration problem for the operator, not a passing fault.
+    #[error(
+        "the {what} \"{name}\" already exists on the broker with another {argument}{detail}; \
+         this command declares it with the worker's arguments. If another deployment uses \
+         these names, give this one its own (--queue NAME, --exchange NAME); otherwise \
+         delete the {what} or use the settings it was made with"
+    )]
+    Conflict {
+        what: &'static str,
+        name: String,
+        /// `argument 'x-dead-letter-exchange'`, `argument 'durable'`, or `declaration` when the
+        /// broker did not say.
+        argument: String,
+        /// ` (the broker: ...)`, or empty.
+        detail: String,
+    },
+    #[error("{0}")]
+    Broker(#[from] lapin::Error),
+}
+
+impl DeclareError {
+    /// `error`, from declaring the `what` named `name`, as a conflict when it is one.
+    pub fn from_broker(error: lapin::Error, what: &'static str, name: &str) -> DeclareError {
+        let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+            return DeclareError::Broker(error);
+        };
+        if *amqp.kind() != AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) {
+            return DeclareError::Broker(error);
+        }
+        let text = amqp.get_message().as_str();
+        let argument = text
+            .split_once("inequivalent arg '")
+            .and_then(|(_, rest)| rest.split_once('\''))
+            .map_or_else(
+                || "declaration".to_string(),
+                |(arg, _)| format!("argument '{arg}'"),
+            );
+        // "...in vhost '/': received the value 'a' of type 'longstr' but current is none"
+        let detail = text
+            .split_once("': ")
+            .map_or_else(String::new, |(_, why)| format!(" (the broker: {why})"));
+        DeclareError::Conflict {
+            what,
+            name: name.to_string(),
+            argument,
+            detail,
+        }
+    }
+
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, DeclareError::Conflict { .. })
+    }
+}
+
+/// The most a connection attempt to one node may take before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The node URLs of `--amqp-url`: one, or several separated by commas (a cluster).
+pub fn node_urls(urls: &str) -> Vec<&str> {
+    let nodes: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if nodes.is_empty() { vec![urls] } else { nodes }
+}
+
+/// Why no node of `--amqp-url` could be reached: each node tried, redacted, with its error.
+#[derive(Debug, Clone)]
+pub struct ConnectError {
+    /// `(redacted URL, redacted error)` per node, in the order tried.
+    pub failures: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.failures.as_slice() {
+            [(_, error)] => f.write_str(error),
+            failures => {
+                write!(f, "no node answered: ")?;
+                for (i, (url, error)) in failures.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("; ")?;
+                    }
+                    write!(f, "{url}: {error}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Opens a connection to the first node of `urls` that answers, trying them in order.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection, ConnectError> {
+    connect_from(urls, 0, name)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// Opens a connection to the first node of `urls` that answers, trying them in turn from
+/// node `first` (wrapping around); returns it with the index of its node. No error text
+/// holds a password: lapin quotes a URL it cannot parse, so every error is redacted.
+pub async fn connect_from(
+    urls: &str,
+    first: usize,
+    name: &str,
+) -> Result<(Connection, usize), ConnectError> {
+    let nodes = node_urls(urls);
+    let mut failures = Vec::with_capacity(nodes.len());
+    for step in 0..nodes.len() {
+        let index = (first + step) % nodes.len();
+        let url = nodes[index];
+        let error = match tokio::time::timeout(CONNECT_TIMEOUT, connect_one(url, name)).await {
+            Ok(Ok(connection)) => return Ok((connection, index)),
+            Ok(Err(error)) => redact_error(&error.to_string(), url),
+            Err(_) => format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        };
+        failures.push((redact_url(url), error));
+    }
+    Err(ConnectError { failures })
+}
+
+/// Opens a connection to one node; its heartbeat and name come from here so that every
+/// command agrees.
+async fn connect_one(url: &str, name: &str) -> lapin::Result<Connection> {
     let props =
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
     Connection::connect(url, props).await
@@ -183,8 +336,24 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
     #[error("the broker refused the message (nack)")]
     Nacked,
-    #[error("the message could not be routed (no queue {0})")]
-    Unroutable(String),
+    #[error("{}", unroutable(.exchange, .routing_key))]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+/// What a mandatory publish the broker returned says.
+fn unroutable(exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() {
+        format!("the broker could not route it: there is no queue \"{routing_key}\"")
+    } else {
+        format!(
+            "the broker could not route it: no queue is bound to exchange \"{exchange}\" with \
+             routing key \"{routing_key}\" (start a worker with these names first, or pass \
+             --queue to declare its queues)"
+        )
+    }
 }
 
 impl Publisher {
@@ -226,7 +395,10 @@ impl Publisher {
             .await?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(routing_key.to_string())),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+            }),
             Confirmation::Nack(_) => Err(PublishError::Nacked),
         }
     }
@@ -488,6 +660,94 @@ mod tests {
             args.amqp_url.parse::<lapin::uri::AMQPUri>().is_ok(),
             "amqps URLs parse"
         );
+    }
+
+    fn precondition_failed(message: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            message.into(),
+        ))
+        .into()
+    }
+
+    #[test]
+    fn a_conflicting_declaration_names_the_queue_and_the_argument() {
+        let error = DeclareError::from_broker(
+            precondition_failed(
+                "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue \
+                 'opsgenie.alerts.retry.5s' in vhost '/': received the value 'team-b' of type \
+                 'longstr' but current is the value 'opsgenie' of type 'longstr'",
+            ),
+            "queue",
+            "opsgenie.alerts.retry.5s",
+        );
+        assert!(error.is_conflict());
+        let text = error.to_string();
+        for part in [
+            "the queue \"opsgenie.alerts.retry.5s\" already exists",
+            "another argument 'x-dead-letter-exchange'",
+            "received the value 'team-b'",
+            "--queue NAME",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        // The broker's wording is not relied on beyond the argument.
+        let error = DeclareError::from_broker(
+            precondition_failed("PRECONDITION_FAILED - something else"),
+            "exchange",
+            "opsgenie",
+        );
+        assert!(
+            error.to_string().starts_with(
+                "the exchange \"opsgenie\" already exists on the broker with another declaration;"
+            ),
+            "{error}"
+        );
+        // Any other broker error is not a conflict.
+        let other: lapin::Error = lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+            "ACCESS_REFUSED - no".into(),
+        ))
+        .into();
+        assert!(!DeclareError::from_broker(other, "queue", "q").is_conflict());
+    }
+
+    #[test]
+    fn several_node_urls_are_tried_in_turn_and_reported_each_redacted() {
+        assert_eq!(
+            node_urls("amqp://a:p@n1:5672/%2f, amqp://a:p@n2:5672/%2f,"),
+            ["amqp://a:p@n1:5672/%2f", "amqp://a:p@n2:5672/%2f"]
+        );
+        assert_eq!(node_urls("amqp://n1"), ["amqp://n1"]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Ports nobody listens on: every node refuses, each is named in the error.
+        let closed: Vec<u16> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let urls = format!(
+            "amqp://u:Secret1@127.0.0.1:{}/%2f,amqp://u:Secret2@127.0.0.1:{}/%2f",
+            closed[0], closed[1]
+        );
+        let error = runtime
+            .block_on(connect_from(&urls, 1, "test"))
+            .map(|_| ())
+            .expect_err("nothing listens");
+        assert_eq!(error.failures.len(), 2);
+        // Tried from node 1, then node 0.
+        assert!(error.failures[0].0.contains(&closed[1].to_string()));
+        assert!(error.failures[1].0.contains(&closed[0].to_string()));
+        let text = error.to_string();
+        assert!(text.starts_with("no node answered: "), "{text}");
+        assert!(!text.contains("Secret"), "{text}");
     }
 
     #[test]

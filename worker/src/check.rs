@@ -58,7 +58,7 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
         .map_err(|e| problem(format!("RabbitMQ at {amqp_url}: {}", amqp_error(&e))))?;
     topology.declare(&channel).await.map_err(|e| {
         problem(format!(
-            "RabbitMQ at {amqp_url}: cannot declare the queues: {}",
+            "RabbitMQ at {amqp_url}: cannot declare: {}",
             amqp_error(&e)
         ))
     })?;

@@ -21,6 +21,29 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses `argv` (the program's name first) and notes what only the way a value was
+    /// given can tell: whether `enqueue` was told a queue.
+    pub fn parse_args<I, T>(argv: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
+        let matches = Cli::command().try_get_matches_from(argv)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        if let (Command::Enqueue(args), Some(("enqueue", sub))) =
+            (&mut cli.command, matches.subcommand())
+        {
+            args.declare_queues = matches!(
+                sub.value_source("queue"),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+        }
+        Ok(cli)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Consume jobs and deliver them to Opsgenie until SIGTERM or SIGINT.
@@ -192,11 +215,18 @@ impl RunArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Declares only the exchange, and publishes with `mandatory`: a job no queue is bound to receive is an error. Given --queue (or WORKER_QUEUE), it also declares that work queue and its retry and dead-letter queues, with the worker's arguments."
+)]
 pub struct EnqueueArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Files with one job each (or several, one JSON per line); none: standard input, one per line.
     pub files: Vec<PathBuf>,
+    /// Whether `--queue` (or its variable) was given: only then are the work queue and its
+    /// retry and dead-letter queues declared. Set by `parse`.
+    #[arg(skip)]
+    pub declare_queues: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -486,6 +516,28 @@ mod tests {
         assert!(parse_delays("2m,1s").is_err());
         assert!(parse_delays("0s").is_err());
         assert!(parse_delays("x").is_err());
+    }
+
+    #[test]
+    fn enqueue_declares_queues_only_when_told_a_queue() {
+        let declares = |argv: &[&str]| match Cli::parse_args(argv).unwrap().command {
+            Command::Enqueue(args) => args.declare_queues,
+            _ => panic!("not enqueue"),
+        };
+        assert!(!declares(&[
+            "opsgenie-worker",
+            "enqueue",
+            "--exchange",
+            "x"
+        ]));
+        assert!(declares(&[
+            "opsgenie-worker",
+            "enqueue",
+            "--exchange",
+            "x",
+            "--queue",
+            "opsgenie.alerts"
+        ]));
     }
 
     #[test]

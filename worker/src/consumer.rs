@@ -47,15 +47,25 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
     // Kept at shutdown until the drain is over: the channel (and its acker) must outlive the
     // jobs in flight.
     let mut session: Option<(Connection, Channel, Acks, tokio::task::JoinHandle<()>)> = None;
+    let nodes = amqp::node_urls(&settings.amqp_url).len();
+    // The node the next connect tries first: after losing a node, the next one in turn.
+    let mut next_node = 0;
     while !shutdown.is_triggered() {
-        let (connection, channel, publisher, mut consumer) = match open(&settings).await {
-            Ok(opened) => {
+        let opened = open(&settings, next_node).await;
+        let (connection, channel, publisher, mut consumer) = match opened {
+            Ok((opened, node)) => {
                 pacing.reset();
+                next_node = (node + 1) % nodes;
                 opened
             }
-            Err(error) => {
+            Err((error, node)) => {
+                // A node that took the connection but could not serve it (still booting, or
+                // cut off from its cluster's majority) is not tried first again.
+                if let Some(node) = node {
+                    next_node = (node + 1) % nodes;
+                }
                 // lapin quotes a URL it cannot parse, password and all.
-                let error = crate::config::redact_error(&error.to_string(), &settings.amqp_url);
+                let error = crate::config::redact_error(&error, &settings.amqp_url);
                 let pause = pacing.next_pause();
                 tracing::error!(
                     error,
@@ -66,9 +76,13 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                 continue;
             }
         };
+        let node = crate::config::redact_url(
+            amqp::node_urls(&settings.amqp_url)[(next_node + nodes - 1) % nodes],
+        );
         tracing::info!(
             queue = settings.topology.queue,
             prefetch = settings.prefetch,
+            node,
             "Consuming."
         );
         let (acks, settled) = mpsc::unbounded_channel();
@@ -135,25 +149,43 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
     }
 }
 
+/// A consuming session on the first node, from `first` on, that answers; with the index of
+/// its node. The error is text fit for a log (redacted, and for a declaration that conflicts
+/// with the broker's, one that names the queue and the argument), with the index of the node
+/// when one took the connection.
 async fn open(
     settings: &ConsumerSettings,
-) -> lapin::Result<(Connection, Channel, Publisher, lapin::Consumer)> {
-    let connection = amqp::connect(&settings.amqp_url, "opsgenie-worker run").await?;
-    let channel = connection.create_channel().await?;
-    settings.topology.declare(&channel).await?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await?;
-    let publisher = Publisher::new(&connection).await?;
-    let consumer = channel
-        .basic_consume(
-            settings.topology.queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((connection, channel, publisher, consumer))
+    first: usize,
+) -> Result<((Connection, Channel, Publisher, lapin::Consumer), usize), (String, Option<usize>)> {
+    let (connection, node) = amqp::connect_from(&settings.amqp_url, first, "opsgenie-worker run")
+        .await
+        .map_err(|e| (e.to_string(), None))?;
+    let session = async {
+        let channel = connection.create_channel().await?;
+        settings.topology.declare(&channel).await?;
+        channel
+            .basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let publisher = Publisher::new(&connection).await?;
+        let consumer = channel
+            .basic_consume(
+                settings.topology.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, amqp::DeclareError>((channel, publisher, consumer))
+    };
+    match session.await {
+        Ok((channel, publisher, consumer)) => {
+            Ok(((connection, channel, publisher, consumer), node))
+        }
+        Err(error) => {
+            let _ = connection.close(200, "cannot consume".into()).await;
+            Err((error.to_string(), Some(node)))
+        }
+    }
 }
 
 /// Lets jobs in flight finish until `timeout`; the rest are dropped unacked, so the broker

@@ -10,7 +10,7 @@ use crate::amqp::{
     HEADER_STATUS, Publisher, Topology, header_str, header_u64,
 };
 use crate::config::BrokerArgs;
-use crate::enqueue::{check_names, printable, unreachable_broker};
+use crate::enqueue::{check_names, declare_failed, printable, unreachable_broker};
 use crate::{Fatal, init_tls};
 
 async fn open(broker: &BrokerArgs, name: &str) -> Result<(Connection, Channel, Topology), Fatal> {
@@ -21,9 +21,7 @@ async fn open(broker: &BrokerArgs, name: &str) -> Result<(Connection, Channel, T
         .await
         .map_err(|e| unreachable_broker(&broker.amqp_url, &e))?;
     let channel = connection.create_channel().await.map_err(broker_error)?;
-    topology.declare(&channel).await.map_err(|e| {
-        Fatal::Other(printable(&format!("cannot declare the queues: {e}")).into_owned())
-    })?;
+    topology.declare(&channel).await.map_err(declare_failed)?;
     Ok((connection, channel, topology))
 }
 

@@ -172,10 +172,15 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<(), Fatal> {
             .create_channel()
             .await
             .map_err(|e| Fatal::Other(printable(&e.to_string()).into_owned()))?;
-        // Declared here too, so that a job published before any worker ever ran is kept.
-        topology.declare(&channel).await.map_err(|e| {
-            Fatal::Other(printable(&format!("cannot declare the queues: {e}")).into_owned())
-        })?;
+        // A producer touches only what it is told: the exchange it publishes to, and the
+        // worker's queues only when it names them (`--queue`), so that a job published before
+        // any worker ever ran is kept. It never creates a queue nobody consumes.
+        let declared = if args.declare_queues {
+            topology.declare(&channel).await
+        } else {
+            topology.declare_exchange(&channel).await
+        };
+        declared.map_err(declare_failed)?;
         let publisher = Publisher::new(&connection)
             .await
             .map_err(|e| Fatal::Other(printable(&e.to_string()).into_owned()))?;
@@ -234,13 +239,24 @@ fn display(path: &Path) -> String {
 }
 
 /// lapin quotes a URL it cannot parse in its error: that goes through `redact_error` too.
-pub(crate) fn unreachable_broker(url: &str, error: &lapin::Error) -> Fatal {
+pub(crate) fn unreachable_broker(url: &str, error: &amqp::ConnectError) -> Fatal {
     let message = format!(
         "cannot reach RabbitMQ at {}: {}",
         redact_url(url),
         redact_error(&error.to_string(), url)
     );
     Fatal::Other(printable(&message).into_owned())
+}
+
+/// A declaration that conflicts with what the broker has is bad configuration (exit 2), and
+/// its message names the exchange or queue and the argument; any other failure exits 1.
+pub(crate) fn declare_failed(error: amqp::DeclareError) -> Fatal {
+    let message = printable(&format!("cannot declare: {error}")).into_owned();
+    if error.is_conflict() {
+        Fatal::Config(message)
+    } else {
+        Fatal::Other(message)
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,5 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use opsgenie_worker::config::{Cli, Command, DeadCommand};
 use opsgenie_worker::shutdown::{Shutdown, on_signals};
 use opsgenie_worker::{Fatal, check, dead, enqueue, run, telemetry};
@@ -12,7 +11,7 @@ use opsgenie_worker::{Fatal, check, dead, enqueue, run, telemetry};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let (log_format, threads) = match &cli.command {
         Command::Run(args) => (args.log_format, args.worker_threads),
         _ => (None, 1),
