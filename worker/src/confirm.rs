@@ -525,9 +525,15 @@ impl Confirmer {
     }
 }
 
-async fn open_publisher(url: &str) -> lapin::Result<(lapin::Connection, Publisher)> {
-    let connection = amqp::connect(url, "opsgenie-worker confirm").await?;
-    let publisher = Publisher::new(&connection).await?;
+/// A connection of the confirmer's own, to the first node of `urls` that answers, with a
+/// publisher on it. The error names each node tried, passwords redacted.
+async fn open_publisher(urls: &str) -> Result<(lapin::Connection, Publisher), String> {
+    let connection = amqp::connect(urls, "opsgenie-worker confirm")
+        .await
+        .map_err(|e| e.to_string())?;
+    let publisher = Publisher::new(&connection)
+        .await
+        .map_err(|e| crate::config::redact_error(&e.to_string(), urls))?;
     Ok((connection, publisher))
 }
 
