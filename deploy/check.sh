@@ -3,7 +3,7 @@
 # - the Kubernetes manifests: `kustomize build` of the base and the example overlay (kubectl's
 #   built-in kustomize will do), each object against the Kubernetes schemas (kubernetes-validate,
 #   strict: an unknown field is an error), the KEDA objects against
-#   kubernetes/schemas/keda.sh-v1alpha1.yaml and against the rest of the build (check_keda.py);
+#   kubernetes/schemas/keda.sh-v1alpha1.yaml and against the rest of the build (check_manifests.py);
 # - the alerting rules (`promtool check rules`) and their unit tests (`promtool test rules`),
 #   and the Prometheus configuration of docker-compose.yml (`promtool check config`);
 # - every alert's summary, description and README runbook section;
@@ -58,7 +58,7 @@ for dir in kubernetes/base kubernetes/overlays/example; do
   else
     echo "kustomize build $dir: $(grep -c '^kind:' "$out") objects."
   fi
-  # (kubernetes-validate has no schema for the KEDA kinds: check_keda.py checks them next.)
+  # (kubernetes-validate has no schema for the KEDA kinds: check_manifests.py checks them next.)
   for version in "${k8s_versions[@]}"; do
     if [ "$version" = latest ]; then
       kubernetes-validate --strict --quiet "$out"
@@ -66,7 +66,7 @@ for dir in kubernetes/base kubernetes/overlays/example; do
       kubernetes-validate --strict --quiet -k "$version" "$out"
     fi
   done
-  python3 check_keda.py "$out"
+  python3 check_manifests.py "$out"
 done
 
 promtool check rules prometheus/opsgenie-worker.rules.yml
