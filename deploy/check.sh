@@ -3,7 +3,8 @@
 # - the Kubernetes manifests: `kustomize build` of the base and the example overlay (kubectl's
 #   built-in kustomize will do), each object against the Kubernetes schemas (kubernetes-validate,
 #   strict: an unknown field is an error), the KEDA objects against
-#   kubernetes/schemas/keda.sh-v1alpha1.yaml and against the rest of the build (check_manifests.py);
+#   kubernetes/schemas/keda.sh-v1alpha1.yaml and against the rest of the build, and the
+#   Deployment's probes, grace period, pod security and resources (check_manifests.py);
 # - the alerting rules (`promtool check rules`) and their unit tests (`promtool test rules`),
 #   and the Prometheus configuration of docker-compose.yml (`promtool check config`);
 # - every alert's summary, description and README runbook section;
