@@ -92,6 +92,17 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
             settings.prefetch,
         ));
         pipeline.health.set_consuming(true);
+        let sampler = match connection.create_channel().await {
+            Ok(channel) => Some(tokio::spawn(amqp::sample_queue_length(
+                channel,
+                settings.topology.queue.clone(),
+                shutdown.clone(),
+            ))),
+            Err(error) => {
+                tracing::warn!(error = %error, "Cannot sample the queue's length on this connection.");
+                None
+            }
+        };
         loop {
             tokio::select! {
                 () = shutdown.triggered() => break,
@@ -124,6 +135,9 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
             }
         }
         pipeline.health.set_consuming(false);
+        if let Some(sampler) = sampler {
+            sampler.abort();
+        }
         if shutdown.is_triggered() {
             if let Err(error) = channel
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())

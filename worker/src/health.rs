@@ -1,4 +1,5 @@
-//! Readiness, kept in one place: `/readyz` reads it, the consumer and the Redis calls write it.
+//! Readiness, kept in one place: `/readyz` reads it, the consumer and the Redis calls write it,
+//! and every change is mirrored in the `opsgenie_ready` gauge.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -10,11 +11,23 @@ pub struct Health {
 
 impl Health {
     pub fn set_consuming(&self, on: bool) {
-        self.consuming.store(on, Ordering::Relaxed);
+        if self.consuming.swap(on, Ordering::Relaxed) != on {
+            self.publish();
+        }
     }
 
+    /// Called on every Redis answer, so the gauge is written only when the state changes.
     pub fn set_redis(&self, up: bool) {
-        self.redis.store(up, Ordering::Relaxed);
+        if self.redis.swap(up, Ordering::Relaxed) != up {
+            self.publish();
+        }
+    }
+
+    /// Writes the readiness to `opsgenie_ready`. Two changes at once may write it out of
+    /// order; the Redis probe calls this every few seconds, which puts it right again.
+    pub fn publish(&self) {
+        let ready = if self.readiness().is_ok() { 1.0 } else { 0.0 };
+        metrics::gauge!(crate::catalogue::READY).set(ready);
     }
 
     /// `Ok` when ready, else why not.

@@ -9,6 +9,7 @@
 pub mod acks;
 pub mod amqp;
 pub mod buffer;
+pub mod catalogue;
 pub mod check;
 pub mod config;
 pub mod confirm;
@@ -156,6 +157,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
             .map_err(|source| Fatal::MetricsAddr { addr, source })?,
         ),
     };
+    catalogue::register();
     metrics::gauge!("opsgenie_keyring_teams").set(keyring.load().len() as f64);
     metrics::gauge!("opsgenie_keyring_reloaded_timestamp_seconds")
         .set(amqp::now_ms() as f64 / 1000.0);
@@ -265,6 +267,7 @@ fn spawn_redis_probe(buffer: Buffer, health: Arc<Health>, shutdown: Shutdown) {
     tokio::spawn(async move {
         loop {
             health.set_redis(buffer.ping().await.is_ok());
+            health.publish();
             if !shutdown
                 .sleep_until(tokio::time::Instant::now() + Duration::from_secs(2))
                 .await

@@ -307,6 +307,7 @@ impl Sender {
                         message: "rate limited: the key is cooling down".into(),
                     };
                 }
+                let _waiting = crate::catalogue::WaitingForCooldown::start();
                 if !shutdown.sleep_until(until).await {
                     return interrupted();
                 }

@@ -383,6 +383,7 @@ impl Pipeline {
         let deadline = Instant::now() + self.policy.quick_window;
         let mut pacing = Pacing::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
+            let mut cooling = false;
             let pause = match self.buffer.admit(keys).await {
                 Ok(Admission::Go) => {
                     self.health.set_redis(true);
@@ -402,6 +403,7 @@ impl Pipeline {
                     if Instant::now() + wait > deadline {
                         return ControlFlow::Break(self.retry_outcome(envelope, Some(wait), None));
                     }
+                    cooling = true;
                     wait
                 }
                 Err(error) => {
@@ -412,6 +414,7 @@ impl Pipeline {
                     pacing.next_pause()
                 }
             };
+            let _waiting = cooling.then(crate::catalogue::WaitingForCooldown::start);
             if !shutdown.sleep_until(Instant::now() + pause).await {
                 // Nothing was sent: the job goes back to the queue as it was.
                 return ControlFlow::Break(Outcome::Requeue);

@@ -103,19 +103,29 @@ where
 pub fn init_metrics() -> Option<PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
     HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("duration_seconds".into()),
-                    &[
-                        0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    ],
-                )
-                .ok()?
-                .install_recorder()
-                .ok()
-        })
+        .get_or_init(|| prometheus_builder()?.install_recorder().ok())
         .clone()
+}
+
+/// The exporter's settings: histogram buckets (without them a histogram is rendered as a
+/// summary, which cannot be aggregated across replicas).
+pub(crate) fn prometheus_builder() -> Option<PrometheusBuilder> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("duration_seconds".into()),
+            &[
+                0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        )
+        .ok()?
+        // Opsgenie processes an alert within seconds, slower under load: up to minutes.
+        .set_buckets_for_metric(
+            Matcher::Full(crate::catalogue::CONFIRMATION_LAG.into()),
+            &[
+                0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+            ],
+        )
+        .ok()
 }
 
 #[derive(Clone)]
