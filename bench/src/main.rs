@@ -723,8 +723,12 @@ impl Bench<'_> {
         )?;
         let pid = worker.id();
         let warm = realistic_jobs(1, 98);
-        publish_all(&channel, &topology.exchange, &topology.routing_key, &warm).await?;
-        if !standin.wait_for_delivered(1, Duration::from_secs(30)).await {
+        let warmed =
+            match publish_all(&channel, &topology.exchange, &topology.routing_key, &warm).await {
+                Ok(()) => standin.wait_for_delivered(1, Duration::from_secs(30)).await,
+                Err(_) => false,
+            };
+        if !warmed {
             stop(&mut worker);
             self.remove(&channel, &topology, "soak").await;
             bail!("soak: the worker did not deliver its first job within 30 s");
