@@ -13,6 +13,11 @@
 //!    drained at prefetch 64 and 256, against the ideal of prefetch / latency;
 //! 6. the drain with 1, 2 and 4 replicas;
 //! 7. a summary, as rows of the README's table.
+//!
+//! With `--soak DURATION` it runs only a soak instead: jobs published at a steady `--rate` for
+//! that long to one worker (at its defaults, metrics endpoint on and never scraped) against a
+//! stand-in `--soak-latency` away, with the worker's resident set (VmRSS, /proc) printed once a
+//! minute and after every 100,000 jobs, and how far it moved from 100,000 to 1,000,000 jobs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -54,6 +59,13 @@ struct Args {
     /// Jobs per drain of the API-latency phase.
     #[arg(long, default_value_t = 3_000)]
     api_jobs: usize,
+    /// Run only a soak of this length ("10m", "1h"): a steady `--rate` to one worker, its
+    /// resident set printed once a minute and after every 100,000 jobs.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
+    /// How long the stand-in takes to answer during the soak ("0" or "off" for at once).
+    #[arg(long, default_value = "20ms", value_parser = api_latency)]
+    soak_latency: ApiLatency,
     /// The worker binary (default: opsgenie-worker beside this one).
     #[arg(long)]
     worker: Option<PathBuf>,
@@ -138,6 +150,18 @@ async fn main() -> Result<()> {
         connection,
         standin,
     };
+    if let Some(duration) = args.soak {
+        println!(
+            "opsgenie-worker soak: {} jobs/s for {}, {} cores, {}",
+            args.rate,
+            humantime::format_duration(duration),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model()
+        );
+        let result = bench.soak(duration, bench.args.soak_latency.0).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return result;
+    }
     println!(
         "opsgenie-worker benchmark: {} jobs per drain, {} cores, {}",
         args.jobs,
@@ -426,6 +450,12 @@ impl Bench<'_> {
             self.dir
                 .join(format!("{phase}-{}.log", uuid::Uuid::new_v4().simple())),
         )?;
+        // Off unless the phase asks for an endpoint.
+        let metrics: &[&str] = if extra.contains(&"--metrics-addr") {
+            &[]
+        } else {
+            &["--metrics-addr", "off"]
+        };
         Command::new(&self.worker)
             .arg("run")
             .args([
@@ -439,7 +469,8 @@ impl Bench<'_> {
             .args(["--redis-prefix", &format!("bench:{}:{phase}:", self.run_id)])
             .arg("--keyring")
             .arg(keyring)
-            .args(["--metrics-addr", "off", "--log-format", "json"])
+            .args(metrics)
+            .args(["--log-format", "json"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -654,6 +685,175 @@ impl Bench<'_> {
         })
     }
 
+    /// The soak: one worker at its defaults (its metrics endpoint on, and never scraped, as
+    /// where nobody runs Prometheus), jobs published at a steady `--rate` for `duration`
+    /// against a stand-in `delay` away. Prints the worker's VmRSS once a minute and after
+    /// every 100,000 jobs, then the change from 100,000 to 1,000,000 jobs (or to the last
+    /// 100,000 mark reached).
+    async fn soak(&self, duration: Duration, delay: Option<Duration>) -> Result<()> {
+        const MARK: u64 = 100_000;
+        const TARGET: u64 = 1_000_000;
+        let standin = StandIn::start(StandInConfig {
+            record_bodies: false,
+            delay,
+            ..StandInConfig::default()
+        })
+        .await?;
+        let keyring = write_keyring(&self.dir.join("keyring-soak.toml"), &standin)?;
+        let topology = self.topology("soak");
+        let channel = self.channel().await?;
+        topology.declare(&channel).await?;
+        let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .to_string();
+        // Short-lived dedupe markers and a short stream, so that the shared Redis does not
+        // hold a million of each; neither changes what the worker keeps in its own memory.
+        let mut worker = self.spawn_worker(
+            &topology,
+            "soak",
+            &keyring,
+            &[
+                "--metrics-addr",
+                &metrics_addr,
+                "--dedupe-ttl",
+                "120",
+                "--stream-maxlen",
+                "10000",
+            ],
+        )?;
+        let pid = worker.id();
+        let warm = realistic_jobs(1, 98);
+        let warmed =
+            match publish_all(&channel, &topology.exchange, &topology.routing_key, &warm).await {
+                Ok(()) => standin.wait_for_delivered(1, Duration::from_secs(30)).await,
+                Err(_) => false,
+            };
+        if !warmed {
+            stop(&mut worker);
+            self.remove(&channel, &topology, "soak").await;
+            bail!("soak: the worker did not deliver its first job within 30 s");
+        }
+        let base = standin.delivered();
+        let total = (f64::from(self.args.rate) * duration.as_secs_f64()) as u64;
+        println!(
+            "stand-in answering after {} ms; worker pid {pid}, metrics on {metrics_addr} (not scraped); {} jobs to publish",
+            delay.map_or(0, |d| d.as_millis()),
+            thousands(total as f64)
+        );
+        println!(
+            "start: VmRSS {:.2} MiB",
+            read_status_kib(pid, "VmRSS:") / 1024.0
+        );
+
+        let publisher = {
+            let channel = channel.clone();
+            let exchange = topology.exchange.clone();
+            let routing_key = topology.routing_key.clone();
+            let rate = self.args.rate;
+            tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(17);
+                let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+                let start = tokio::time::Instant::now();
+                let mut confirms = Vec::with_capacity(1024);
+                for i in 0..total {
+                    tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
+                    let body = realistic_job(&mut rng);
+                    confirms.push(
+                        channel
+                            .basic_publish(
+                                exchange.as_str().into(),
+                                routing_key.as_str().into(),
+                                BasicPublishOptions::default(),
+                                &body,
+                                job_properties(),
+                            )
+                            .await?,
+                    );
+                    if confirms.len() >= 1024 {
+                        for c in confirms.drain(..) {
+                            c.await?;
+                        }
+                    }
+                }
+                for c in confirms.drain(..) {
+                    c.await?;
+                }
+                Ok::<_, lapin::Error>(())
+            })
+        };
+
+        let started = Instant::now();
+        let mut marks: Vec<(u64, f64)> = Vec::new();
+        let mut next_minute = Duration::from_secs(60);
+        let mut last_done = 0;
+        let mut stalled_since = Instant::now();
+        let finished = loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let done = standin.delivered() - base;
+            let rss = read_status_kib(pid, "VmRSS:") / 1024.0;
+            if rss == 0.0 {
+                break Err(anyhow::anyhow!("soak: the worker exited after {done} jobs"));
+            }
+            let next_mark = (marks.len() as u64 + 1) * MARK;
+            if done >= next_mark {
+                println!(
+                    "after {} jobs: VmRSS {rss:.2} MiB ({:.0} s)",
+                    thousands(next_mark as f64),
+                    started.elapsed().as_secs_f64()
+                );
+                marks.push((next_mark, rss));
+            }
+            if started.elapsed() >= next_minute {
+                println!(
+                    "minute {}: {} jobs, VmRSS {rss:.2} MiB",
+                    next_minute.as_secs() / 60,
+                    thousands(done as f64)
+                );
+                next_minute += Duration::from_secs(60);
+            }
+            if done >= total {
+                break Ok(());
+            }
+            if done != last_done {
+                last_done = done;
+                stalled_since = Instant::now();
+            } else if stalled_since.elapsed() > Duration::from_secs(60) {
+                break Err(anyhow::anyhow!(
+                    "soak: no job delivered for 60 s, {done} of {total} done"
+                ));
+            }
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        let rss_end = read_status_kib(pid, "VmRSS:") / 1024.0;
+        let peak = peak_rss_mib(pid);
+        stop(&mut worker);
+        let published = publisher.await;
+        self.remove(&channel, &topology, "soak").await;
+        let _ = channel.close(200, "done".into()).await;
+        let _ = standin.shutdown().await;
+        finished?;
+        published??;
+        println!(
+            "end: {} jobs in {elapsed:.0} s ({} jobs/s), VmRSS {rss_end:.2} MiB, peak (VmHWM) {peak:.2} MiB",
+            thousands(total as f64),
+            thousands(total as f64 / elapsed)
+        );
+        match (
+            marks.first(),
+            marks.iter().find(|(n, _)| *n == TARGET).or(marks.last()),
+        ) {
+            (Some((first_n, first)), Some((n, last))) if n > first_n => println!(
+                "VmRSS after {} jobs minus after {}: {:+.2} MiB ({:+.1} bytes per job)",
+                thousands(*n as f64),
+                thousands(*first_n as f64),
+                last - first,
+                (last - first) * 1024.0 * 1024.0 / (n - first_n) as f64
+            ),
+            _ => println!("(fewer than 200,000 jobs: no difference to show)"),
+        }
+        Ok(())
+    }
+
     async fn remove(&self, channel: &Channel, topology: &Topology, phase: &str) {
         for q in topology.queue_names() {
             let _ = channel
@@ -807,6 +1007,10 @@ async fn publish_all(
 /// Issue alerts shaped like real ones: a group, a few tags, a rule or two, ~1 KiB.
 fn realistic_jobs(n: usize, seed: u64) -> Vec<Vec<u8>> {
     let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| realistic_job(&mut rng)).collect()
+}
+
+fn realistic_job(rng: &mut StdRng) -> Vec<u8> {
     let errors = [
         ("ZeroDivisionError: division by zero", "app.views.divide"),
         ("KeyError: 'user_id'", "app.api.users.get_user"),
@@ -819,35 +1023,44 @@ fn realistic_jobs(n: usize, seed: u64) -> Vec<Vec<u8>> {
             "src/components/List.tsx",
         ),
     ];
-    (0..n)
-        .map(|_| {
-            let (title, culprit) = errors[rng.random_range(0..errors.len())];
-            let group: u64 = rng.random_range(1..5_000_000);
-            let tags: Vec<[String; 2]> = vec![
-                ["level".into(), "error".into()],
-                ["environment".into(), "production".into()],
-                ["release".into(), format!("api@1.{}.{}", rng.random_range(0..40), rng.random_range(0..10))],
-                ["server_name".into(), format!("web-{}", rng.random_range(1..64))],
-                ["browser".into(), "Chrome 131.0, Safari 18".into()],
-                ["transaction".into(), "/api/0/organizations/{organization_slug}/issues/".into()],
-            ];
-            serde_json::json!({
-                "version": 1,
-                "kind": "issue_alert",
-                "notification_uuid": uuid::Uuid::new_v4().to_string(),
-                "team_id": "backend",
-                "priority": "P2",
-                "organization": {"id": 1, "slug": "acme", "url": "https://acme.sentry.io"},
-                "project": {"id": 7, "slug": "api", "name": "API"},
-                "group": {"id": group, "title": title, "culprit": culprit, "logger": "", "level": "error"},
-                "event": {"event_id": uuid::Uuid::new_v4().simple().to_string(), "message": "", "title": title,
-                          "release": "api@1.4.2", "tags": tags},
-                "rules": [{"id": 17, "label": "Errors in prod"}, {"id": 23, "label": "High volume"}]
-            })
-            .to_string()
-            .into_bytes()
-        })
-        .collect()
+    let (title, culprit) = errors[rng.random_range(0..errors.len())];
+    let group: u64 = rng.random_range(1..5_000_000);
+    let tags: Vec<[String; 2]> = vec![
+        ["level".into(), "error".into()],
+        ["environment".into(), "production".into()],
+        [
+            "release".into(),
+            format!(
+                "api@1.{}.{}",
+                rng.random_range(0..40),
+                rng.random_range(0..10)
+            ),
+        ],
+        [
+            "server_name".into(),
+            format!("web-{}", rng.random_range(1..64)),
+        ],
+        ["browser".into(), "Chrome 131.0, Safari 18".into()],
+        [
+            "transaction".into(),
+            "/api/0/organizations/{organization_slug}/issues/".into(),
+        ],
+    ];
+    serde_json::json!({
+        "version": 1,
+        "kind": "issue_alert",
+        "notification_uuid": uuid::Uuid::new_v4().to_string(),
+        "team_id": "backend",
+        "priority": "P2",
+        "organization": {"id": 1, "slug": "acme", "url": "https://acme.sentry.io"},
+        "project": {"id": 7, "slug": "api", "name": "API"},
+        "group": {"id": group, "title": title, "culprit": culprit, "logger": "", "level": "error"},
+        "event": {"event_id": uuid::Uuid::new_v4().simple().to_string(), "message": "", "title": title,
+                  "release": "api@1.4.2", "tags": tags},
+        "rules": [{"id": 17, "label": "Errors in prod"}, {"id": 23, "label": "High volume"}]
+    })
+    .to_string()
+    .into_bytes()
 }
 
 fn uuid_of(body: &[u8]) -> String {
