@@ -15,6 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::pacing::Pacing;
 
+mod replication;
+
 /// The most calls run by one script call.
 const MAX_BATCH: usize = 128;
 
@@ -90,6 +92,8 @@ pub struct Buffer {
     /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
     /// shut down on purpose.
     quitting: Arc<AtomicBool>,
+    /// `--redis-replicas`: the replicas a record must reach before the job is acked.
+    replication: replication::Replication,
 }
 
 /// Keys and script arguments derived from the settings.
@@ -163,7 +167,22 @@ impl Buffer {
             attempt_started: Script::from_lua(ATTEMPT_STARTED),
             batches: Arc::new(OnceLock::new()),
             quitting: Arc::new(AtomicBool::new(false)),
+            replication: replication::Replication::default(),
         })
+    }
+
+    /// Counts a record as written only once `replicas` replicas of the primary hold it
+    /// (`WAIT`); 0, the default, takes the primary's word.
+    pub fn with_replicas(mut self, replicas: u32) -> Buffer {
+        self.replication = replication::Replication::new(replicas, &self.settings.prefix);
+        self
+    }
+
+    /// Waits until `keys` are on the primary and on the replicas `--redis-replicas` asks for;
+    /// see `buffer/replication.rs`. Fails when they are not (yet): the caller tries again.
+    async fn replicated(&self, keys: &[&str]) -> Result<(), Error> {
+        let keys = keys.iter().map(|k| (*k).to_owned()).collect();
+        self.replication.confirm(&self.client, keys).await
     }
 
     /// Starts connecting in the background; commands wait for the connection (up to their
@@ -201,8 +220,11 @@ impl Buffer {
         self.client.init().await.map(|_| ())
     }
 
+    /// Redis answers, and with `--redis-replicas` its replicas acknowledge a write: without
+    /// them no delivery can be acked.
     pub async fn ping(&self) -> Result<(), Error> {
-        self.client.ping::<String>(None).await.map(|_| ())
+        self.client.ping::<String>(None).await?;
+        self.replicated(&[]).await
     }
 
     pub async fn quit(&self) {
@@ -248,15 +270,29 @@ impl Buffer {
     /// Checks whether the job may be sent now, taking the lease when it may.
     pub async fn admit(&self, keys: &Arc<JobKeys>) -> Result<Admission, Error> {
         let answer = self.batched(Arc::clone(keys), None).await?;
-        admission(&answer)
+        let admission = admission(&answer)?;
+        // Acked without a request on the strength of a record: that record must be as durable
+        // as one this job would write.
+        match admission {
+            Admission::Duplicate => self.replicated(&[&keys.sent]).await?,
+            Admission::Stale => self.replicated(&[&keys.sequence]).await?,
+            _ => {}
+        }
+        Ok(admission)
     }
 
     /// Writes the stream entry, the sent marker and the incident's sequence, and frees the
     /// lease, atomically. Returns the stream entry id, or "" when the notification was
     /// already recorded (nothing is written then but the lease is freed).
+    ///
+    /// With `--redis-replicas N`, fails unless N replicas hold the record too; writing it
+    /// again is safe (see `steps.lua`).
     pub async fn record(&self, keys: &Arc<JobKeys>, fields: &Fields) -> Result<String, Error> {
-        self.batched(Arc::clone(keys), Some(Arc::clone(fields)))
-            .await
+        let id = self
+            .batched(Arc::clone(keys), Some(Arc::clone(fields)))
+            .await?;
+        self.replicated(&[&keys.sent]).await?;
+        Ok(id)
     }
 
     /// Runs an admission check or a record as part of the next batch. The calls of concurrent
