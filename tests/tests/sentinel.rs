@@ -233,13 +233,12 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
             .to_owned();
         *requests.entry(alias).or_default() += 1;
     }
-    for i in 0..n {
+    for (i, uuid) in uuids.iter().enumerate() {
         let alias = format!("sentry: {i}");
         assert_eq!(
             requests.get(&alias).copied().unwrap_or(0),
             1,
-            "requests for {alias} (job {})",
-            uuids[i]
+            "requests for {alias} (job {uuid})"
         );
     }
     assert_eq!(requests.values().sum::<usize>(), n);
