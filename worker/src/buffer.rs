@@ -138,6 +138,18 @@ impl Buffer {
                 ),
             ));
         }
+        // fred takes one Sentinel in the host and the others as `node` parameters; a host
+        // list (the form some other clients read) would fail as a bad port, unexplained.
+        let authority = url.split_once("://").map_or("", |(_, rest)| {
+            rest.split(['/', '?']).next().unwrap_or_default()
+        });
+        if scheme.ends_with("-sentinel") && authority.contains(',') {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "name one Sentinel as the host and each other one as `&node=host:port` \
+                 (a comma-separated host list is not understood)",
+            ));
+        }
         let config = Config::from_url(url)?;
         let client = Builder::from_config(config)
             .with_connection_config(|c| {
@@ -531,6 +543,10 @@ mod tests {
             assert!(Buffer::new(url, settings()).is_ok(), "{url}");
         }
         assert!(Buffer::new("http://nope", settings()).is_err());
+        let listed = "redis-sentinel://:pw@s1:26379,s2:26379/0?sentinelServiceName=mymaster";
+        let error = Buffer::new(listed, settings()).err().unwrap();
+        assert!(error.details().contains("&node=host:port"), "{error}");
+        assert!(!error.details().contains("pw"), "{error}");
     }
 
     #[test]
