@@ -190,6 +190,12 @@ impl Buffer {
         self
     }
 
+    /// False while the replicas `--redis-replicas` asks for did not acknowledge the last check:
+    /// no delivery can be acked then, whatever else Redis answers.
+    pub fn writes_confirmed(&self) -> bool {
+        self.replication.confirmed()
+    }
+
     /// Waits until `keys` are on the primary and on the replicas `--redis-replicas` asks for;
     /// see `buffer/replication.rs`. Fails when they are not (yet): the caller tries again.
     async fn replicated(&self, keys: &[&str]) -> Result<(), Error> {

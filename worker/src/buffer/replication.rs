@@ -20,6 +20,7 @@
 //! A round answers every job that asked while the one before it ran, so one `WAIT` covers a
 //! batch of records, as one script call writes them (see `run_batches`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -50,6 +51,9 @@ pub struct Replication {
     probe_key: String,
     /// The rounds' inbox, started with the first ask (which runs on the runtime).
     rounds: Arc<OnceLock<mpsc::UnboundedSender<Ask>>>,
+    /// Whether the last round succeeded: while it did not, no delivery can be acked, and
+    /// readiness must not be restored by a Redis call that does not wait for replicas.
+    confirmed: Arc<AtomicBool>,
 }
 
 impl Replication {
@@ -58,7 +62,13 @@ impl Replication {
             replicas,
             probe_key: format!("{prefix}replicated"),
             rounds: Arc::new(OnceLock::new()),
+            confirmed: Arc::new(AtomicBool::new(replicas == 0)),
         }
+    }
+
+    /// True when no replica is asked for, or the last round found them.
+    pub fn confirmed(&self) -> bool {
+        self.replicas == 0 || self.confirmed.load(Ordering::Relaxed)
     }
 
     /// Waits until `keys` are on the primary and `--redis-replicas` replicas of it.
@@ -76,6 +86,7 @@ impl Replication {
                 client.clone(),
                 self.replicas,
                 self.probe_key.clone(),
+                Arc::clone(&self.confirmed),
                 asks,
             ));
             inbox
@@ -92,6 +103,7 @@ async fn run_rounds(
     client: Client,
     replicas: u32,
     probe_key: String,
+    confirmed: Arc<AtomicBool>,
     mut asks: mpsc::UnboundedReceiver<Ask>,
 ) {
     let mut round: Vec<Ask> = Vec::with_capacity(MAX_ROUND);
@@ -105,6 +117,7 @@ async fn run_rounds(
         }
         let keys: Vec<String> = round.iter().flat_map(|a| a.keys.iter().cloned()).collect();
         let answer = confirm_round(&client, replicas, &probe_key, keys).await;
+        confirmed.store(answer.is_ok(), Ordering::Relaxed);
         for ask in round.drain(..) {
             let _ = ask.reply.send(answer.clone());
         }
@@ -212,20 +225,35 @@ mod tests {
         buffer.quit().await;
     }
 
-    /// With no replica to hold it, a record is written on the primary but never reported as
-    /// written, however often it is tried: the job is never acked. Written again, it adds
-    /// nothing to the stream.
+    /// The replicas the machine's Redis has (none, normally).
+    async fn replicas_of_the_machines_redis() -> u32 {
+        let (buffer, prefix) = lone_primary(0).await;
+        let info: String = buffer
+            .client
+            .custom(fred::cmd!("INFO"), vec!["replication"])
+            .await
+            .unwrap();
+        clean(&buffer, &prefix).await;
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// With one replica fewer than asked for, a record is written on the primary but never
+    /// reported as written, however often it is tried: the job is never acked. Written again,
+    /// it adds nothing to the stream.
     #[tokio::test]
     async fn a_record_no_replica_holds_is_a_failed_write() {
-        let (buffer, prefix) = lone_primary(1).await;
+        let have = replicas_of_the_machines_redis().await;
+        let (buffer, prefix) = lone_primary(have + 1).await;
         let keys = buffer.keys("u-1", "ops", None, None, "tok".into());
         let fields: Fields = vec![("notification_uuid", "u-1".to_string())].into();
         for _ in 0..2 {
             let error = buffer.record(&keys, &fields).await.unwrap_err();
-            assert!(
-                error.details().contains("0 of the 1 Redis replicas"),
-                "{error}"
-            );
+            let short = format!("{have} of the {} Redis replicas", have + 1);
+            assert!(error.details().contains(&short), "{error}");
+            assert!(!buffer.replication.confirmed());
         }
         let length: u64 = buffer.client.xlen(buffer.stream_key()).await.unwrap();
         assert_eq!(length, 1);
@@ -241,6 +269,7 @@ mod tests {
         let keys = buffer.keys("u-1", "ops", None, None, "tok".into());
         assert!(!buffer.record(&keys, &fields).await.unwrap().is_empty());
         buffer.ping().await.unwrap();
+        assert!(buffer.replication.confirmed());
         clean(&buffer, &prefix).await;
     }
 
@@ -295,6 +324,7 @@ mod tests {
             buffer.client.clone(),
             0,
             format!("{prefix}replicated"),
+            Arc::new(AtomicBool::new(false)),
             asks,
         ));
         let answers: Vec<_> = (0..50)
