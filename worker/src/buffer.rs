@@ -143,7 +143,9 @@ impl Buffer {
         let authority = url.split_once("://").map_or("", |(_, rest)| {
             rest.split(['/', '?']).next().unwrap_or_default()
         });
-        if scheme.ends_with("-sentinel") && authority.contains(',') {
+        // After the credentials, which may hold a comma of their own.
+        let hosts = authority.rsplit('@').next().unwrap_or_default();
+        if scheme.ends_with("-sentinel") && hosts.contains(',') {
             return Err(Error::new(
                 ErrorKind::Config,
                 "name one Sentinel as the host and each other one as `&node=host:port` \
@@ -553,6 +555,8 @@ mod tests {
         let error = Buffer::new(listed, settings()).err().unwrap();
         assert!(error.details().contains("&node=host:port"), "{error}");
         assert!(!error.details().contains("pw"), "{error}");
+        let comma_in_password = "redis-sentinel://:p,w@s1:26379/0?sentinelServiceName=mymaster";
+        assert!(Buffer::new(comma_in_password, settings()).is_ok());
     }
 
     #[test]
