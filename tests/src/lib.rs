@@ -703,3 +703,8 @@ pub fn log_tail(worker: &WorkerProcess, n: usize) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis behind Sentinel (`sentinel`): a primary, a replica and three Sentinels of the test's own.
+
+pub mod sentinel;

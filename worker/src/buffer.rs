@@ -15,6 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::pacing::Pacing;
 
+mod replication;
+
 /// The most calls run by one script call.
 const MAX_BATCH: usize = 128;
 
@@ -138,6 +140,8 @@ pub struct Buffer {
     /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
     /// shut down on purpose.
     quitting: Arc<AtomicBool>,
+    /// `--redis-replicas`: the replicas a record must reach before the job is acked.
+    replication: replication::Replication,
 }
 
 /// Keys and script arguments derived from the settings.
@@ -186,6 +190,20 @@ impl Buffer {
                 ),
             ));
         }
+        // fred takes one Sentinel in the host and the others as `node` parameters; a host
+        // list (the form some other clients read) would fail as a bad port, unexplained.
+        let authority = url.split_once("://").map_or("", |(_, rest)| {
+            rest.split(['/', '?']).next().unwrap_or_default()
+        });
+        // After the credentials, which may hold a comma of their own.
+        let hosts = authority.rsplit('@').next().unwrap_or_default();
+        if scheme.ends_with("-sentinel") && hosts.contains(',') {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "name one Sentinel as the host and each other one as `&node=host:port` \
+                 (a comma-separated host list is not understood)",
+            ));
+        }
         let config = Config::from_url(url)?;
         let client = Builder::from_config(config)
             .with_connection_config(|c| {
@@ -218,7 +236,28 @@ impl Buffer {
             confirm_settle: Script::from_lua(CONFIRM_SETTLE),
             batches: Arc::new(OnceLock::new()),
             quitting: Arc::new(AtomicBool::new(false)),
+            replication: replication::Replication::default(),
         })
+    }
+
+    /// Counts a record as written only once `replicas` replicas of the primary hold it
+    /// (`WAIT`); 0, the default, takes the primary's word.
+    pub fn with_replicas(mut self, replicas: u32) -> Buffer {
+        self.replication = replication::Replication::new(replicas, &self.settings.prefix);
+        self
+    }
+
+    /// False while the replicas `--redis-replicas` asks for did not acknowledge the last check:
+    /// no delivery can be acked then, whatever else Redis answers.
+    pub fn writes_confirmed(&self) -> bool {
+        self.replication.confirmed()
+    }
+
+    /// Waits until `keys` are on the primary and on the replicas `--redis-replicas` asks for;
+    /// see `buffer/replication.rs`. Fails when they are not (yet): the caller tries again.
+    async fn replicated(&self, keys: &[&str]) -> Result<(), Error> {
+        let keys = keys.iter().map(|k| (*k).to_owned()).collect();
+        self.replication.confirm(&self.client, keys).await
     }
 
     /// Starts connecting in the background; commands wait for the connection (up to their
@@ -256,8 +295,11 @@ impl Buffer {
         self.client.init().await.map(|_| ())
     }
 
+    /// Redis answers, and with `--redis-replicas` its replicas acknowledge a write: without
+    /// them no delivery can be acked.
     pub async fn ping(&self) -> Result<(), Error> {
-        self.client.ping::<String>(None).await.map(|_| ())
+        self.client.ping::<String>(None).await?;
+        self.replicated(&[]).await
     }
 
     pub async fn quit(&self) {
@@ -304,25 +346,40 @@ impl Buffer {
     /// Checks whether the job may be sent now, taking the lease when it may.
     pub async fn admit(&self, keys: &Arc<JobKeys>) -> Result<Admission, Error> {
         let answer = self.batched(Arc::clone(keys), None, None).await?;
-        admission(&answer)
+        let admission = admission(&answer)?;
+        // Acked without a request on the strength of a record: that record must be as durable
+        // as one this job would write.
+        match admission {
+            Admission::Duplicate => self.replicated(&[&keys.sent]).await?,
+            Admission::Stale => self.replicated(&[&keys.sequence]).await?,
+            _ => {}
+        }
+        Ok(admission)
     }
 
     /// Writes the stream entry, the sent marker and the incident's sequence, and frees the
     /// lease, atomically. Returns the stream entry id, or "" when the notification was
     /// already recorded (nothing is written then but the lease is freed).
+    ///
+    /// With `--redis-replicas N`, fails unless N replicas hold the record too; writing it
+    /// again is safe (see `steps.lua`).
     pub async fn record(&self, keys: &Arc<JobKeys>, fields: &Fields) -> Result<String, Error> {
         self.record_confirming(keys, fields, None).await
     }
 
     /// `record`, and with `pending` the confirmation to ask for later, in the same script.
+    /// With `--redis-replicas N`, fails unless N replicas hold the record too.
     pub async fn record_confirming(
         &self,
         keys: &Arc<JobKeys>,
         fields: &Fields,
         pending: Option<Arc<Pending>>,
     ) -> Result<String, Error> {
-        self.batched(Arc::clone(keys), Some(Arc::clone(fields)), pending)
-            .await
+        let id = self
+            .batched(Arc::clone(keys), Some(Arc::clone(fields)), pending)
+            .await?;
+        self.replicated(&[&keys.sent]).await?;
+        Ok(id)
     }
 
     /// Runs an admission check or a record as part of the next batch. The calls of concurrent
@@ -711,6 +768,12 @@ mod tests {
             assert!(Buffer::new(url, settings()).is_ok(), "{url}");
         }
         assert!(Buffer::new("http://nope", settings()).is_err());
+        let listed = "redis-sentinel://:pw@s1:26379,s2:26379/0?sentinelServiceName=mymaster";
+        let error = Buffer::new(listed, settings()).err().unwrap();
+        assert!(error.details().contains("&node=host:port"), "{error}");
+        assert!(!error.details().contains("pw"), "{error}");
+        let comma_in_password = "redis-sentinel://:p,w@s1:26379/0?sentinelServiceName=mymaster";
+        assert!(Buffer::new(comma_in_password, settings()).is_ok());
     }
 
     #[test]

@@ -155,6 +155,11 @@ pub struct RunArgs {
     /// Seconds a delivered notification_uuid is remembered, so that a redelivery is not sent again.
     #[arg(long, env = "DEDUPE_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub dedupe_ttl: u64,
+    /// Replicas of the Redis primary that must hold a delivery's record (Redis `WAIT`) before
+    /// the job is acked; fewer within a second is a failed write, tried again. 0: the
+    /// primary's answer suffices (a failover may then lose the latest records).
+    #[arg(long, env = "REDIS_REPLICAS", default_value_t = 0)]
+    pub redis_replicas: u32,
     /// Attempts at one message that were started and never finished (the worker died or
     /// was cut off in the middle) before it is dead-lettered as poison instead of being
     /// tried again. Counted in Redis for redelivered messages only.
@@ -556,6 +561,7 @@ mod tests {
         );
         assert_eq!(run.retry_policy(), RetryPolicy::default());
         assert_eq!(run.dedupe_ttl, 86_400);
+        assert_eq!(run.redis_replicas, 0);
         assert_eq!(run.stream_maxlen, 1_000_000);
         assert_eq!(run.drain_timeout, Duration::from_secs(30));
     }

@@ -102,6 +102,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         retry_queues = ?topology.retry_queues.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         dead_queue = topology.dead_queue,
         redis_prefix = args.redis.redis_prefix,
+        redis_replicas = args.redis_replicas,
         prefetch = args.prefetch,
         keyring = %args.keyring.display(),
         teams = ?keyring.team_ids(),
@@ -127,7 +128,8 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
             redact_url(&args.redis.redis_url),
             redact_error(&e.to_string(), &args.redis.redis_url)
         ))
-    })?;
+    })?
+    .with_replicas(args.redis_replicas);
     buffer.start();
     let sender = Sender::new(args.request_timeout).map_err(|e| Fatal::Config(e.to_string()))?;
     // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.

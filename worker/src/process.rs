@@ -386,7 +386,8 @@ impl Pipeline {
             let mut cooling = false;
             let pause = match self.buffer.admit(keys).await {
                 Ok(Admission::Go) => {
-                    self.health.set_redis(true);
+                    // Not ready while records cannot reach the replicas asked for.
+                    self.health.set_redis(self.buffer.writes_confirmed());
                     return ControlFlow::Continue(());
                 }
                 Ok(Admission::Duplicate) => return ControlFlow::Break(Outcome::Duplicate),
