@@ -34,12 +34,17 @@ async fn direct(port: u16) -> Client {
     client
 }
 
+/// The delivery entries of the stream (its confirmations left out).
 async fn stream_of(client: &Client, prefix: &str) -> Vec<HashMap<String, String>> {
     let entries: Vec<(String, HashMap<String, String>)> = client
         .xrange(format!("{prefix}deliveries"), "-", "+", None)
         .await
         .unwrap_or_default();
-    entries.into_iter().map(|(_, fields)| fields).collect()
+    entries
+        .into_iter()
+        .map(|(_, fields)| fields)
+        .filter(|fields| fields.get("event").is_none_or(|e| e == "delivered"))
+        .collect()
 }
 
 /// Publishes an issue alert (group `i`, so alias `sentry: i`) every 1/RATE s until `stop`;
