@@ -995,6 +995,144 @@ mod tests {
         clean(&buffer, &prefix).await;
     }
 
+    /// A pending confirmation is written with its record; a claim is a lease that another
+    /// confirmer takes over once it runs out, after which the first cannot settle it; a
+    /// failure after the 202 deletes the sent marker and rolls the incident's sequence back.
+    #[tokio::test]
+    async fn confirmations_are_claimed_under_a_lease_and_settled_only_by_its_holder() {
+        let (buffer, prefix) = live_buffer().await;
+        let alias = "incident_1_42";
+        let fields: Fields = vec![("notification_uuid", "c-1".to_string())].into();
+        // An earlier status of the incident was delivered at sequence 3.
+        let earlier = buffer.keys("c-0", "ops", Some(alias), Some(3), token());
+        assert_eq!(buffer.admit(&earlier).await.unwrap(), Admission::Go);
+        buffer.record(&earlier, &fields).await.unwrap();
+        let keys = buffer.keys("c-1", "ops", Some(alias), Some(4), token());
+        assert_eq!(buffer.admit(&keys).await.unwrap(), Admission::Go);
+        let pending = Pending {
+            member: "c-1".into(),
+            due_ms: 1_000,
+            ttl_ms: 60_000,
+            fields: vec![
+                ("body", "{\"job\": \"é\"}".into()),
+                ("team", "ops".into()),
+                ("seq", "4".into()),
+                ("asks", "0".into()),
+            ],
+        };
+        let fields: Fields = vec![("notification_uuid", "c-1".to_string())].into();
+        buffer
+            .record_confirming(&keys, &fields, Some(Arc::new(pending)))
+            .await
+            .unwrap();
+        assert_eq!(buffer.confirmations_waiting().await.unwrap(), 1);
+        // Not due before its time.
+        assert!(
+            buffer
+                .claim_confirmations(999, Duration::from_secs(10), 8)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let first = buffer
+            .claim_confirmations(1_000, Duration::from_secs(10), 8)
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].0, "c-1");
+        let hashes = buffer
+            .pending_confirmations(&["c-1".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(hashes[0]["body"], "{\"job\": \"é\"}");
+        assert_eq!(hashes[0]["prev_seq"], "3");
+        // Claimed: nobody else gets it while the lease lasts, another does once it ran out.
+        assert!(
+            buffer
+                .claim_confirmations(10_999, Duration::from_secs(10), 8)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let second = buffer
+            .claim_confirmations(11_000, Duration::from_secs(10), 8)
+            .await
+            .unwrap();
+        assert_eq!(second.len(), 1);
+        assert_ne!(first[0].1, second[0].1);
+        let entry = vec![
+            ("notification_uuid", "c-1".to_string()),
+            ("event", "failed_async".to_string()),
+        ];
+        let done = Settle::Done {
+            fields: &entry,
+            failed: true,
+        };
+        assert_eq!(
+            buffer
+                .settle_confirmation("c-1", &first[0].1, Some(alias), done.clone())
+                .await
+                .unwrap(),
+            Settled::Lost
+        );
+        // The holder asks again later, then ends it.
+        assert_eq!(
+            buffer
+                .settle_confirmation(
+                    "c-1",
+                    &second[0].1,
+                    Some(alias),
+                    Settle::Again { due_ms: 20_000 }
+                )
+                .await
+                .unwrap(),
+            Settled::Again
+        );
+        let third = buffer
+            .claim_confirmations(20_000, Duration::from_secs(10), 8)
+            .await
+            .unwrap();
+        assert_eq!(third.len(), 1);
+        assert_eq!(
+            buffer
+                .pending_confirmations(&["c-1".to_string()])
+                .await
+                .unwrap()[0]["asks"],
+            "1"
+        );
+        let Settled::Done(id) = buffer
+            .settle_confirmation("c-1", &third[0].1, Some(alias), done.clone())
+            .await
+            .unwrap()
+        else {
+            panic!("not done");
+        };
+        assert!(id.contains('-'));
+        assert_eq!(buffer.confirmations_waiting().await.unwrap(), 0);
+        assert!(
+            buffer
+                .pending_confirmations(&["c-1".to_string()])
+                .await
+                .unwrap()[0]
+                .is_empty()
+        );
+        // Failed after its 202: the marker is gone and the incident is back at 3, so that a
+        // replay of sequence 4 is admitted and sent.
+        let replay = buffer.keys("c-1", "ops", Some(alias), Some(4), token());
+        assert_eq!(buffer.admit(&replay).await.unwrap(), Admission::Go);
+        // Settled twice is lost the second time: one stream entry per outcome.
+        assert_eq!(
+            buffer
+                .settle_confirmation("c-1", &third[0].1, Some(alias), done)
+                .await
+                .unwrap(),
+            Settled::Lost
+        );
+        let length: u64 = buffer.client.xlen(buffer.stream_key()).await.unwrap();
+        assert_eq!(length, 3);
+        clean(&buffer, &prefix).await;
+    }
+
     /// Past 2^53 a double cannot tell neighbours apart; the script must.
     #[tokio::test]
     async fn sequences_compare_exactly_across_the_whole_64_bit_range() {
