@@ -525,3 +525,43 @@ async fn a_team_moved_to_jira_service_management_is_served_below_its_prefix() {
     stop(&mut worker).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn sighup_starts_and_stops_the_heartbeat() {
+    let env = TestEnv::new("heartbeat-hup").await;
+    let standin = standin(Duration::ZERO, None).await;
+    let name = format!("reloaded {}", &new_uuid()[..8]);
+    let without = keyring(&env, &standin.base_url(), None);
+    let (mut worker, _) = env.spawn_ready_worker(&without, &[]).await;
+    let pings = || standin.heartbeat_pings(&name).len();
+
+    keyring(&env, &standin.base_url(), Some((&name, "1s")));
+    worker.signal("HUP");
+    assert!(
+        standin.wait_until(DEADLINE, |_| pings() >= 2).await,
+        "no ping after the reload: {}",
+        log_tail(&worker, 10)
+    );
+
+    // Removed again: the pings stop.
+    keyring(&env, &standin.base_url(), None);
+    let reloads = || {
+        worker
+            .logs()
+            .iter()
+            .filter(|l| l["message"] == "Keyring reloaded.")
+            .count()
+    };
+    worker.signal("HUP");
+    assert!(wait_until(DEADLINE, || async { reloads() >= 2 }).await);
+    // A ping whose turn was taken just before the reload may still land.
+    let after = pings() + 1;
+    assert!(
+        !standin
+            .wait_until(Duration::from_secs(4), |_| pings() > after)
+            .await,
+        "still pinging after the heartbeat was removed"
+    );
+    stop(&mut worker).await;
+    env.cleanup().await;
+}
