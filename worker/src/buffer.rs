@@ -71,6 +71,30 @@ pub enum Settled {
     Lost,
 }
 
+/// One claimed confirmation to settle, for `Buffer::settle_confirmations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement<'a> {
+    /// The notification_uuid.
+    pub member: &'a str,
+    /// The claim's token: only its holder may settle it.
+    pub token: &'a str,
+    /// The incident whose sequence a failure rolls back (none for an issue alert).
+    pub alias: Option<&'a str>,
+    pub settle: Settle<'a>,
+}
+
+/// One settle as `confirm_settle.lua` reads it: `[member, token, op, due, failed, entry]`.
+#[derive(Debug, serde::Serialize)]
+struct SettleCall<'a>(
+    &'a str,
+    &'a str,
+    &'static str,
+    /// The next due time in ms as a decimal string ("" when done).
+    String,
+    &'static str,
+    &'a [(&'static str, String)],
+);
+
 /// Keys and limits, from the command line.
 #[derive(Debug, Clone)]
 pub struct BufferSettings {
@@ -104,8 +128,11 @@ const RELEASE: &str = include_str!("buffer/release.lua");
 /// Claims due confirmations for a while.
 const CONFIRM_CLAIM: &str = include_str!("buffer/confirm_claim.lua");
 
-/// Reschedules or ends a claimed confirmation.
+/// Reschedules or ends claimed confirmations, a batch at a time.
 const CONFIRM_SETTLE: &str = include_str!("buffer/confirm_settle.lua");
+
+/// Reads the pending hashes of claimed confirmations, a batch at a time.
+const CONFIRM_READ: &str = include_str!("buffer/confirm_read.lua");
 
 /// What the pre-send check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +162,7 @@ pub struct Buffer {
     attempt_started: Script,
     confirm_claim: Script,
     confirm_settle: Script,
+    confirm_read: Script,
     /// The batching task's inbox, started with the first call (which runs on the runtime).
     batches: Arc<OnceLock<mpsc::UnboundedSender<Call>>>,
     /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
@@ -234,6 +262,7 @@ impl Buffer {
             attempt_started: Script::from_lua(ATTEMPT_STARTED),
             confirm_claim: Script::from_lua(CONFIRM_CLAIM),
             confirm_settle: Script::from_lua(CONFIRM_SETTLE),
+            confirm_read: Script::from_lua(CONFIRM_READ),
             batches: Arc::new(OnceLock::new()),
             quitting: Arc::new(AtomicBool::new(false)),
             replication: replication::Replication::default(),
@@ -488,17 +517,49 @@ impl Buffer {
         Ok(pairs)
     }
 
-    /// The hashes of pending confirmations, in the order of `members`, in one round trip;
-    /// an empty map for one that is gone.
+    /// The fields `names` of the pending confirmations of `members`, in their order, in one
+    /// script call: `None` for a member whose hash is gone, else one value per name ("" for
+    /// a field it lacks).
     pub async fn pending_confirmations(
         &self,
         members: &[String],
-    ) -> Result<Vec<std::collections::HashMap<String, String>>, Error> {
-        let pipeline = self.client.pipeline();
-        for member in members {
-            let _: () = pipeline.hgetall(self.confirm_key(member)).await?;
+        names: &[&str],
+    ) -> Result<Vec<Option<Vec<String>>>, Error> {
+        if members.is_empty() {
+            return Ok(Vec::new());
         }
-        pipeline.all().await
+        let keys: Vec<String> = members.iter().map(|m| self.confirm_key(m)).collect();
+        let args: Vec<&str> = names.to_vec();
+        let flat: Vec<String> = Box::pin(self.confirm_read.evalsha_with_reload(
+            &self.client,
+            keys,
+            args,
+        ))
+        .await?;
+        let stride = 1 + names.len();
+        if flat.len() != stride * members.len() {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "{} words read for {} pending confirmations",
+                    flat.len(),
+                    members.len()
+                ),
+            ));
+        }
+        let mut words = flat.into_iter();
+        let mut hashes = Vec::with_capacity(members.len());
+        for _ in members {
+            let exists = words.next().is_some_and(|w| w == "1");
+            let values: Vec<String> = words.by_ref().take(names.len()).collect();
+            hashes.push(exists.then_some(values));
+        }
+        Ok(hashes)
+    }
+
+    /// The job body kept with a pending confirmation; `None` when its hash is gone.
+    pub async fn pending_body(&self, member: &str) -> Result<Option<String>, Error> {
+        Box::pin(self.client.hget(self.confirm_key(member), "body")).await
     }
 
     fn confirm_key(&self, member: &str) -> String {
@@ -510,58 +571,73 @@ impl Buffer {
         Box::pin(self.client.zcard(self.fixed.due_key.as_str())).await
     }
 
-    /// Settles a claimed confirmation, if the claim is still the caller's. `alias` names the
-    /// incident whose sequence a failure rolls back (none for an issue alert).
-    pub async fn settle_confirmation(
+    /// Settles claimed confirmations, each only if its claim is still the caller's, in one
+    /// script call; answers what each found, in their order. A failure leaves every one of
+    /// them as it was (the script runs whole or not at all).
+    pub async fn settle_confirmations(
         &self,
-        member: &str,
-        token: &str,
-        alias: Option<&str>,
-        settle: Settle<'_>,
-    ) -> Result<Settled, Error> {
-        let p = &self.settings.prefix;
-        let sequence = match alias {
-            Some(alias) => format!("{p}seq:{alias}"),
-            None => format!("{p}seq:notification:{member}"),
-        };
-        let keys = vec![
-            self.fixed.due_key.clone(),
-            self.confirm_key(member),
-            self.fixed.stream_key.clone(),
-            format!("{p}sent:{member}"),
-            sequence,
-        ];
-        let mut args = vec![member.to_string(), token.to_string()];
-        match settle {
-            Settle::Again { due_ms } => {
-                args.extend(["again".to_string(), due_ms.to_string()]);
-            }
-            Settle::Done { fields, failed } => {
-                let entry = serde_json::to_string(fields).map_err(|e| {
-                    Error::new(
-                        ErrorKind::Unknown,
-                        format!("cannot write the script arguments: {e}"),
-                    )
-                })?;
-                args.extend([
-                    "done".to_string(),
-                    self.fixed.stream_maxlen.clone(),
-                    if failed { "1" } else { "0" }.to_string(),
-                    entry,
-                ]);
-            }
+        settles: &[Settlement<'_>],
+    ) -> Result<Vec<Settled>, Error> {
+        if settles.is_empty() {
+            return Ok(Vec::new());
         }
-        let answer: String = Box::pin(self.confirm_settle.evalsha_with_reload(
+        let p = &self.settings.prefix;
+        let mut keys: Vec<String> = Vec::with_capacity(2 + 3 * settles.len());
+        keys.push(self.fixed.due_key.clone());
+        keys.push(self.fixed.stream_key.clone());
+        let mut calls = Vec::with_capacity(settles.len());
+        for settle in settles {
+            let member = settle.member;
+            keys.push(self.confirm_key(member));
+            keys.push(format!("{p}sent:{member}"));
+            keys.push(match settle.alias {
+                Some(alias) => format!("{p}seq:{alias}"),
+                None => format!("{p}seq:notification:{member}"),
+            });
+            calls.push(match &settle.settle {
+                Settle::Again { due_ms } => {
+                    SettleCall(member, settle.token, "again", due_ms.to_string(), "0", &[])
+                }
+                Settle::Done { fields, failed } => SettleCall(
+                    member,
+                    settle.token,
+                    "done",
+                    String::new(),
+                    if *failed { "1" } else { "0" },
+                    fields,
+                ),
+            });
+        }
+        let calls = serde_json::to_vec(&calls).map_err(|e| {
+            Error::new(
+                ErrorKind::Unknown,
+                format!("cannot write the script arguments: {e}"),
+            )
+        })?;
+        let args = vec![
+            Value::from(self.fixed.stream_maxlen.as_str()),
+            Value::Bytes(calls.into()),
+        ];
+        let answers: Vec<String> = Box::pin(self.confirm_settle.evalsha_with_reload(
             &self.client,
             keys,
             args,
         ))
         .await?;
-        Ok(match answer.as_str() {
-            "lost" => Settled::Lost,
-            "again" => Settled::Again,
-            _ => Settled::Done(answer),
-        })
+        if answers.len() != settles.len() {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                format!("{} answers to {} settles", answers.len(), settles.len()),
+            ));
+        }
+        Ok(answers
+            .into_iter()
+            .map(|answer| match answer.as_str() {
+                "lost" => Settled::Lost,
+                "again" => Settled::Again,
+                _ => Settled::Done(answer),
+            })
+            .collect())
     }
 
     /// Takes the fleet's turn to ping the heartbeat `name`: true for the one replica whose
