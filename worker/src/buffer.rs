@@ -1071,6 +1071,117 @@ mod tests {
         clean(&buffer, &prefix).await;
     }
 
+    /// A claimed batch is read in one call (a gone hash reads as `None`) and settled in one
+    /// call, each settle on its own: rescheduled, ended with its stream entry, or refused to
+    /// a holder whose claim is no longer its own.
+    #[tokio::test]
+    async fn a_claimed_batch_is_read_and_settled_each_on_its_own() {
+        let (buffer, prefix) = live_buffer().await;
+        let due = format!("{prefix}confirm:due");
+        for member in ["c-1", "c-2", "c-3"] {
+            let _: () = buffer
+                .client
+                .hset(
+                    format!("{prefix}confirm:{member}"),
+                    vec![("team", "ops"), ("request_id", member), ("seq", "")],
+                )
+                .await
+                .unwrap();
+            let _: () = buffer
+                .client
+                .zadd(&due, None, None, false, false, (1.0, member))
+                .await
+                .unwrap();
+        }
+        let claims = buffer
+            .claim_confirmations(10, Duration::from_secs(60), 10)
+            .await
+            .unwrap();
+        assert_eq!(claims.len(), 3);
+        let mut members: Vec<String> = claims.iter().map(|(m, _)| m.clone()).collect();
+        members.push("gone".into());
+        let read = buffer
+            .pending_confirmations(&members, &["team", "request_id", "asks"])
+            .await
+            .unwrap();
+        assert_eq!(read.len(), 4);
+        for (member, fields) in members.iter().zip(&read).take(3) {
+            assert_eq!(
+                fields.as_deref(),
+                Some(&["ops".to_string(), member.clone(), String::new()][..])
+            );
+        }
+        assert_eq!(read[3], None);
+
+        let entry = vec![
+            ("notification_uuid", claims[1].0.clone()),
+            ("event", "confirmed".to_string()),
+        ];
+        let settles = [
+            Settlement {
+                member: &claims[0].0,
+                token: &claims[0].1,
+                alias: None,
+                settle: Settle::Again { due_ms: 5 },
+            },
+            Settlement {
+                member: &claims[1].0,
+                token: &claims[1].1,
+                alias: None,
+                settle: Settle::Done {
+                    fields: &entry,
+                    failed: false,
+                },
+            },
+            Settlement {
+                member: &claims[2].0,
+                token: "1",
+                alias: None,
+                settle: Settle::Done {
+                    fields: &entry,
+                    failed: false,
+                },
+            },
+        ];
+        let answers = buffer.settle_confirmations(&settles).await.unwrap();
+        assert_eq!(answers[0], Settled::Again);
+        assert!(
+            matches!(&answers[1], Settled::Done(id) if id.contains('-')),
+            "{answers:?}"
+        );
+        assert_eq!(answers[2], Settled::Lost);
+        // Rescheduled, and asked once more.
+        let score: Option<f64> = buffer.client.zscore(&due, &claims[0].0).await.unwrap();
+        assert_eq!(score, Some(5.0));
+        let asks: Option<String> = buffer
+            .client
+            .hget(format!("{prefix}confirm:{}", claims[0].0), "asks")
+            .await
+            .unwrap();
+        assert_eq!(asks.as_deref(), Some("1"));
+        // Ended: out of the set, its hash gone, its entry in the stream.
+        let score: Option<f64> = buffer.client.zscore(&due, &claims[1].0).await.unwrap();
+        assert_eq!(score, None);
+        let exists: i64 = buffer
+            .client
+            .exists(format!("{prefix}confirm:{}", claims[1].0))
+            .await
+            .unwrap();
+        assert_eq!(exists, 0);
+        let entries: Vec<(String, HashMap<String, String>)> = buffer
+            .client
+            .xrange(buffer.stream_key(), "-", "+", None)
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].1["notification_uuid"], claims[1].0);
+        assert_eq!(entries[0].1["event"], "confirmed");
+        // Not the caller's: left as the claim left it.
+        let score: Option<String> = buffer.client.zscore(&due, &claims[2].0).await.unwrap();
+        assert_eq!(score.as_deref(), Some(claims[2].1.as_str()));
+        clean(&buffer, &prefix).await;
+    }
+
     /// Past 2^53 a double cannot tell neighbours apart; the script must.
     #[tokio::test]
     async fn sequences_compare_exactly_across_the_whole_64_bit_range() {
