@@ -242,10 +242,11 @@ async fn main() -> Result<()> {
             )
             .await?;
         println!(
-            "backlog drain, {label}: {} jobs/s = {}; CPU per 1,000 jobs: worker {}, broker {}; peak RSS {:.1} MiB",
+            "backlog drain, {label}: {} jobs/s = {}; CPU per 1,000 jobs: worker {} ({} once every delivery is confirmed), broker {}; peak RSS {:.1} MiB",
             thousands(d.rate),
             ratios(d.rate, &ceilings),
             ms(Some(d.cpu_ms_per_1000)),
+            ms(d.confirmed_cpu_ms_per_1000),
             ms(d.broker_cpu_ms_per_1000),
             d.peak_rss_mib
         );
@@ -255,8 +256,9 @@ async fn main() -> Result<()> {
             ratios(d.rate, &ceilings)
         ));
         summary.push(format!(
-            "| CPU per 1,000 jobs, {label} | worker {}, broker {} |",
+            "| CPU per 1,000 jobs, {label} | worker {} ({} with confirmations), broker {} |",
             ms(Some(d.cpu_ms_per_1000)),
+            ms(d.confirmed_cpu_ms_per_1000),
             ms(d.broker_cpu_ms_per_1000)
         ));
         summary.push(format!("| peak RSS, {label} | {:.1} MiB |", d.peak_rss_mib));
@@ -334,6 +336,10 @@ struct Bench<'a> {
 struct DrainResult {
     rate: f64,
     cpu_ms_per_1000: f64,
+    /// The workers' CPU once every delivery of the drain is confirmed as well (the same as
+    /// `cpu_ms_per_1000` with confirmation off); `None` when they did not finish within a
+    /// minute.
+    confirmed_cpu_ms_per_1000: Option<f64>,
     broker_cpu_ms_per_1000: Option<f64>,
     peak_rss_mib: f64,
     /// From the workers' start to the stand-in's first 2xx answer.
@@ -516,6 +522,10 @@ impl Bench<'_> {
         let elapsed = started.elapsed();
         let broker_cpu = broker_before.zip(broker.cpu_seconds()).map(|(b, a)| a - b);
         let cpu: f64 = workers.iter().map(|w| cpu_seconds(w.id())).sum();
+        // The confirmations trail the deliveries (each is asked about a second or more after
+        // its 202): their cost is counted once none is left pending.
+        let confirmed = done && self.confirmations_settled(phase).await;
+        let confirmed_cpu: f64 = workers.iter().map(|w| cpu_seconds(w.id())).sum();
         let rss = workers
             .iter()
             .map(|w| peak_rss_mib(w.id()))
@@ -535,11 +545,34 @@ impl Bench<'_> {
         Ok(DrainResult {
             rate: bodies.len() as f64 / elapsed.as_secs_f64(),
             cpu_ms_per_1000: per_1000(cpu, bodies.len()),
+            confirmed_cpu_ms_per_1000: confirmed.then(|| per_1000(confirmed_cpu, bodies.len())),
             broker_cpu_ms_per_1000: broker_cpu.map(|c| per_1000(c, bodies.len())),
             peak_rss_mib: rss,
             first_answer,
             elapsed,
         })
+    }
+
+    /// Waits (up to a minute) until the phase's workers have no confirmation pending; false
+    /// when some still are.
+    async fn confirmations_settled(&self, phase: &str) -> bool {
+        let key = format!("bench:{}:{phase}:confirm:due", self.run_id);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let pending = Command::new("redis-cli")
+                .args(["-u", &self.args.redis_url, "zcard", &key])
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            if pending == Some(0) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// At a real API's distance: a stand-in that answers after `delay`, a backlog of

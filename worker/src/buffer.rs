@@ -71,6 +71,30 @@ pub enum Settled {
     Lost,
 }
 
+/// One claimed confirmation to settle, for `Buffer::settle_confirmations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement<'a> {
+    /// The notification_uuid.
+    pub member: &'a str,
+    /// The claim's token: only its holder may settle it.
+    pub token: &'a str,
+    /// The incident whose sequence a failure rolls back (none for an issue alert).
+    pub alias: Option<&'a str>,
+    pub settle: Settle<'a>,
+}
+
+/// One settle as `confirm_settle.lua` reads it: `[member, token, op, due, failed, entry]`.
+#[derive(Debug, serde::Serialize)]
+struct SettleCall<'a>(
+    &'a str,
+    &'a str,
+    &'static str,
+    /// The next due time in ms as a decimal string ("" when done).
+    String,
+    &'static str,
+    &'a [(&'static str, String)],
+);
+
 /// Keys and limits, from the command line.
 #[derive(Debug, Clone)]
 pub struct BufferSettings {
@@ -104,8 +128,11 @@ const RELEASE: &str = include_str!("buffer/release.lua");
 /// Claims due confirmations for a while.
 const CONFIRM_CLAIM: &str = include_str!("buffer/confirm_claim.lua");
 
-/// Reschedules or ends a claimed confirmation.
+/// Reschedules or ends claimed confirmations, a batch at a time.
 const CONFIRM_SETTLE: &str = include_str!("buffer/confirm_settle.lua");
+
+/// Reads the pending hashes of claimed confirmations, a batch at a time.
+const CONFIRM_READ: &str = include_str!("buffer/confirm_read.lua");
 
 /// What the pre-send check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +162,7 @@ pub struct Buffer {
     attempt_started: Script,
     confirm_claim: Script,
     confirm_settle: Script,
+    confirm_read: Script,
     /// The batching task's inbox, started with the first call (which runs on the runtime).
     batches: Arc<OnceLock<mpsc::UnboundedSender<Call>>>,
     /// Set by `quit`, so that `start`'s connect loop does not bring back a client that was
@@ -234,6 +262,7 @@ impl Buffer {
             attempt_started: Script::from_lua(ATTEMPT_STARTED),
             confirm_claim: Script::from_lua(CONFIRM_CLAIM),
             confirm_settle: Script::from_lua(CONFIRM_SETTLE),
+            confirm_read: Script::from_lua(CONFIRM_READ),
             batches: Arc::new(OnceLock::new()),
             quitting: Arc::new(AtomicBool::new(false)),
             replication: replication::Replication::default(),
@@ -488,17 +517,49 @@ impl Buffer {
         Ok(pairs)
     }
 
-    /// The hashes of pending confirmations, in the order of `members`, in one round trip;
-    /// an empty map for one that is gone.
+    /// The fields `names` of the pending confirmations of `members`, in their order, in one
+    /// script call: `None` for a member whose hash is gone, else one value per name ("" for
+    /// a field it lacks).
     pub async fn pending_confirmations(
         &self,
         members: &[String],
-    ) -> Result<Vec<std::collections::HashMap<String, String>>, Error> {
-        let pipeline = self.client.pipeline();
-        for member in members {
-            let _: () = pipeline.hgetall(self.confirm_key(member)).await?;
+        names: &[&str],
+    ) -> Result<Vec<Option<Vec<String>>>, Error> {
+        if members.is_empty() {
+            return Ok(Vec::new());
         }
-        pipeline.all().await
+        let keys: Vec<String> = members.iter().map(|m| self.confirm_key(m)).collect();
+        let args: Vec<&str> = names.to_vec();
+        let flat: Vec<String> = Box::pin(self.confirm_read.evalsha_with_reload(
+            &self.client,
+            keys,
+            args,
+        ))
+        .await?;
+        let stride = 1 + names.len();
+        if flat.len() != stride * members.len() {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "{} words read for {} pending confirmations",
+                    flat.len(),
+                    members.len()
+                ),
+            ));
+        }
+        let mut words = flat.into_iter();
+        let mut hashes = Vec::with_capacity(members.len());
+        for _ in members {
+            let exists = words.next().is_some_and(|w| w == "1");
+            let values: Vec<String> = words.by_ref().take(names.len()).collect();
+            hashes.push(exists.then_some(values));
+        }
+        Ok(hashes)
+    }
+
+    /// The job body kept with a pending confirmation; `None` when its hash is gone.
+    pub async fn pending_body(&self, member: &str) -> Result<Option<String>, Error> {
+        Box::pin(self.client.hget(self.confirm_key(member), "body")).await
     }
 
     fn confirm_key(&self, member: &str) -> String {
@@ -510,58 +571,73 @@ impl Buffer {
         Box::pin(self.client.zcard(self.fixed.due_key.as_str())).await
     }
 
-    /// Settles a claimed confirmation, if the claim is still the caller's. `alias` names the
-    /// incident whose sequence a failure rolls back (none for an issue alert).
-    pub async fn settle_confirmation(
+    /// Settles claimed confirmations, each only if its claim is still the caller's, in one
+    /// script call; answers what each found, in their order. A failure leaves every one of
+    /// them as it was (the script runs whole or not at all).
+    pub async fn settle_confirmations(
         &self,
-        member: &str,
-        token: &str,
-        alias: Option<&str>,
-        settle: Settle<'_>,
-    ) -> Result<Settled, Error> {
-        let p = &self.settings.prefix;
-        let sequence = match alias {
-            Some(alias) => format!("{p}seq:{alias}"),
-            None => format!("{p}seq:notification:{member}"),
-        };
-        let keys = vec![
-            self.fixed.due_key.clone(),
-            self.confirm_key(member),
-            self.fixed.stream_key.clone(),
-            format!("{p}sent:{member}"),
-            sequence,
-        ];
-        let mut args = vec![member.to_string(), token.to_string()];
-        match settle {
-            Settle::Again { due_ms } => {
-                args.extend(["again".to_string(), due_ms.to_string()]);
-            }
-            Settle::Done { fields, failed } => {
-                let entry = serde_json::to_string(fields).map_err(|e| {
-                    Error::new(
-                        ErrorKind::Unknown,
-                        format!("cannot write the script arguments: {e}"),
-                    )
-                })?;
-                args.extend([
-                    "done".to_string(),
-                    self.fixed.stream_maxlen.clone(),
-                    if failed { "1" } else { "0" }.to_string(),
-                    entry,
-                ]);
-            }
+        settles: &[Settlement<'_>],
+    ) -> Result<Vec<Settled>, Error> {
+        if settles.is_empty() {
+            return Ok(Vec::new());
         }
-        let answer: String = Box::pin(self.confirm_settle.evalsha_with_reload(
+        let p = &self.settings.prefix;
+        let mut keys: Vec<String> = Vec::with_capacity(2 + 3 * settles.len());
+        keys.push(self.fixed.due_key.clone());
+        keys.push(self.fixed.stream_key.clone());
+        let mut calls = Vec::with_capacity(settles.len());
+        for settle in settles {
+            let member = settle.member;
+            keys.push(self.confirm_key(member));
+            keys.push(format!("{p}sent:{member}"));
+            keys.push(match settle.alias {
+                Some(alias) => format!("{p}seq:{alias}"),
+                None => format!("{p}seq:notification:{member}"),
+            });
+            calls.push(match &settle.settle {
+                Settle::Again { due_ms } => {
+                    SettleCall(member, settle.token, "again", due_ms.to_string(), "0", &[])
+                }
+                Settle::Done { fields, failed } => SettleCall(
+                    member,
+                    settle.token,
+                    "done",
+                    String::new(),
+                    if *failed { "1" } else { "0" },
+                    fields,
+                ),
+            });
+        }
+        let calls = serde_json::to_vec(&calls).map_err(|e| {
+            Error::new(
+                ErrorKind::Unknown,
+                format!("cannot write the script arguments: {e}"),
+            )
+        })?;
+        let args = vec![
+            Value::from(self.fixed.stream_maxlen.as_str()),
+            Value::Bytes(calls.into()),
+        ];
+        let answers: Vec<String> = Box::pin(self.confirm_settle.evalsha_with_reload(
             &self.client,
             keys,
             args,
         ))
         .await?;
-        Ok(match answer.as_str() {
-            "lost" => Settled::Lost,
-            "again" => Settled::Again,
-            _ => Settled::Done(answer),
-        })
+        if answers.len() != settles.len() {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                format!("{} answers to {} settles", answers.len(), settles.len()),
+            ));
+        }
+        Ok(answers
+            .into_iter()
+            .map(|answer| match answer.as_str() {
+                "lost" => Settled::Lost,
+                "again" => Settled::Again,
+                _ => Settled::Done(answer),
+            })
+            .collect())
     }
 
     /// Takes the fleet's turn to ping the heartbeat `name`: true for the one replica whose
@@ -1040,12 +1116,36 @@ mod tests {
             .unwrap();
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].0, "c-1");
-        let hashes = buffer
-            .pending_confirmations(&["c-1".to_string()])
-            .await
-            .unwrap();
-        assert_eq!(hashes[0]["body"], "{\"job\": \"é\"}");
-        assert_eq!(hashes[0]["prev_seq"], "3");
+        let read = |names: &'static [&'static str]| {
+            let buffer = buffer.clone();
+            async move {
+                buffer
+                    .pending_confirmations(&["c-1".to_string()], names)
+                    .await
+                    .unwrap()
+                    .remove(0)
+            }
+        };
+        assert_eq!(read(&["prev_seq"]).await, Some(vec!["3".to_string()]));
+        assert_eq!(
+            buffer.pending_body("c-1").await.unwrap().as_deref(),
+            Some("{\"job\": \"é\"}")
+        );
+        let settle = |token: String, settle: Settle<'static>| {
+            let buffer = buffer.clone();
+            async move {
+                buffer
+                    .settle_confirmations(&[Settlement {
+                        member: "c-1",
+                        token: &token,
+                        alias: Some("incident_1_42"),
+                        settle,
+                    }])
+                    .await
+                    .unwrap()
+                    .remove(0)
+            }
+        };
         // Claimed: nobody else gets it while the lease lasts, another does once it ran out.
         assert!(
             buffer
@@ -1060,32 +1160,21 @@ mod tests {
             .unwrap();
         assert_eq!(second.len(), 1);
         assert_ne!(first[0].1, second[0].1);
-        let entry = vec![
+        let entry: &'static [(&'static str, String)] = Box::leak(Box::new([
             ("notification_uuid", "c-1".to_string()),
             ("event", "failed_async".to_string()),
-        ];
+        ]));
         let done = Settle::Done {
-            fields: &entry,
+            fields: entry,
             failed: true,
         };
         assert_eq!(
-            buffer
-                .settle_confirmation("c-1", &first[0].1, Some(alias), done.clone())
-                .await
-                .unwrap(),
+            settle(first[0].1.clone(), done.clone()).await,
             Settled::Lost
         );
         // The holder asks again later, then ends it.
         assert_eq!(
-            buffer
-                .settle_confirmation(
-                    "c-1",
-                    &second[0].1,
-                    Some(alias),
-                    Settle::Again { due_ms: 20_000 }
-                )
-                .await
-                .unwrap(),
+            settle(second[0].1.clone(), Settle::Again { due_ms: 20_000 }).await,
             Settled::Again
         );
         let third = buffer
@@ -1093,43 +1182,132 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(third.len(), 1);
-        assert_eq!(
-            buffer
-                .pending_confirmations(&["c-1".to_string()])
-                .await
-                .unwrap()[0]["asks"],
-            "1"
-        );
-        let Settled::Done(id) = buffer
-            .settle_confirmation("c-1", &third[0].1, Some(alias), done.clone())
-            .await
-            .unwrap()
-        else {
+        assert_eq!(read(&["asks"]).await, Some(vec!["1".to_string()]));
+        let Settled::Done(id) = settle(third[0].1.clone(), done.clone()).await else {
             panic!("not done");
         };
         assert!(id.contains('-'));
         assert_eq!(buffer.confirmations_waiting().await.unwrap(), 0);
-        assert!(
-            buffer
-                .pending_confirmations(&["c-1".to_string()])
-                .await
-                .unwrap()[0]
-                .is_empty()
-        );
+        assert_eq!(read(&["asks"]).await, None);
         // Failed after its 202: the marker is gone and the incident is back at 3, so that a
         // replay of sequence 4 is admitted and sent.
         let replay = buffer.keys("c-1", "ops", Some(alias), Some(4), token());
         assert_eq!(buffer.admit(&replay).await.unwrap(), Admission::Go);
         // Settled twice is lost the second time: one stream entry per outcome.
-        assert_eq!(
-            buffer
-                .settle_confirmation("c-1", &third[0].1, Some(alias), done)
-                .await
-                .unwrap(),
-            Settled::Lost
-        );
+        assert_eq!(settle(third[0].1.clone(), done).await, Settled::Lost);
         let length: u64 = buffer.client.xlen(buffer.stream_key()).await.unwrap();
         assert_eq!(length, 3);
+        clean(&buffer, &prefix).await;
+    }
+
+    /// A claimed batch is read in one call (a gone hash reads as `None`) and settled in one
+    /// call, each settle on its own: rescheduled, ended with its stream entry, or refused to
+    /// a holder whose claim is no longer its own.
+    #[tokio::test]
+    async fn a_claimed_batch_is_read_and_settled_each_on_its_own() {
+        let (buffer, prefix) = live_buffer().await;
+        let due = format!("{prefix}confirm:due");
+        for member in ["c-1", "c-2", "c-3"] {
+            let _: () = buffer
+                .client
+                .hset(
+                    format!("{prefix}confirm:{member}"),
+                    vec![("team", "ops"), ("request_id", member), ("seq", "")],
+                )
+                .await
+                .unwrap();
+            let _: () = buffer
+                .client
+                .zadd(&due, None, None, false, false, (1.0, member))
+                .await
+                .unwrap();
+        }
+        let claims = buffer
+            .claim_confirmations(10, Duration::from_secs(60), 10)
+            .await
+            .unwrap();
+        assert_eq!(claims.len(), 3);
+        let mut members: Vec<String> = claims.iter().map(|(m, _)| m.clone()).collect();
+        members.push("gone".into());
+        let read = buffer
+            .pending_confirmations(&members, &["team", "request_id", "asks"])
+            .await
+            .unwrap();
+        assert_eq!(read.len(), 4);
+        for (member, fields) in members.iter().zip(&read).take(3) {
+            assert_eq!(
+                fields.as_deref(),
+                Some(&["ops".to_string(), member.clone(), String::new()][..])
+            );
+        }
+        assert_eq!(read[3], None);
+
+        let entry = vec![
+            ("notification_uuid", claims[1].0.clone()),
+            ("event", "confirmed".to_string()),
+        ];
+        let settles = [
+            Settlement {
+                member: &claims[0].0,
+                token: &claims[0].1,
+                alias: None,
+                settle: Settle::Again { due_ms: 5 },
+            },
+            Settlement {
+                member: &claims[1].0,
+                token: &claims[1].1,
+                alias: None,
+                settle: Settle::Done {
+                    fields: &entry,
+                    failed: false,
+                },
+            },
+            Settlement {
+                member: &claims[2].0,
+                token: "1",
+                alias: None,
+                settle: Settle::Done {
+                    fields: &entry,
+                    failed: false,
+                },
+            },
+        ];
+        let answers = buffer.settle_confirmations(&settles).await.unwrap();
+        assert_eq!(answers[0], Settled::Again);
+        assert!(
+            matches!(&answers[1], Settled::Done(id) if id.contains('-')),
+            "{answers:?}"
+        );
+        assert_eq!(answers[2], Settled::Lost);
+        // Rescheduled, and asked once more.
+        let score: Option<f64> = buffer.client.zscore(&due, &claims[0].0).await.unwrap();
+        assert_eq!(score, Some(5.0));
+        let asks: Option<String> = buffer
+            .client
+            .hget(format!("{prefix}confirm:{}", claims[0].0), "asks")
+            .await
+            .unwrap();
+        assert_eq!(asks.as_deref(), Some("1"));
+        // Ended: out of the set, its hash gone, its entry in the stream.
+        let score: Option<f64> = buffer.client.zscore(&due, &claims[1].0).await.unwrap();
+        assert_eq!(score, None);
+        let exists: i64 = buffer
+            .client
+            .exists(format!("{prefix}confirm:{}", claims[1].0))
+            .await
+            .unwrap();
+        assert_eq!(exists, 0);
+        let entries: Vec<(String, HashMap<String, String>)> = buffer
+            .client
+            .xrange(buffer.stream_key(), "-", "+", None)
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].1["notification_uuid"], claims[1].0);
+        assert_eq!(entries[0].1["event"], "confirmed");
+        // Not the caller's: left as the claim left it.
+        let score: Option<String> = buffer.client.zscore(&due, &claims[2].0).await.unwrap();
+        assert_eq!(score.as_deref(), Some(claims[2].1.as_str()));
         clean(&buffer, &prefix).await;
     }
 

@@ -15,7 +15,6 @@
 //!
 //! The ack of a job never waits for any of this.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +26,7 @@ use opsgenie_shared::{Alert, AlertJob, DeadReason, OpsgenieRequest};
 use tokio::time::Instant;
 
 use crate::amqp::{self, DeadLetter, Publisher, Topology};
-use crate::buffer::{Buffer, Pending, Settle, Settled};
+use crate::buffer::{Buffer, Pending, Settle, Settled, Settlement};
 use crate::health::Health;
 use crate::keyring::Keyring;
 use crate::opsgenie::{CallError, Sender};
@@ -106,16 +105,46 @@ pub struct Confirmer {
     publisher: tokio::sync::Mutex<Option<(lapin::Connection, Publisher)>>,
 }
 
+/// The fields of a pending hash the confirmer reads, in the order `Claimed::fields` holds
+/// them (`seq` and `prev_seq` are only read by the settle script). The job's body is read
+/// only to dead-letter it: a confirmed delivery, nearly all of them, never needs it.
+const READ_FIELDS: [&str; 8] = [
+    "team",
+    "request_id",
+    "status",
+    "attempts",
+    "delivered_at_ms",
+    "deadline_ms",
+    "incident",
+    "asks",
+];
+
 /// A claimed confirmation, read from its hash.
 struct Claimed {
     member: String,
     token: String,
-    fields: HashMap<String, String>,
+    /// The values of `READ_FIELDS`, in order; `None` when the hash is gone.
+    fields: Option<Vec<String>>,
+}
+
+/// How one claimed confirmation is to be settled, decided once Opsgenie was asked.
+enum Decision {
+    /// Ask again at this time (ms).
+    Again { due_ms: u64 },
+    /// End it with this stream entry.
+    Done {
+        fields: Vec<(&'static str, String)>,
+        failed: bool,
+    },
 }
 
 impl Claimed {
     fn text(&self, name: &str) -> &str {
-        self.fields.get(name).map_or("", String::as_str)
+        let at = READ_FIELDS.iter().position(|n| *n == name);
+        match (&self.fields, at) {
+            (Some(values), Some(at)) => values.get(at).map_or("", String::as_str),
+            _ => "",
+        }
     }
 
     fn number(&self, name: &str) -> u64 {
@@ -188,9 +217,12 @@ impl Confirmer {
                     }
                 };
                 let full = claimed.len() == CLAIM_BATCH;
-                futures_util::stream::iter(claimed)
-                    .for_each_concurrent(CONCURRENCY, |claimed| self.confirm(claimed))
+                let decided: Vec<(Claimed, Decision)> = futures_util::stream::iter(claimed)
+                    .map(|claimed| self.confirm(claimed))
+                    .buffer_unordered(CONCURRENCY)
+                    .collect()
                     .await;
+                self.settle(decided).await;
                 if !full {
                     tokio::time::sleep(IDLE_POLL).await;
                 }
@@ -215,7 +247,10 @@ impl Confirmer {
             return Ok(Vec::new());
         }
         let members: Vec<String> = claims.iter().map(|(m, _)| m.clone()).collect();
-        let hashes = self.buffer.pending_confirmations(&members).await?;
+        let hashes = self
+            .buffer
+            .pending_confirmations(&members, &READ_FIELDS)
+            .await?;
         Ok(claims
             .into_iter()
             .zip(hashes)
@@ -227,30 +262,32 @@ impl Confirmer {
             .collect())
     }
 
-    /// Asks about one claimed confirmation and settles it.
-    async fn confirm(&self, claimed: Claimed) {
+    /// Asks about one claimed confirmation and decides how to settle it.
+    async fn confirm(&self, claimed: Claimed) -> (Claimed, Decision) {
+        let decision = self.decide(&claimed).await;
+        (claimed, decision)
+    }
+
+    async fn decide(&self, claimed: &Claimed) -> Decision {
         let now = amqp::now_ms();
         let request_id = claimed.text("request_id").to_string();
-        if claimed.fields.is_empty() {
+        if claimed.fields.is_none() {
             // Its hash outlived its deadline by a day without being settled: nothing is left
             // to ask about or to dead-letter.
             tracing::error!(
                 notification_uuid = claimed.member,
                 "A pending confirmation was lost before anyone settled it."
             );
-            self.finish(
-                &claimed,
+            return finish(
+                claimed,
                 ConfirmationEvent::Unconfirmed,
                 "the pending confirmation expired",
                 "",
                 false,
-            )
-            .await;
-            return;
+            );
         }
         if now >= claimed.number("deadline_ms") {
-            self.give_up(&claimed).await;
-            return;
+            return self.give_up(claimed).await;
         }
         let status = match self.keyring.load().team(claimed.text("team")).cloned() {
             None => Status::Failed {
@@ -301,14 +338,13 @@ impl Confirmer {
                     alert_id,
                     "Delivery confirmed."
                 );
-                self.finish(
-                    &claimed,
+                finish(
+                    claimed,
                     ConfirmationEvent::Confirmed,
                     &text,
                     &alert_id,
                     false,
                 )
-                .await;
             }
             Status::Processed {
                 success: false,
@@ -324,7 +360,7 @@ impl Confirmer {
                     "A delivered request failed after its 202; dead-lettering the job."
                 );
                 if self
-                    .dead_letter(&claimed, DeadReason::FailedAsync, &message)
+                    .dead_letter(claimed, DeadReason::FailedAsync, &message)
                     .await
                 {
                     metrics::counter!("opsgenie_confirmations_total", "result" => "failed_async")
@@ -332,22 +368,21 @@ impl Confirmer {
                     let lag_ms = now.saturating_sub(claimed.number("delivered_at_ms"));
                     metrics::histogram!("opsgenie_confirmation_lag_seconds")
                         .record(lag_ms as f64 / 1000.0);
-                    self.finish(
-                        &claimed,
+                    finish(
+                        claimed,
                         ConfirmationEvent::FailedAsync,
                         &text,
                         &alert_id,
                         true,
                     )
-                    .await;
                 } else {
-                    self.again(&claimed, now, None).await;
+                    again(claimed, now, None)
                 }
             }
             Status::NotYet => {
                 metrics::counter!("opsgenie_confirmations_total", "result" => "not_yet")
                     .increment(1);
-                self.again(&claimed, now, None).await;
+                again(claimed, now, None)
             }
             Status::Failed { message, wait } => {
                 metrics::counter!("opsgenie_confirmations_total", "result" => "error").increment(1);
@@ -357,13 +392,13 @@ impl Confirmer {
                     error = message,
                     "Could not ask Opsgenie about a delivered request; asking again later."
                 );
-                self.again(&claimed, now, wait).await;
+                again(claimed, now, wait)
             }
         }
     }
 
     /// Past `--confirm-within` with no answer: dead-letter as `unconfirmed`.
-    async fn give_up(&self, claimed: &Claimed) {
+    async fn give_up(&self, claimed: &Claimed) -> Decision {
         let request_id = claimed.text("request_id");
         let message = format!(
             "Opsgenie accepted request {request_id} but did not say it was processed within the confirmation window"
@@ -379,102 +414,70 @@ impl Confirmer {
         {
             metrics::counter!("opsgenie_confirmations_total", "result" => "unconfirmed")
                 .increment(1);
-            self.finish(
+            finish(
                 claimed,
                 ConfirmationEvent::Unconfirmed,
                 "not processed within the confirmation window",
                 "",
                 false,
             )
-            .await;
         } else {
             // Nothing is lost: it stays pending and falls due again.
-            self.again(claimed, amqp::now_ms(), Some(Duration::from_secs(5)))
-                .await;
+            again(claimed, amqp::now_ms(), Some(Duration::from_secs(5)))
         }
     }
 
-    /// Asks again later: the gap doubles with each question, and the last one is at the
-    /// deadline.
-    async fn again(&self, claimed: &Claimed, now: u64, wait: Option<Duration>) {
-        let asks = u32::try_from(claimed.number("asks"))
-            .unwrap_or(u32::MAX)
-            .min(16);
-        let gap = FIRST_ASK
-            .saturating_mul(1 << asks)
-            .min(LONGEST_GAP)
-            .max(wait.unwrap_or_default());
-        let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
-        let due_ms = now
-            .saturating_add(gap_ms)
-            .min(claimed.number("deadline_ms").max(now));
-        let settled = self
-            .buffer
-            .settle_confirmation(
-                &claimed.member,
-                &claimed.token,
-                claimed.incident(),
-                Settle::Again { due_ms },
-            )
-            .await;
-        if let Err(error) = settled {
-            // The claim runs out and the confirmation falls due again by itself.
-            tracing::debug!(error = %error, "Could not reschedule a confirmation.");
-        }
-    }
-
-    /// Ends the confirmation with its stream entry, trying until Redis takes it (or the claim
-    /// was lost to another confirmer, which then writes it).
-    async fn finish(
-        &self,
-        claimed: &Claimed,
-        event: ConfirmationEvent,
-        status_text: &str,
-        alert_id: &str,
-        failed: bool,
-    ) {
-        let fields = confirmation_fields(
-            &claimed.member,
-            &Confirmation {
-                event,
-                request_id: claimed.text("request_id"),
-                status_text,
-                alert_id,
-                confirmed_at_ms: amqp::now_ms(),
-            },
-        );
+    /// Settles the decisions of one claimed batch in one script call. A rescheduling that
+    /// fails is let go (the claim runs out and the confirmation falls due again by itself);
+    /// an end is tried until Redis takes it (or the claim was lost to another confirmer,
+    /// which then writes it).
+    async fn settle(&self, mut decided: Vec<(Claimed, Decision)>) {
         let mut pause = Duration::from_millis(100);
-        loop {
-            match self
-                .buffer
-                .settle_confirmation(
-                    &claimed.member,
-                    &claimed.token,
-                    claimed.incident(),
-                    Settle::Done {
-                        fields: &fields,
-                        failed,
+        while !decided.is_empty() {
+            let settles: Vec<Settlement<'_>> = decided
+                .iter()
+                .map(|(claimed, decision)| Settlement {
+                    member: &claimed.member,
+                    token: &claimed.token,
+                    alias: claimed.incident(),
+                    settle: match decision {
+                        Decision::Again { due_ms } => Settle::Again { due_ms: *due_ms },
+                        Decision::Done { fields, failed } => Settle::Done {
+                            fields,
+                            failed: *failed,
+                        },
                     },
-                )
-                .await
-            {
-                Ok(Settled::Lost) => {
-                    tracing::debug!(
-                        notification_uuid = claimed.member,
-                        "A confirmation was settled by another replica."
-                    );
+                })
+                .collect();
+            let error = match self.buffer.settle_confirmations(&settles).await {
+                Ok(answers) => {
+                    for ((claimed, decision), answer) in decided.iter().zip(answers) {
+                        if answer == Settled::Lost && matches!(decision, Decision::Done { .. }) {
+                            tracing::debug!(
+                                notification_uuid = claimed.member,
+                                "A confirmation was settled by another replica."
+                            );
+                        }
+                    }
                     return;
                 }
-                Ok(_) => return,
-                Err(error) => {
-                    self.health.set_redis(false);
-                    tracing::warn!(
-                        notification_uuid = claimed.member,
-                        error = %error,
-                        "Could not write a confirmation to Redis; trying again."
-                    );
-                }
+                Err(error) => error,
+            };
+            drop(settles);
+            let before = decided.len();
+            decided.retain(|(_, decision)| matches!(decision, Decision::Done { .. }));
+            if decided.len() < before {
+                tracing::debug!(error = %error, "Could not reschedule confirmations.");
             }
+            if decided.is_empty() {
+                return;
+            }
+            self.health.set_redis(false);
+            tracing::warn!(
+                confirmations = decided.len(),
+                error = %error,
+                "Could not write confirmations to Redis; trying again."
+            );
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
         }
@@ -490,6 +493,15 @@ impl Confirmer {
             attempts: u32::try_from(claimed.number("attempts")).unwrap_or(u32::MAX),
         };
         let properties = amqp::job_properties(&claimed.member);
+        let body = match self.buffer.pending_body(&claimed.member).await {
+            Ok(Some(body)) => body,
+            // Gone since it was claimed: the next claim finds it gone and ends it.
+            Ok(None) => return false,
+            Err(error) => {
+                tracing::warn!(error = %error, "Cannot read a job to dead-letter it from Redis; trying again later.");
+                return false;
+            }
+        };
         let mut publisher = self.publisher.lock().await;
         if publisher
             .as_ref()
@@ -509,7 +521,7 @@ impl Confirmer {
         match channel
             .dead_letter(
                 &self.topology.dead_queue,
-                claimed.text("body").as_bytes(),
+                body.as_bytes(),
                 &properties,
                 &letter,
             )
@@ -535,6 +547,43 @@ async fn open_publisher(urls: &str) -> Result<(lapin::Connection, Publisher), St
         .await
         .map_err(|e| crate::config::redact_error(&e.to_string(), urls))?;
     Ok((connection, publisher))
+}
+
+/// Asks again later: the gap doubles with each question, and the last one is at the deadline.
+fn again(claimed: &Claimed, now: u64, wait: Option<Duration>) -> Decision {
+    let asks = u32::try_from(claimed.number("asks"))
+        .unwrap_or(u32::MAX)
+        .min(16);
+    let gap = FIRST_ASK
+        .saturating_mul(1 << asks)
+        .min(LONGEST_GAP)
+        .max(wait.unwrap_or_default());
+    let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
+    let due_ms = now
+        .saturating_add(gap_ms)
+        .min(claimed.number("deadline_ms").max(now));
+    Decision::Again { due_ms }
+}
+
+/// Ends the confirmation with its stream entry.
+fn finish(
+    claimed: &Claimed,
+    event: ConfirmationEvent,
+    status_text: &str,
+    alert_id: &str,
+    failed: bool,
+) -> Decision {
+    let fields = confirmation_fields(
+        &claimed.member,
+        &Confirmation {
+            event,
+            request_id: claimed.text("request_id"),
+            status_text,
+            alert_id,
+            confirmed_at_ms: amqp::now_ms(),
+        },
+    );
+    Decision::Done { fields, failed }
 }
 
 /// Reads a request status answer: Opsgenie wraps it in `data`; the unwrapped form is

@@ -222,7 +222,7 @@ impl Sender {
         client: &reqwest::Client,
         url: &url::Url,
         authorization: &HeaderValue,
-        body: &[u8],
+        body: &bytes::Bytes,
     ) -> Result<Answer, reqwest::Error> {
         let Some(warmth) = warmth else {
             return send(client, url, authorization, body).await;
@@ -296,6 +296,8 @@ impl Sender {
             }
         };
         authorization.set_sensitive(true);
+        // Shared by every try: a try clones a pointer, not the body.
+        let body = bytes::Bytes::copy_from_slice(&request.body);
         let warmth = self.warmth_of(team);
         let mut tries = 0u32;
         loop {
@@ -314,13 +316,7 @@ impl Sender {
             }
             let started = std::time::Instant::now();
             let answer = self
-                .send_warm(
-                    warmth.as_deref(),
-                    &client,
-                    &url,
-                    &authorization,
-                    &request.body,
-                )
+                .send_warm(warmth.as_deref(), &client, &url, &authorization, &body)
                 .await;
             // A request that never reached the server (no connection could be made) is not
             // a try; anything else may have been received, and counts.
@@ -551,13 +547,13 @@ async fn send(
     client: &reqwest::Client,
     url: &url::Url,
     authorization: &HeaderValue,
-    body: &[u8],
+    body: &bytes::Bytes,
 ) -> Result<Answer, reqwest::Error> {
     let request = client
         .post(url.clone())
         .header(AUTHORIZATION, authorization.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .body(body.to_vec());
+        .body(body.clone());
     read_answer(request).await
 }
 

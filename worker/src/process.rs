@@ -11,6 +11,7 @@ use opsgenie_shared::retry::{NextStep, RetryPolicy};
 use opsgenie_shared::text::cap_bytes;
 use opsgenie_shared::{AlertJob, DeadReason, JobError, OpsgenieRequest, build_request};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::amqp::HEADER_VALUE_LIMIT;
 use crate::buffer::{Admission, Buffer, Fields, JobKeys};
@@ -115,16 +116,9 @@ impl Report {
 }
 
 impl JobFacts {
-    /// Takes what the job says about itself, and names the job in the current span (the one
-    /// `process` opens), so that every line logged while it is processed names it too.
+    /// Takes what the job says about itself.
     fn describe(&mut self, job: &AlertJob, request: &OpsgenieRequest) {
         let team_id = cap_bytes(&job.team_id, LOGGED_TEAM_ID_BYTES).into_owned();
-        let span = tracing::Span::current();
-        span.record("notification_uuid", job.notification_uuid.as_str());
-        span.record("team_id", team_id.as_str());
-        if let Some(alias) = &request.alias {
-            span.record("alias", alias.as_str());
-        }
         self.notification_uuid = Some(job.notification_uuid.clone());
         self.team_id = Some(team_id);
         self.kind = Some(job.kind().as_str());
@@ -264,22 +258,28 @@ impl Pipeline {
 
     /// Processes one job body. Never fails: every way a job can end is an `Outcome`.
     ///
-    /// Everything logged inside, down to a Redis retry, is in the job's span, which names it
-    /// once the body is read. The span is at the error level so that it is on whenever any
-    /// line is: a filter of `warn` must not strip the job's name from its warnings.
-    #[tracing::instrument(
-        name = "job",
-        level = "error",
-        skip_all,
-        fields(
-            notification_uuid = tracing::field::Empty,
-            team_id = tracing::field::Empty,
-            alias = tracing::field::Empty,
-        )
-    )]
+    /// Everything logged once the body is read, down to a Redis retry, is in the job's span,
+    /// which names it. The span is opened with its fields rather than recording them later:
+    /// the JSON log format parses and rewrites a span's fields on every later record, three
+    /// times a job. It is at the error level so that it is on whenever any line is: a filter
+    /// of `warn` must not strip the job's name from its warnings.
     pub async fn process(&self, body: &[u8], envelope: Envelope, shutdown: &Shutdown) -> Report {
         let mut facts = JobFacts::default();
-        let outcome = self.steps(body, &envelope, shutdown, &mut facts).await;
+        let outcome = match parse_and_build(body) {
+            Ok(prepared) => {
+                facts.describe(&prepared.job, &prepared.request);
+                let span = tracing::error_span!(
+                    "job",
+                    notification_uuid = facts.notification_uuid.as_deref(),
+                    team_id = facts.team_id.as_deref(),
+                    alias = facts.alias.as_deref(),
+                );
+                self.steps(prepared, body, &envelope, shutdown, &mut facts)
+                    .instrument(span)
+                    .await
+            }
+            Err(dead_letter) => dead_letter,
+        };
         Report {
             outcome,
             attempt: envelope.attempt(),
@@ -290,16 +290,13 @@ impl Pipeline {
     /// The steps of `process` in order; the first that decides the outcome ends the job.
     async fn steps(
         &self,
+        prepared: Prepared,
         body: &[u8],
         envelope: &Envelope,
         shutdown: &Shutdown,
         facts: &mut JobFacts,
     ) -> Outcome {
-        let Prepared { job, request } = match parse_and_build(body) {
-            Ok(prepared) => prepared,
-            Err(dead_letter) => return dead_letter,
-        };
-        facts.describe(&job, &request);
+        let Prepared { job, request } = prepared;
         if let Some(priority) = &request.ignored_priority {
             // Named here as well as in the span: JSON log lines hold the event's own fields.
             tracing::warn!(
