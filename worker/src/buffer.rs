@@ -946,9 +946,10 @@ mod tests {
         );
     }
 
-    /// Against the machine's Redis, under a prefix of its own.
-    async fn live_buffer() -> (Buffer, String) {
-        let prefix = format!("test:buffer:{:x}:", rand::random::<u64>());
+    /// A buffer on the machine's Redis, not yet connected, under a prefix of its own that
+    /// starts with `test:<kind>:`.
+    pub(super) fn unconnected_live_buffer(kind: &str) -> (Buffer, String) {
+        let prefix = format!("test:{kind}:{:x}:", rand::random::<u64>());
         let buffer = Buffer::new(
             "redis://127.0.0.1:6379",
             BufferSettings {
@@ -959,11 +960,18 @@ mod tests {
             },
         )
         .unwrap();
+        (buffer, prefix)
+    }
+
+    /// Against the machine's Redis, under a prefix of its own.
+    async fn live_buffer() -> (Buffer, String) {
+        let (buffer, prefix) = unconnected_live_buffer("buffer");
         buffer.connect().await.expect("Redis at 127.0.0.1:6379");
         (buffer, prefix)
     }
 
-    async fn clean(buffer: &Buffer, prefix: &str) {
+    /// Deletes every key under `prefix` and closes the client.
+    pub(super) async fn clean(buffer: &Buffer, prefix: &str) {
         let keys: Vec<String> = buffer
             .client
             .custom(fred::cmd!("KEYS"), vec![format!("{prefix}*")])

@@ -192,37 +192,16 @@ pub(super) async fn confirm_round(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::{Buffer, BufferSettings, Fields};
+    use crate::buffer::tests::{clean, unconnected_live_buffer};
+    use crate::buffer::{Buffer, Fields};
 
     /// A buffer on the machine's Redis (a primary without replicas), under a prefix of its own.
     async fn lone_primary(replicas: u32) -> (Buffer, String) {
         crate::init_tls();
-        let prefix = format!("test:replication:{:x}:", rand::random::<u64>());
-        let buffer = Buffer::new(
-            "redis://127.0.0.1:6379",
-            BufferSettings {
-                prefix: prefix.clone(),
-                stream_maxlen: 1000,
-                dedupe_ttl: Duration::from_secs(60),
-                lease_ttl: Duration::from_secs(60),
-            },
-        )
-        .unwrap()
-        .with_replicas(replicas);
+        let (buffer, prefix) = unconnected_live_buffer("replication");
+        let buffer = buffer.with_replicas(replicas);
         buffer.connect().await.expect("Redis at 127.0.0.1:6379");
         (buffer, prefix)
-    }
-
-    async fn clean(buffer: &Buffer, prefix: &str) {
-        let keys: Vec<String> = buffer
-            .client
-            .custom(fred::cmd!("KEYS"), vec![format!("{prefix}*")])
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            let _: i64 = buffer.client.del(keys).await.unwrap();
-        }
-        buffer.quit().await;
     }
 
     /// The replicas the machine's Redis has (none, normally).
