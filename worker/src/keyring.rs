@@ -61,8 +61,9 @@ pub struct Team {
     /// `api_base`, parsed once at load, so that a request's URL is built without parsing
     /// (and IDNA-checking) the host again.
     pub api: url::Url,
-    /// `GenieKey <key>`, the `Authorization` header, built once; it prints as `***` too.
-    pub authorization: IntegrationKey,
+    /// `GenieKey <key>`, the `Authorization` header, built once at load and marked
+    /// sensitive (it prints as `Sensitive`), so that no request parses it again.
+    pub authorization: reqwest::header::HeaderValue,
     /// The `region` its base came from; `None` when the keyring gave an `api_url`.
     pub region: Option<&'static str>,
     /// Extra CA certificates this team's API is trusted by, beside the system's.
@@ -373,6 +374,14 @@ impl Source {
                 at("integration_key")
             ));
         }
+        let mut authorization = reqwest::header::HeaderValue::from_str(&format!("GenieKey {key}"))
+            .map_err(|_| {
+                format!(
+                    "{}: the key has characters a header cannot carry",
+                    at("integration_key")
+                )
+            })?;
+        authorization.set_sensitive(true);
         let (api_base, region) = match (self.api_url, self.region.as_deref()) {
             // An `@` is credentials, which an API base cannot carry, or a password that
             // parses as a host and a port: the key must not go there.
@@ -422,7 +431,7 @@ impl Source {
         };
         Ok(Team {
             id,
-            authorization: IntegrationKey(format!("GenieKey {key}")),
+            authorization,
             key: IntegrationKey(key),
             api_base,
             api,
