@@ -456,11 +456,12 @@ impl Bench<'_> {
             self.dir
                 .join(format!("{phase}-{}.log", uuid::Uuid::new_v4().simple())),
         )?;
-        // Off unless the phase asks for an endpoint.
+        // On, as by default, so that the metrics' cost per job is counted; on a port of its
+        // own (the system picks it), as replicas run side by side.
         let metrics: &[&str] = if extra.contains(&"--metrics-addr") {
             &[]
         } else {
-            &["--metrics-addr", "off"]
+            &["--metrics-addr", "127.0.0.1:0"]
         };
         Command::new(&self.worker)
             .arg("run")

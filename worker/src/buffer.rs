@@ -43,7 +43,10 @@ pub struct Pending {
     pub due_ms: u64,
     /// How long the hash lives if it is never settled.
     pub ttl_ms: u64,
-    /// The hash: job body, team, request id, delivery time, deadline, ...
+    /// The job's body, as the broker delivered it: the hash's `body`. Sent to Redis as an
+    /// argument of its own, byte for byte, rather than escaped into the JSON word.
+    pub body: bytes::Bytes,
+    /// The rest of the hash: team, request id, delivery time, deadline, ...
     pub fields: Vec<(&'static str, String)>,
 }
 
@@ -352,21 +355,22 @@ impl Buffer {
         seq: Option<i64>,
         token: String,
     ) -> Arc<JobKeys> {
-        let p = &self.settings.prefix;
+        // Joined rather than formatted: five keys a job, and `concat` sizes each string once.
+        let p = self.settings.prefix.as_str();
         let (lease, sequence) = match incident {
-            Some(alias) => (format!("{p}lease:{alias}"), format!("{p}seq:{alias}")),
+            Some(alias) => ([p, "lease:", alias].concat(), [p, "seq:", alias].concat()),
             // No sequence without an incident: the script never reads or writes this key.
             None => (
-                format!("{p}lease:notification:{notification_uuid}"),
-                format!("{p}seq:notification:{notification_uuid}"),
+                [p, "lease:notification:", notification_uuid].concat(),
+                [p, "seq:notification:", notification_uuid].concat(),
             ),
         };
         Arc::new(JobKeys {
-            sent: format!("{p}sent:{notification_uuid}"),
+            sent: [p, "sent:", notification_uuid].concat(),
             lease,
             sequence,
-            cooldown: format!("{p}cooldown:{team}"),
-            pending: format!("{p}confirm:{notification_uuid}"),
+            cooldown: [p, "cooldown:", team].concat(),
+            pending: [p, "confirm:", notification_uuid].concat(),
             token,
             seq: seq.map(|n| n.to_string()).unwrap_or_default(),
         })
@@ -563,7 +567,7 @@ impl Buffer {
     }
 
     fn confirm_key(&self, member: &str) -> String {
-        format!("{}confirm:{member}", self.settings.prefix)
+        [self.settings.prefix.as_str(), "confirm:", member].concat()
     }
 
     /// Confirmations waiting, due or not.
@@ -581,7 +585,7 @@ impl Buffer {
         if settles.is_empty() {
             return Ok(Vec::new());
         }
-        let p = &self.settings.prefix;
+        let p = self.settings.prefix.as_str();
         let mut keys: Vec<String> = Vec::with_capacity(2 + 3 * settles.len());
         keys.push(self.fixed.due_key.clone());
         keys.push(self.fixed.stream_key.clone());
@@ -589,10 +593,10 @@ impl Buffer {
         for settle in settles {
             let member = settle.member;
             keys.push(self.confirm_key(member));
-            keys.push(format!("{p}sent:{member}"));
+            keys.push([p, "sent:", member].concat());
             keys.push(match settle.alias {
-                Some(alias) => format!("{p}seq:{alias}"),
-                None => format!("{p}seq:notification:{member}"),
+                Some(alias) => [p, "seq:", alias].concat(),
+                None => [p, "seq:notification:", member].concat(),
             });
             calls.push(match &settle.settle {
                 Settle::Again { due_ms } => {
@@ -763,9 +767,9 @@ struct StepCall<'a>(
 );
 
 /// A pending confirmation as `steps.lua` reads it: `[member, due ms, ttl ms, [[name, value],
-/// ...]]`, the numbers as decimal strings.
+/// ...], n]`, the numbers but `n` as decimal strings; the body is in ARGV[n].
 #[derive(Debug, serde::Serialize)]
-struct PendingCall<'a>(&'a str, String, String, &'a [(&'static str, String)]);
+struct PendingCall<'a>(&'a str, String, String, &'a [(&'static str, String)], usize);
 
 /// The keys and arguments of one `STEPS` call.
 ///
@@ -775,6 +779,8 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> Result<(Vec<Key>, Vec<Value>
     keys.push(fixed.stream_key.as_str().into());
     keys.push(fixed.due_key.as_str().into());
     let mut calls: Vec<StepCall<'_>> = Vec::with_capacity(batch.len());
+    // The bodies of the pending confirmations follow the five fixed arguments.
+    let mut bodies: Vec<Value> = Vec::new();
     for call in batch {
         let k = &call.keys;
         keys.extend([
@@ -790,11 +796,13 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> Result<(Vec<Key>, Vec<Value>
             &k.seq,
             call.record.as_deref().unwrap_or_default(),
             call.pending.as_deref().map(|p| {
+                bodies.push(Value::Bytes(p.body.clone()));
                 PendingCall(
                     &p.member,
                     p.due_ms.to_string(),
                     p.ttl_ms.to_string(),
                     &p.fields,
+                    5 + bodies.len(),
                 )
             }),
         ));
@@ -807,13 +815,15 @@ fn step_words(fixed: &FixedArgs, batch: &[Call]) -> Result<(Vec<Key>, Vec<Value>
             format!("cannot write the script arguments: {e}"),
         )
     })?;
-    let args = vec![
+    let mut args = Vec::with_capacity(5 + bodies.len());
+    args.extend([
         Value::from(fixed.lease_ms.as_str()),
         Value::from(fixed.stream_maxlen.as_str()),
         Value::from(fixed.dedupe_ttl_s.as_str()),
         Value::from(fixed.sequence_ttl_s.as_str()),
         Value::Bytes(calls.into()),
-    ];
+    ]);
+    args.extend(bodies);
     Ok((keys, args))
 }
 
@@ -944,6 +954,41 @@ mod tests {
                 ],
             ])
         );
+    }
+
+    /// Each pending confirmation's body is an argument of its own, byte for byte, and its
+    /// call names that argument.
+    #[test]
+    fn the_bodies_of_pending_confirmations_follow_the_json_word() {
+        let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
+        let record = |uuid: &str, body: &'static [u8]| Call {
+            keys: buffer.keys(uuid, "ops", None, None, format!("tok-{uuid}")),
+            record: Some(vec![("notification_uuid", uuid.to_string())].into()),
+            pending: Some(Arc::new(Pending {
+                member: uuid.into(),
+                due_ms: 1_000,
+                ttl_ms: 2_000,
+                body: bytes::Bytes::from_static(body),
+                fields: vec![("team", "ops".into())],
+            })),
+            reply: oneshot::channel().0,
+        };
+        let first: &[u8] = b"{\"title\": \"a \\\" quote\"}";
+        let second: &[u8] = b"{\"title\": \"\xc3\xa9\"}";
+        let batch = [record("u-1", first), record("u-2", second)];
+        let (_, args) = step_words(&buffer.fixed, &batch).unwrap();
+        assert_eq!(args.len(), 7);
+        assert_eq!(args[5], Value::Bytes(bytes::Bytes::from_static(first)));
+        assert_eq!(args[6], Value::Bytes(bytes::Bytes::from_static(second)));
+        let Value::Bytes(calls) = &args[4] else {
+            panic!("{:?}", args[4]);
+        };
+        let calls: serde_json::Value = serde_json::from_slice(calls).unwrap();
+        assert_eq!(
+            calls[0][4],
+            serde_json::json!(["u-1", "1000", "2000", [["team", "ops"]], 6])
+        );
+        assert_eq!(calls[1][4][4], 7);
     }
 
     /// A buffer on the machine's Redis, not yet connected, under a prefix of its own that
@@ -1097,8 +1142,8 @@ mod tests {
             member: "c-1".into(),
             due_ms: 1_000,
             ttl_ms: 60_000,
+            body: bytes::Bytes::from_static("{\"job\": \"é\"}".as_bytes()),
             fields: vec![
-                ("body", "{\"job\": \"é\"}".into()),
                 ("team", "ops".into()),
                 ("seq", "4".into()),
                 ("asks", "0".into()),

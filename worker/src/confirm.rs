@@ -69,8 +69,8 @@ pub fn pending(
         member: job.notification_uuid.clone(),
         due_ms: delivered_at_ms + u64::try_from(FIRST_ASK.as_millis()).unwrap_or(0),
         ttl_ms: within_ms.saturating_add(u64::try_from(PENDING_MARGIN.as_millis()).unwrap_or(0)),
+        body: bytes::Bytes::copy_from_slice(body),
         fields: vec![
-            ("body", String::from_utf8_lossy(body).into_owned()),
             ("team", job.team_id.clone()),
             ("request_id", delivery.request_id.to_string()),
             ("status", delivery.status.to_string()),
@@ -298,7 +298,7 @@ impl Confirmer {
                 wait: None,
             },
             Some(team) => {
-                let path = format!("/v2/alerts/requests/{}", seg(&request_id));
+                let path = ["/v2/alerts/requests/", &seg(&request_id)].concat();
                 match self.sender.call(&team, reqwest::Method::GET, &path).await {
                     Ok(reply) if (200..300).contains(&reply.status) => read_status(&reply.body),
                     Ok(reply) if reply.status == 404 => Status::NotYet,
@@ -586,35 +586,46 @@ fn finish(
     Decision::Done { fields, failed }
 }
 
+/// A request status answer: Opsgenie wraps the status in `data`; the status itself, unwrapped,
+/// is read too. Every other field is skipped unread, and strings are borrowed from the
+/// answer unless they hold escapes.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RequestStatus<'a> {
+    #[serde(borrow)]
+    data: Option<Box<RequestStatus<'a>>>,
+    #[serde(rename = "isSuccess")]
+    is_success: Option<bool>,
+    success: Option<bool>,
+    #[serde(borrow)]
+    status: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "alertId", borrow)]
+    alert_id: Option<std::borrow::Cow<'a, str>>,
+}
+
 /// Reads a request status answer: Opsgenie wraps it in `data`; the unwrapped form is
 /// accepted as well.
 fn read_status(body: &[u8]) -> Status {
-    let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Ok(answer) = serde_json::from_slice::<RequestStatus<'_>>(body) else {
         return Status::Failed {
-            message: "the request status answer is not JSON".into(),
+            message: "the request status answer is not a JSON object Opsgenie would send".into(),
             wait: None,
         };
     };
-    let status = answer
-        .get("data")
-        .filter(|d| d.is_object())
-        .unwrap_or(&answer);
-    let text = |name: &str| {
-        status
-            .get(name)
-            .and_then(serde_json::Value::as_str)
-            .map(|s| printable(&cap_bytes(s, TEXT_LIMIT_BYTES)).into_owned())
+    let status = match answer.data {
+        Some(data) => *data,
+        None => answer,
+    };
+    let text = |value: Option<std::borrow::Cow<'_, str>>| {
+        value
+            .map(|s| printable(&cap_bytes(&s, TEXT_LIMIT_BYTES)).into_owned())
             .unwrap_or_default()
     };
-    let success = status
-        .get("isSuccess")
-        .or_else(|| status.get("success"))
-        .and_then(serde_json::Value::as_bool);
-    match success {
+    match status.is_success.or(status.success) {
         Some(success) => Status::Processed {
             success,
-            text: text("status"),
-            alert_id: text("alertId"),
+            text: text(status.status),
+            alert_id: text(status.alert_id),
         },
         None => Status::NotYet,
     }
@@ -645,11 +656,23 @@ mod tests {
             ),
             (r#"{"data":{"action":"Create"}}"#, Status::NotYet),
             (r#"{"message":"Request not processed yet"}"#, Status::NotYet),
+            (
+                r#"{"data":null,"took":1,"isSuccess":true,"status":"Closed \u0022x\u0022"}"#,
+                Status::Processed {
+                    success: true,
+                    text: "Closed \"x\"".into(),
+                    alert_id: String::new(),
+                },
+            ),
         ];
         for (body, expected) in cases {
             assert_eq!(read_status(body.as_bytes()), expected, "{body}");
         }
         assert!(matches!(read_status(b"<html>"), Status::Failed { .. }));
+        assert!(matches!(
+            read_status(br#"{"data":{"isSuccess":"yes"}}"#),
+            Status::Failed { .. }
+        ));
         let long = format!(
             r#"{{"isSuccess":false,"status":"{}\u001b[2J"}}"#,
             "x".repeat(5000)

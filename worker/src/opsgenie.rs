@@ -518,7 +518,7 @@ fn build_client(
 fn request_url(api: &url::Url, path: &str, query: &str) -> url::Url {
     let mut url = api.clone();
     let base_path = api.path().trim_end_matches('/');
-    url.set_path(&format!("{base_path}{path}"));
+    url.set_path(&[base_path, path].concat());
     url.set_query((!query.is_empty()).then_some(query));
     url
 }

@@ -5,7 +5,8 @@
 --   keys per job, for the i-th job at 5i-2 .. 5i+2: its sent marker, its lease, its
 --   incident's sequence, its team's cooldown and its pending confirmation.
 -- ARGV[1]: lease ms. ARGV[2]: stream maxlen. ARGV[3]: dedupe ttl s. ARGV[4]: sequence ttl s.
--- ARGV[5]: a JSON array with one array per job, in the order of the keys:
+-- ARGV[5]: a JSON array with one array per job, in the order of the keys. ARGV[6] on: the
+--   bodies of the pending confirmations, raw.
 --   [op, token, sequence, fields, pending]
 --   op: "a" (admission) or "r" (record);
 --   token: the lease token of this round of the job;
@@ -13,9 +14,10 @@
 --     numbers are doubles, exact only up to 2^53);
 --   fields: a record's stream entry as [[name, value], ...] in order; [] for an admission;
 --   pending: null, or a record's confirmation to come: [member, due ms, ttl ms,
---     [[name, value], ...]]: the hash at the job's fifth key gets the fields (and
---     `prev_seq`, the incident's sequence before this record, for a rollback should the
---     request fail after its 202) and lives ttl ms; the member goes into KEYS[2], due then.
+--     [[name, value], ...], n]: the hash at the job's fifth key gets the fields, `body` =
+--     ARGV[n] (a number), and `prev_seq`, the incident's sequence before this record, for a
+--     rollback should the request fail after its 202; it lives ttl ms; the member goes into
+--     KEYS[2], due then.
 --
 -- Answers an array with one string per job, in the same order:
 --   admission: "duplicate", "cooldown:<ms>", "busy", "stale" or "ok" (the lease is taken);
@@ -91,7 +93,7 @@ for i, call in ipairs(calls) do
       end
       if type(pending) == 'table' then
         local member, due, ttl, hash = pending[1], pending[2], pending[3], pending[4]
-        local flat = {'prev_seq', before}
+        local flat = {'prev_seq', before, 'body', ARGV[pending[5]]}
         for _, pair in ipairs(hash) do
           flat[#flat + 1] = pair[1]
           flat[#flat + 1] = pair[2]
