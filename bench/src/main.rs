@@ -93,24 +93,14 @@ fn replica_counts(text: &str) -> Result<ReplicaCounts, String> {
 #[derive(Debug, Clone, Copy)]
 struct ApiLatency(Option<Duration>);
 
-/// "100ms", "1s", or "0"/"off" for none.
+/// A duration as humantime reads it ("100ms", "1s", "1s 500ms"), or "0"/"off" for none.
 fn api_latency(text: &str) -> Result<ApiLatency, String> {
     let text = text.trim();
-    if text == "off" || text.chars().all(|c| c == '0') && !text.is_empty() {
+    if text == "off" || text == "0" {
         return Ok(ApiLatency(None));
     }
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("\"{text}\" is not a latency (100ms, 1s, 0 or off)"))?;
-    let latency = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        _ => return Err(format!("\"{text}\" is not a latency (100ms, 1s, 0 or off)")),
-    };
+    let latency = humantime::parse_duration(text)
+        .map_err(|e| format!("\"{text}\" is not a latency (100ms, 1s, 0 or off): {e}"))?;
     Ok(ApiLatency(Some(latency).filter(|d| !d.is_zero())))
 }
 
