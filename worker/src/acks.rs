@@ -85,10 +85,10 @@ impl AckPlan {
     }
 }
 
-/// How long a tag settled out of order waits for the run to reach it. Behind an API 100 ms
-/// away, a wait of 50 ms cost a fifth of the throughput at prefetch 256 (the slot stays
-/// taken); a few milliseconds let the run catch up in a backlog drain, where jobs finish
-/// nearly in order, so the broker still gets mostly `multiple` acks.
+/// How long a tag settled out of order waits for the run to reach it. Its prefetch slot stays
+/// taken meanwhile: behind an API 100 ms away, the 50 ms tick this replaces could hold a slot
+/// for half a cycle. A few milliseconds still let the run catch up in a backlog drain, where
+/// jobs finish nearly in order, so the broker still gets mostly `multiple` acks.
 const OUT_OF_ORDER_WAIT: Duration = Duration::from_millis(5);
 
 /// Runs until every sender is gone, then acks what is left.
