@@ -652,31 +652,15 @@ impl Bench<'_> {
             std::collections::HashMap::with_capacity(total);
         let interval = Duration::from_secs_f64(1.0 / f64::from(self.args.rate));
         let start = tokio::time::Instant::now();
-        let mut confirms = Vec::with_capacity(1024);
+        let mut publisher =
+            Confirmed::new(channel.clone(), &topology.exchange, &topology.routing_key);
         for (i, body) in bodies.iter().enumerate() {
             tokio::time::sleep_until(start + interval * i as u32).await;
             let uuid = uuid_of(body);
             sent_at.insert(uuid, now_us());
-            confirms.push(
-                channel
-                    .basic_publish(
-                        topology.exchange.as_str().into(),
-                        topology.routing_key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        body,
-                        job_properties(),
-                    )
-                    .await?,
-            );
-            if confirms.len() >= 1024 {
-                for c in confirms.drain(..) {
-                    c.await?;
-                }
-            }
+            publisher.publish(body).await?;
         }
-        for c in confirms.drain(..) {
-            c.await?;
-        }
+        publisher.finish().await?;
         standin
             .wait_for_delivered(total as u64 + 1, Duration::from_secs(120))
             .await;
@@ -770,39 +754,18 @@ impl Bench<'_> {
         );
 
         let publisher = {
-            let channel = channel.clone();
-            let exchange = topology.exchange.clone();
-            let routing_key = topology.routing_key.clone();
+            let mut publisher =
+                Confirmed::new(channel.clone(), &topology.exchange, &topology.routing_key);
             let rate = self.args.rate;
             tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(17);
                 let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
                 let start = tokio::time::Instant::now();
-                let mut confirms = Vec::with_capacity(1024);
                 for i in 0..total {
                     tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
-                    let body = realistic_job(&mut rng);
-                    confirms.push(
-                        channel
-                            .basic_publish(
-                                exchange.as_str().into(),
-                                routing_key.as_str().into(),
-                                BasicPublishOptions::default(),
-                                &body,
-                                job_properties(),
-                            )
-                            .await?,
-                    );
-                    if confirms.len() >= 1024 {
-                        for c in confirms.drain(..) {
-                            c.await?;
-                        }
-                    }
+                    publisher.publish(&realistic_job(&mut rng)).await?;
                 }
-                for c in confirms.drain(..) {
-                    c.await?;
-                }
-                Ok::<_, lapin::Error>(())
+                publisher.finish().await
             })
         };
 
@@ -1004,28 +967,64 @@ async fn publish_all(
     routing_key: &str,
     bodies: &[Vec<u8>],
 ) -> Result<()> {
-    for chunk in bodies.chunks(2000) {
-        let mut confirms = Vec::with_capacity(chunk.len());
-        for body in chunk {
-            confirms.push(
-                channel
-                    .basic_publish(
-                        exchange.into(),
-                        routing_key.into(),
-                        BasicPublishOptions::default(),
-                        body,
-                        job_properties(),
-                    )
-                    .await?,
-            );
+    let mut publisher = Confirmed::new(channel.clone(), exchange, routing_key);
+    for body in bodies {
+        publisher.publish(body).await?;
+    }
+    publisher.finish().await
+}
+
+/// Publishes jobs with publisher confirms, awaiting them a batch at a time, so that the broker
+/// is never more than a batch behind; a job the broker refuses is an error.
+struct Confirmed {
+    channel: Channel,
+    exchange: String,
+    routing_key: String,
+    waiting: Vec<lapin::PublisherConfirm>,
+}
+
+impl Confirmed {
+    const BATCH: usize = 1024;
+
+    fn new(channel: Channel, exchange: &str, routing_key: &str) -> Confirmed {
+        Confirmed {
+            channel,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            waiting: Vec::with_capacity(Self::BATCH),
         }
-        for c in confirms {
-            if !c.await?.is_ack() {
+    }
+
+    async fn publish(&mut self, body: &[u8]) -> Result<()> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                job_properties(),
+            )
+            .await?;
+        self.waiting.push(confirm);
+        if self.waiting.len() >= Self::BATCH {
+            self.confirm_waiting().await?;
+        }
+        Ok(())
+    }
+
+    async fn confirm_waiting(&mut self) -> Result<()> {
+        for confirm in self.waiting.drain(..) {
+            if !confirm.await?.is_ack() {
                 bail!("the broker refused a job");
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    async fn finish(mut self) -> Result<()> {
+        self.confirm_waiting().await
+    }
 }
 
 /// Issue alerts shaped like real ones: a group, a few tags, a rule or two, ~1 KiB.

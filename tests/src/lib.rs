@@ -196,18 +196,7 @@ impl TestEnv {
     }
 
     pub async fn publish_with(&self, body: &[u8], properties: BasicProperties) {
-        let properties = properties
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.exchange.as_str().into(),
-                "alert".into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
+        let confirm = publish_job(&self.channel, &self.exchange, body, properties)
             .await
             .expect("publish")
             .await
@@ -708,3 +697,24 @@ pub fn log_tail(worker: &WorkerProcess, n: usize) -> String {
 // Redis behind Sentinel (`sentinel`): a primary, a replica and three Sentinels of the test's own.
 
 pub mod sentinel;
+
+/// Publishes `body` as a producer does: to `exchange` with routing key `alert`, persistent,
+/// JSON, with `properties` besides. Answers the broker's confirm, to await.
+pub async fn publish_job(
+    channel: &lapin::Channel,
+    exchange: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    channel
+        .basic_publish(
+            exchange.into(),
+            "alert".into(),
+            BasicPublishOptions::default(),
+            body,
+            properties
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into()),
+        )
+        .await
+}

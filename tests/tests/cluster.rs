@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use opsgenie_e2e::*;
 use opsgenie_shared::{AlertJob, build_request};
 use opsgenie_worker::config::QueueType;
@@ -260,17 +260,13 @@ async fn publish_steadily(
             let mut confirms = Vec::new();
             for job in &batch {
                 let body = job.to_string();
-                let confirm = channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        "alert".into(),
-                        BasicPublishOptions::default(),
-                        body.as_bytes(),
-                        BasicProperties::default()
-                            .with_delivery_mode(2)
-                            .with_content_type("application/json".into()),
-                    )
-                    .await?;
+                let confirm = publish_job(
+                    channel,
+                    &exchange,
+                    body.as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await?;
                 confirms.push(confirm);
             }
             let mut all_acked = true;

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fred::prelude::*;
-use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel};
 use opsgenie_e2e::sentinel::SentinelSet;
 use opsgenie_e2e::*;
@@ -60,20 +59,16 @@ async fn publish_steadily(
         tick.tick().await;
         let uuid = new_uuid();
         let body = issue_job(&uuid, TEAM, uuids.len() as i64).to_string();
-        let confirm = channel
-            .basic_publish(
-                exchange.as_str().into(),
-                "alert".into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        let confirm = publish_job(
+            &channel,
+            &exchange,
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
         assert!(confirm.is_ack(), "the broker refused a job");
         uuids.push(uuid);
     }
