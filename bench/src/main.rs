@@ -4,15 +4,19 @@
 //!
 //! 1. ceilings: a plain consumer (no work) drains N jobs, acking one by one at prefetch 256,
 //!    then with one `multiple` ack every 64 deliveries at prefetch 64 and at prefetch 256;
-//! 2. backlog drain: N jobs published first, then `opsgenie-worker run` at its defaults (and
-//!    at prefetch 256), as a ratio to each ceiling;
-//! 3. latency at a steady rate, publish to the stand-in's receipt;
-//! 4. CPU per 1,000 jobs of the worker and of the broker (beam.smp) and peak RSS of the
+//! 2. the HTTP floor: the worker's reqwest client alone sends N creates, then N creates each
+//!    followed by its status read, 64 at a time on one thread (`floor`), and the CPU it spent;
+//!    no worker can spend less per job and still send through reqwest;
+//! 3. backlog drain: N jobs published first, then `opsgenie-worker run` at its defaults (and
+//!    at prefetch 256, and with `--confirm off`), as a ratio to each ceiling, with the share
+//!    of the worker's CPU spent in the kernel;
+//! 4. latency at a steady rate, publish to the stand-in's receipt;
+//! 5. CPU per 1,000 jobs of the worker and of the broker (beam.smp) and peak RSS of the
 //!    worker, from /proc;
-//! 5. at a real API's distance: the stand-in answers after `--api-latency`, and a backlog is
+//! 6. at a real API's distance: the stand-in answers after `--api-latency`, and a backlog is
 //!    drained at prefetch 64 and 256, against the ideal of prefetch / latency;
-//! 6. the drain with 1, 2 and 4 replicas;
-//! 7. a summary, as rows of the README's table.
+//! 7. the drain with 1, 2 and 4 replicas;
+//! 8. a summary, as rows of the README's table.
 //!
 //! With `--soak DURATION` it runs only a soak instead: jobs published at a steady `--rate` for
 //! that long to one worker (at its defaults, metrics endpoint on and never scraped) against a
@@ -37,6 +41,8 @@ use opsgenie_worker::amqp::Topology;
 use opsgenie_worker::config::{BrokerArgs, Delays, QueueType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+mod floor;
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks opsgenie-worker against the broker's own consume-and-ack ceiling.")]
@@ -73,6 +79,12 @@ struct Args {
     amqp_url: String,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// Internal: run as the HTTP floor's child against this stand-in (see `floor`).
+    #[arg(long, hide = true)]
+    http_floor_child: Option<String>,
+    /// Internal: the HTTP floor's child reads each request's status too.
+    #[arg(long, hide = true)]
+    floor_status: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -104,10 +116,19 @@ fn api_latency(text: &str) -> Result<ApiLatency, String> {
     Ok(ApiLatency(Some(latency).filter(|d| !d.is_zero())))
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(base_url) = &args.http_floor_child {
+        return floor::child(base_url, args.jobs, args.floor_status);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
     let worker = match &args.worker {
         Some(w) => w.clone(),
         None => std::env::current_exe()?
@@ -210,16 +231,33 @@ async fn main() -> Result<()> {
         });
     }
 
-    for (label, extra) in [
-        ("defaults (prefetch 64)", &[][..]),
-        ("prefetch 256", &["--prefetch", "256"][..]),
+    settle().await;
+    let floor = floor::measure(
+        &std::env::current_exe()?,
+        &bench.standin.base_url(),
+        args.jobs,
+    )?;
+    println!(
+        "HTTP floor (the worker's reqwest client alone, 64 requests at a time, one thread, nothing else): create {} per 1,000 jobs; create and status read {} per 1,000 jobs",
+        ms(Some(floor.create_only)),
+        ms(Some(floor.create_and_status))
+    );
+    summary.push(format!(
+        "| HTTP floor, reqwest alone, CPU per 1,000 jobs | create {}; create and status read {} |",
+        ms(Some(floor.create_only)),
+        ms(Some(floor.create_and_status))
+    ));
+
+    for (label, phase, extra) in [
+        ("defaults (prefetch 64)", "drain", &[][..]),
+        ("prefetch 256", "drain256", &["--prefetch", "256"][..]),
+        (
+            "confirmation off (prefetch 64)",
+            "drainnoconfirm",
+            &["--confirm", "off"][..],
+        ),
     ] {
         settle().await;
-        let phase = if extra.is_empty() {
-            "drain"
-        } else {
-            "drain256"
-        };
         let d = bench
             .drain(
                 &bench.standin,
@@ -232,11 +270,12 @@ async fn main() -> Result<()> {
             )
             .await?;
         println!(
-            "backlog drain, {label}: {} jobs/s = {}; CPU per 1,000 jobs: worker {} ({} once every delivery is confirmed), broker {}; peak RSS {:.1} MiB",
+            "backlog drain, {label}: {} jobs/s = {}; CPU per 1,000 jobs: worker {} ({} once every delivery is confirmed, {:.0}% of it in the kernel), broker {}; peak RSS {:.1} MiB",
             thousands(d.rate),
             ratios(d.rate, &ceilings),
             ms(Some(d.cpu_ms_per_1000)),
             ms(d.confirmed_cpu_ms_per_1000),
+            d.system_share * 100.0,
             ms(d.broker_cpu_ms_per_1000),
             d.peak_rss_mib
         );
@@ -246,9 +285,10 @@ async fn main() -> Result<()> {
             ratios(d.rate, &ceilings)
         ));
         summary.push(format!(
-            "| CPU per 1,000 jobs, {label} | worker {} ({} with confirmations), broker {} |",
+            "| CPU per 1,000 jobs, {label} | worker {} ({} with confirmations, {:.0}% kernel), broker {} |",
             ms(Some(d.cpu_ms_per_1000)),
             ms(d.confirmed_cpu_ms_per_1000),
+            d.system_share * 100.0,
             ms(d.broker_cpu_ms_per_1000)
         ));
         summary.push(format!("| peak RSS, {label} | {:.1} MiB |", d.peak_rss_mib));
@@ -330,6 +370,8 @@ struct DrainResult {
     /// `cpu_ms_per_1000` with confirmation off); `None` when they did not finish within a
     /// minute.
     confirmed_cpu_ms_per_1000: Option<f64>,
+    /// The share of the workers' CPU spent in the kernel (system time), once confirmed.
+    system_share: f64,
     broker_cpu_ms_per_1000: Option<f64>,
     peak_rss_mib: f64,
     /// From the workers' start to the stand-in's first 2xx answer.
@@ -517,6 +559,7 @@ impl Bench<'_> {
         // its 202): their cost is counted once none is left pending.
         let confirmed = done && self.confirmations_settled(phase).await;
         let confirmed_cpu: f64 = workers.iter().map(|w| cpu_seconds(w.id())).sum();
+        let system_cpu: f64 = workers.iter().map(|w| cpu_split(w.id()).1).sum();
         let rss = workers
             .iter()
             .map(|w| peak_rss_mib(w.id()))
@@ -537,6 +580,11 @@ impl Bench<'_> {
             rate: bodies.len() as f64 / elapsed.as_secs_f64(),
             cpu_ms_per_1000: per_1000(cpu, bodies.len()),
             confirmed_cpu_ms_per_1000: confirmed.then(|| per_1000(confirmed_cpu, bodies.len())),
+            system_share: if confirmed_cpu > 0.0 {
+                system_cpu / confirmed_cpu
+            } else {
+                0.0
+            },
             broker_cpu_ms_per_1000: broker_cpu.map(|c| per_1000(c, bodies.len())),
             peak_rss_mib: rss,
             first_answer,
@@ -1134,8 +1182,14 @@ fn now_us() -> u64 {
 
 /// User plus system CPU of a process, from /proc/<pid>/stat.
 fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// User and system CPU of a process, seconds, from /proc/<pid>/stat.
+fn cpu_split(pid: u32) -> (f64, f64) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -1147,7 +1201,8 @@ fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / clock_ticks()
+    let hz = clock_ticks();
+    (ticks(11) / hz, ticks(12) / hz)
 }
 
 fn clock_ticks() -> f64 {
