@@ -370,6 +370,10 @@ struct DrainResult {
     /// `cpu_ms_per_1000` with confirmation off); `None` when they did not finish within a
     /// minute.
     confirmed_cpu_ms_per_1000: Option<f64>,
+    /// From the last answer until no confirmation of the drain was left pending (each is
+    /// first asked about a second after its delivery); `None` when some still were a minute
+    /// later.
+    confirmed_after: Option<Duration>,
     /// The share of the workers' CPU spent in the kernel (system time), once confirmed.
     system_share: f64,
     broker_cpu_ms_per_1000: Option<f64>,
@@ -558,6 +562,7 @@ impl Bench<'_> {
         // The confirmations trail the deliveries (each is asked about a second or more after
         // its 202): their cost is counted once none is left pending.
         let confirmed = done && self.confirmations_settled(phase).await;
+        let confirmed_after = confirmed.then(|| started.elapsed().saturating_sub(elapsed));
         let confirmed_cpu: f64 = workers.iter().map(|w| cpu_seconds(w.id())).sum();
         let system_cpu: f64 = workers.iter().map(|w| cpu_split(w.id()).1).sum();
         let rss = workers
@@ -580,6 +585,7 @@ impl Bench<'_> {
             rate: bodies.len() as f64 / elapsed.as_secs_f64(),
             cpu_ms_per_1000: per_1000(cpu, bodies.len()),
             confirmed_cpu_ms_per_1000: confirmed.then(|| per_1000(confirmed_cpu, bodies.len())),
+            confirmed_after,
             system_share: if confirmed_cpu > 0.0 {
                 system_cpu / confirmed_cpu
             } else {
@@ -659,20 +665,22 @@ impl Bench<'_> {
             let rate = bodies.len() as f64 / clocked.as_secs_f64();
             let ideal = f64::from(prefetch) / delay.as_secs_f64();
             println!(
-                "API {delay_ms:.0} ms away, prefetch {prefetch}: {} jobs/s = {:.2} x the ideal {} (prefetch / latency); first answer {:.0} ms after start; CPU per 1,000 jobs: worker {}, broker {}; peak RSS {:.1} MiB",
+                "API {delay_ms:.0} ms away, prefetch {prefetch}: {} jobs/s = {:.2} x the ideal {} (prefetch / latency); first answer {:.0} ms after start; every delivery confirmed {} after the last answer; CPU per 1,000 jobs: worker {}, broker {}; peak RSS {:.1} MiB",
                 thousands(rate),
                 rate / ideal,
                 thousands(ideal),
                 d.first_answer.as_secs_f64() * 1000.0,
+                confirmed_after(d.confirmed_after),
                 ms(Some(d.cpu_ms_per_1000)),
                 ms(d.broker_cpu_ms_per_1000),
                 d.peak_rss_mib
             );
             rows.push(format!(
-                "| API {delay_ms:.0} ms away, prefetch {prefetch} | {} jobs/s = {:.2} x the ideal {}; peak RSS {:.1} MiB |",
+                "| API {delay_ms:.0} ms away, prefetch {prefetch} | {} jobs/s = {:.2} x the ideal {}; confirmed {} after the last answer; peak RSS {:.1} MiB |",
                 thousands(rate),
                 rate / ideal,
                 thousands(ideal),
+                confirmed_after(d.confirmed_after),
                 d.peak_rss_mib
             ));
         }
@@ -961,6 +969,13 @@ async fn concurrent_probe(addr: std::net::SocketAddr, n: usize) -> Result<Durati
 }
 
 /// CPU milliseconds per 1,000 jobs.
+fn confirmed_after(after: Option<Duration>) -> String {
+    after.map_or_else(
+        || "more than a minute".to_owned(),
+        |d| format!("{:.1} s", d.as_secs_f64()),
+    )
+}
+
 fn per_1000(cpu_seconds: f64, jobs: usize) -> f64 {
     cpu_seconds * 1000.0 / (jobs as f64 / 1000.0)
 }

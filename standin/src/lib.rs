@@ -205,6 +205,10 @@ pub struct Stats {
     /// `received`, `delivered` or `by_status`, which are about alert requests only.
     #[serde(default)]
     pub status_asks: u64,
+    /// The most `GET /v2/alerts/requests/{id}` questions in flight at once (read, not yet
+    /// answered), over everything served since start.
+    #[serde(default)]
+    pub most_status_asks_in_flight: u64,
     /// Heartbeat pings, by name.
     #[serde(default)]
     pub heartbeats: BTreeMap<String, u64>,
@@ -253,6 +257,9 @@ struct Shared {
     connections: AtomicU64,
     closed_connections: AtomicU64,
     idle_drops: AtomicU64,
+    /// Status questions read and not yet answered, and the most there ever were.
+    status_asks_in_flight: AtomicU64,
+    most_status_asks_in_flight: AtomicU64,
     /// Woken after every answer and every closed connection so waiters re-check their
     /// condition instead of sleeping.
     answered: Notify,
@@ -356,6 +363,7 @@ impl Shared {
             idle_drops: self.idle_drops.load(Ordering::SeqCst),
             hang_ups: books.hang_ups,
             status_asks,
+            most_status_asks_in_flight: self.most_status_asks_in_flight.load(Ordering::SeqCst),
             heartbeats,
         }
     }
@@ -431,6 +439,8 @@ impl StandIn {
             connections: AtomicU64::new(0),
             closed_connections: AtomicU64::new(0),
             idle_drops: AtomicU64::new(0),
+            status_asks_in_flight: AtomicU64::new(0),
+            most_status_asks_in_flight: AtomicU64::new(0),
             answered: Notify::new(),
             books: Mutex::new(Books::default()),
         });

@@ -2,6 +2,7 @@
 //! then the field limits Opsgenie enforces.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -203,6 +204,7 @@ async fn after_the_202(
     parts: &axum::http::request::Parts,
     route: processing::Route,
 ) -> Response {
+    let _asking = matches!(route, processing::Route::Status(_)).then(|| StatusAsk::start(shared));
     if let Some(delay) = shared.delay {
         tokio::time::sleep(delay).await;
     }
@@ -230,6 +232,26 @@ async fn after_the_202(
         Body::from(body),
     )
         .into_response()
+}
+
+/// A status question in flight, counted from when it is read until it is answered (or its
+/// connection is gone).
+struct StatusAsk<'a>(&'a Shared);
+
+impl<'a> StatusAsk<'a> {
+    fn start(shared: &'a Shared) -> StatusAsk<'a> {
+        let now = shared.status_asks_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared
+            .most_status_asks_in_flight
+            .fetch_max(now, Ordering::SeqCst);
+        StatusAsk(shared)
+    }
+}
+
+impl Drop for StatusAsk<'_> {
+    fn drop(&mut self) {
+        self.0.status_asks_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn record(

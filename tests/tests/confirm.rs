@@ -3,7 +3,7 @@
 //! with the API's reason and delivered again by `dead replay`; pending confirmations that
 //! survive a replica killed with SIGKILL and a Redis outage; a heartbeat that the fleet pings
 //! about once per interval, that stops when the fleet cannot work; a team moved to Jira
-//! Service Management by one keyring line.
+//! Service Management by one keyring line; questions in flight that stay within their bound.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -83,6 +83,28 @@ async fn publish_issue_jobs(env: &TestEnv, n: usize, first_group: i64) -> Vec<St
     uuids
 }
 
+/// Waits until every one of `uuids` is confirmed, checks that each is confirmed once, and
+/// answers the stream's events.
+async fn all_confirmed_once(
+    env: &TestEnv,
+    worker: &WorkerProcess,
+    uuids: &[String],
+) -> HashMap<String, HashMap<String, usize>> {
+    assert!(
+        wait_until(DEADLINE, || async {
+            count(&events(env).await, "confirmed") >= uuids.len()
+        })
+        .await,
+        "{}",
+        log_tail(worker, 20)
+    );
+    let events = events(env).await;
+    for uuid in uuids {
+        assert_eq!(events["confirmed"].get(uuid), Some(&1), "{uuid} confirmed");
+    }
+    events
+}
+
 async fn stop(worker: &mut WorkerProcess) {
     let status = worker.terminate(Duration::from_secs(40)).await;
     assert!(status.success(), "{status:?}: {}", log_tail(worker, 20));
@@ -141,6 +163,27 @@ async fn every_delivery_of_hundreds_is_confirmed_exactly_once() {
     assert!(
         metrics.contains("opsgenie_confirmation_lag_seconds_count 300"),
         "{metrics}"
+    );
+    stop(&mut worker).await;
+    env.cleanup().await;
+}
+
+/// The questions a replica asks are bounded (docs/contract.md section 6.1: at most 16 in
+/// flight), however many confirmations fall due together: behind an API that takes 300 ms to
+/// answer, deliveries answered together fall due together, 64 at a time, and the confirmer
+/// asks about them up to its bound, never past it. Every one is still confirmed once.
+#[tokio::test]
+async fn questions_in_flight_stay_within_their_bound_when_many_fall_due_together() {
+    let env = TestEnv::new("confirm-bound").await;
+    let standin = standin(Duration::ZERO, Some(Duration::from_millis(300))).await;
+    let keyring = keyring(&env, &standin.base_url(), None);
+    let uuids = publish_issue_jobs(&env, 256, 1).await;
+    let (mut worker, _port) = env.spawn_ready_worker(&keyring, &[]).await;
+    all_confirmed_once(&env, &worker, &uuids).await;
+    let most = standin.stats().most_status_asks_in_flight;
+    assert!(
+        (8..=16).contains(&most),
+        "{most} questions in flight at most; the bound is 16"
     );
     stop(&mut worker).await;
     env.cleanup().await;
@@ -339,17 +382,8 @@ async fn confirmations_pending_while_redis_is_cut_off_are_all_settled_after() {
         .await
     );
     relay.restore();
-    assert!(
-        wait_until(DEADLINE, || async {
-            count(&events(&env).await, "confirmed") >= uuids.len()
-        })
-        .await,
-        "{}",
-        log_tail(&worker, 20)
-    );
-    let events = events(&env).await;
+    let events = all_confirmed_once(&env, &worker, &uuids).await;
     for uuid in &uuids {
-        assert_eq!(events["confirmed"].get(uuid), Some(&1), "{uuid}");
         assert_eq!(events["delivered"].get(uuid), Some(&1), "{uuid}");
     }
     assert_eq!(pending(&env).await, 0);
