@@ -563,8 +563,12 @@ impl Bench<'_> {
         // its 202): their cost is counted once none is left pending.
         let confirmed = done && self.confirmations_settled(phase).await;
         let confirmed_after = confirmed.then(|| started.elapsed().saturating_sub(elapsed));
-        let confirmed_cpu: f64 = workers.iter().map(|w| cpu_seconds(w.id())).sum();
-        let system_cpu: f64 = workers.iter().map(|w| cpu_split(w.id()).1).sum();
+        let (confirmed_cpu, system_cpu) = workers
+            .iter()
+            .map(|w| cpu_split(w.id()))
+            .fold((0.0, 0.0), |(all, system), (u, s)| {
+                (all + u + s, system + s)
+            });
         let rss = workers
             .iter()
             .map(|w| peak_rss_mib(w.id()))
@@ -968,7 +972,7 @@ async fn concurrent_probe(addr: std::net::SocketAddr, n: usize) -> Result<Durati
     Ok(started.elapsed())
 }
 
-/// CPU milliseconds per 1,000 jobs.
+/// How long after the last answer every delivery was confirmed, for a line of output.
 fn confirmed_after(after: Option<Duration>) -> String {
     after.map_or_else(
         || "more than a minute".to_owned(),
@@ -976,6 +980,7 @@ fn confirmed_after(after: Option<Duration>) -> String {
     )
 }
 
+/// CPU milliseconds per 1,000 jobs.
 fn per_1000(cpu_seconds: f64, jobs: usize) -> f64 {
     cpu_seconds * 1000.0 / (jobs as f64 / 1000.0)
 }
@@ -1203,6 +1208,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// User and system CPU of a process, seconds, from /proc/<pid>/stat.
 fn cpu_split(pid: u32) -> (f64, f64) {
+    // Before the read: the first call asks `getconf`, which must not land in a measured span
+    // that starts with this read.
+    let hz = clock_ticks();
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return (0.0, 0.0);
     };
@@ -1216,18 +1224,21 @@ fn cpu_split(pid: u32) -> (f64, f64) {
             .unwrap_or(0.0)
     };
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let hz = clock_ticks();
     (ticks(11) / hz, ticks(12) / hz)
 }
 
+/// The kernel's clock ticks per second, asked once.
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// VmHWM (peak resident set) of a process, MiB.
