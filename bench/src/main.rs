@@ -37,8 +37,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use opsgenie_standin::{StandIn, StandInConfig};
-use opsgenie_worker::amqp::Topology;
-use opsgenie_worker::config::{BrokerArgs, Delays, QueueType};
+use opsgenie_worker::broker::Topology;
+use opsgenie_worker::cli::{BrokerArgs, Delays, QueueType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

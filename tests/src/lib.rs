@@ -17,8 +17,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use opsgenie_shared::retry::parse_duration;
 pub use opsgenie_standin::{Fault, StandIn, StandInConfig};
-use opsgenie_worker::amqp::Topology;
-use opsgenie_worker::config::QueueType;
+use opsgenie_worker::broker::Topology;
+use opsgenie_worker::cli::QueueType;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -490,7 +490,7 @@ impl TestEnv {
             let headers = names
                 .into_iter()
                 .filter_map(|name| {
-                    opsgenie_worker::amqp::header_str(&properties, &name).map(|v| (name, v))
+                    opsgenie_worker::broker::header_str(&properties, &name).map(|v| (name, v))
                 })
                 .collect();
             taken.push(TakenDeadLetter {

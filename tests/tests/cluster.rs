@@ -19,7 +19,7 @@ use lapin::BasicProperties;
 use lapin::options::ConfirmSelectOptions;
 use opsgenie_e2e::*;
 use opsgenie_shared::{AlertJob, build_request};
-use opsgenie_worker::config::QueueType;
+use opsgenie_worker::cli::QueueType;
 use serde_json::Value;
 
 /// Generous: three Erlang nodes share two cores with everything else.
@@ -229,7 +229,8 @@ async fn publish_steadily(
                 .collect();
         }
         if session.is_none() {
-            match opsgenie_worker::amqp::connect_from(&urls, node, "opsgenie-e2e publisher").await {
+            match opsgenie_worker::broker::connect_from(&urls, node, "opsgenie-e2e publisher").await
+            {
                 Ok((connection, at)) => {
                     node = at;
                     let channel = connection.create_channel().await;
@@ -329,7 +330,7 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
     // likely) a leader the worker is not connected to.
     let mut topology = env.topology();
     topology.queue_type = QueueType::Quorum;
-    let (connection, _) = opsgenie_worker::amqp::connect_from(&cluster.urls(), 2, "opsgenie-e2e")
+    let (connection, _) = opsgenie_worker::broker::connect_from(&cluster.urls(), 2, "opsgenie-e2e")
         .await
         .expect("node 3");
     let channel = connection.create_channel().await.expect("channel");

@@ -17,11 +17,11 @@ use arc_swap::ArcSwap;
 use opsgenie_shared::text::seg;
 use tokio::time::Instant;
 
-use crate::buffer::Buffer;
-use crate::health::Health;
 use crate::keyring::{Heartbeat, Keyring};
 use crate::opsgenie::{CallError, Sender};
-use crate::shutdown::Shutdown;
+use crate::store::Buffer;
+use crate::support::shutdown::Shutdown;
+use crate::telemetry::health::Health;
 
 /// How often a replica without a heartbeat looks at the keyring again.
 const WITHOUT_HEARTBEAT: Duration = Duration::from_secs(5);

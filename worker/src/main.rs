@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
-use opsgenie_worker::config::{Cli, Command, DeadCommand};
-use opsgenie_worker::shutdown::{Shutdown, on_signals};
-use opsgenie_worker::{Fatal, check, dead, enqueue, run, telemetry};
+use opsgenie_worker::cli::{Cli, Command, DeadCommand, check, dead, enqueue};
+use opsgenie_worker::support::shutdown::{Shutdown, on_signals};
+use opsgenie_worker::{Fatal, run, telemetry};
 
 // Per job the worker allocates and frees many buffers and one large task; mimalloc's
 // thread-local free lists serve that pattern for about a tenth less CPU than the system

@@ -12,11 +12,11 @@ use opsgenie_shared::request::{
 };
 use opsgenie_shared::text::chars;
 use opsgenie_shared::{AlertJob, DeadReason, JobError, build_request};
-use opsgenie_worker::amqp::{
+use opsgenie_worker::broker::{
     HEADER_ERROR, HEADER_ERROR_MESSAGE, HEADER_VALUE_LIMIT, copy_properties, encoded_size,
     job_message_id,
 };
-use opsgenie_worker::process::Outcome;
+use opsgenie_worker::job::pipeline::Outcome;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

@@ -25,12 +25,12 @@ use opsgenie_shared::text::{cap_bytes, printable, seg};
 use opsgenie_shared::{Alert, AlertJob, DeadReason, OpsgenieRequest};
 use tokio::time::Instant;
 
-use crate::amqp::{self, DeadLetter, Publisher, Topology};
-use crate::buffer::{Buffer, Pending, Settle, Settled, Settlement};
-use crate::health::Health;
+use crate::broker::{self, DeadLetter, Publisher, Topology};
 use crate::keyring::Keyring;
 use crate::opsgenie::{CallError, Sender};
-use crate::shutdown::Shutdown;
+use crate::store::{Buffer, Pending, Settle, Settled, Settlement};
+use crate::support::shutdown::Shutdown;
+use crate::telemetry::health::Health;
 
 /// How long a claim lasts beyond two request time-outs (the question, and a dead letter's
 /// publish), so that a live confirmer settles what it claimed before another may take it,
@@ -241,7 +241,7 @@ impl Confirmer {
     async fn claim(&self) -> Result<Vec<Claimed>, fred::error::Error> {
         let claims = self
             .buffer
-            .claim_confirmations(amqp::now_ms(), self.lease, CLAIM_BATCH)
+            .claim_confirmations(crate::support::clock::now_ms(), self.lease, CLAIM_BATCH)
             .await?;
         if claims.is_empty() {
             return Ok(Vec::new());
@@ -269,7 +269,7 @@ impl Confirmer {
     }
 
     async fn decide(&self, claimed: &Claimed) -> Decision {
-        let now = amqp::now_ms();
+        let now = crate::support::clock::now_ms();
         let request_id = claimed.text("request_id").to_string();
         if claimed.fields.is_none() {
             // Its hash outlived its deadline by a day without being settled: nothing is left
@@ -423,7 +423,11 @@ impl Confirmer {
             )
         } else {
             // Nothing is lost: it stays pending and falls due again.
-            again(claimed, amqp::now_ms(), Some(Duration::from_secs(5)))
+            again(
+                claimed,
+                crate::support::clock::now_ms(),
+                Some(Duration::from_secs(5)),
+            )
         }
     }
 
@@ -492,7 +496,7 @@ impl Confirmer {
             status: claimed.text("status").parse().ok(),
             attempts: u32::try_from(claimed.number("attempts")).unwrap_or(u32::MAX),
         };
-        let properties = amqp::job_properties(&claimed.member);
+        let properties = broker::job_properties(&claimed.member);
         let body = match self.buffer.pending_body(&claimed.member).await {
             Ok(Some(body)) => body,
             // Gone since it was claimed: the next claim finds it gone and ends it.
@@ -540,12 +544,12 @@ impl Confirmer {
 /// A connection of the confirmer's own, to the first node of `urls` that answers, with a
 /// publisher on it. The error names each node tried, passwords redacted.
 async fn open_publisher(urls: &str) -> Result<(lapin::Connection, Publisher), String> {
-    let connection = amqp::connect(urls, "opsgenie-worker confirm")
+    let connection = broker::connect(urls, "opsgenie-worker confirm")
         .await
         .map_err(|e| e.to_string())?;
     let publisher = Publisher::new(&connection)
         .await
-        .map_err(|e| crate::config::redact_error(&e.to_string(), urls))?;
+        .map_err(|e| crate::cli::redact_error(&e.to_string(), urls))?;
     Ok((connection, publisher))
 }
 
@@ -580,7 +584,7 @@ fn finish(
             request_id: claimed.text("request_id"),
             status_text,
             alert_id,
-            confirmed_at_ms: amqp::now_ms(),
+            confirmed_at_ms: crate::support::clock::now_ms(),
         },
     );
     Decision::Done { fields, failed }

@@ -5,19 +5,20 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use opsgenie_shared::AlertJob;
 
-use crate::amqp::{
+use crate::broker::{
     self, HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_MESSAGE, HEADER_FIRST_SEEN,
     HEADER_STATUS, Publisher, Topology, header_str, header_u64,
 };
-use crate::config::BrokerArgs;
-use crate::enqueue::{check_names, declare_failed, printable, unreachable_broker};
-use crate::{Fatal, init_tls};
+use crate::cli::BrokerArgs;
+use crate::cli::Fatal;
+use crate::cli::enqueue::{check_names, declare_failed, printable, unreachable_broker};
+use crate::support::init_tls;
 
 async fn open(broker: &BrokerArgs, name: &str) -> Result<(Connection, Channel, Topology), Fatal> {
     init_tls();
     let topology = Topology::new(broker);
     check_names(broker, &topology)?;
-    let connection = amqp::connect(&broker.amqp_url, name)
+    let connection = broker::connect(&broker.amqp_url, name)
         .await
         .map_err(|e| unreachable_broker(&broker.amqp_url, &e))?;
     let channel = connection.create_channel().await.map_err(broker_error)?;
@@ -75,7 +76,7 @@ fn human_age(secs: u64) -> String {
 /// Fails when the broker cannot be reached.
 pub async fn list(broker: BrokerArgs, limit: u32) -> Result<(), Fatal> {
     let (connection, channel, topology) = open(&broker, "opsgenie-worker dead list").await?;
-    let now = amqp::now_ms();
+    let now = crate::support::clock::now_ms();
     let mut shown = 0u32;
     let mut remaining = 0;
     println!("reason\tnotification_uuid\tteam_id\tstatus\tattempts\tage\tmessage");
@@ -139,7 +140,7 @@ pub async fn replay(broker: BrokerArgs, limit: Option<u32>) -> Result<(), Fatal>
         budget = Some(budget.map_or(left, |b| b.saturating_sub(1).min(left)));
         let delivery = message.delivery;
         let mut headers = FieldTable::default();
-        for (k, v) in amqp::job_headers(&delivery.properties).inner() {
+        for (k, v) in broker::job_headers(&delivery.properties).inner() {
             if ![
                 HEADER_ERROR,
                 HEADER_ERROR_MESSAGE,
@@ -176,7 +177,7 @@ pub async fn replay(broker: BrokerArgs, limit: Option<u32>) -> Result<(), Fatal>
                 moved += 1;
             }
             Err(error) => {
-                amqp::requeue(&delivery).await;
+                broker::requeue(&delivery).await;
                 let message = format!("replayed {moved}, then: {error}");
                 return Err(Fatal::Other(printable(&message).into_owned()));
             }

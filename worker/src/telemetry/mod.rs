@@ -1,5 +1,8 @@
 //! Logs (tracing, text or JSON) and the HTTP endpoints `/metrics`, `/healthz` and `/readyz`.
 
+pub mod catalogue;
+pub mod health;
+
 use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -25,9 +28,9 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::LogFormat;
-use crate::health::Health;
-use crate::shutdown::Shutdown;
+use crate::cli::LogFormat;
+use crate::support::shutdown::Shutdown;
+use crate::telemetry::health::Health;
 
 /// Lines that may wait for standard error before a job that logs has to wait for them. At a
 /// few hundred bytes a job's line that is a few MiB, and over two seconds of the fastest
@@ -151,7 +154,7 @@ pub(crate) fn prometheus_builder() -> Option<PrometheusBuilder> {
         .ok()?
         // Opsgenie processes an alert within seconds, slower under load: up to minutes.
         .set_buckets_for_metric(
-            Matcher::Full(crate::catalogue::CONFIRMATION_LAG.into()),
+            Matcher::Full(crate::telemetry::catalogue::CONFIRMATION_LAG.into()),
             &[
                 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
             ],

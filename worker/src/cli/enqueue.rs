@@ -9,9 +9,10 @@ use lapin::types::ShortString;
 use opsgenie_shared::AlertJob;
 use serde::de::IgnoredAny;
 
-use crate::amqp::{self, Publisher, Topology, job_properties};
-use crate::config::{BrokerArgs, EnqueueArgs, redact_error, redact_url};
-use crate::{Fatal, init_tls};
+use crate::broker::{self, Publisher, Topology, job_properties};
+use crate::cli::Fatal;
+use crate::cli::{BrokerArgs, EnqueueArgs, redact_error, redact_url};
+use crate::support::init_tls;
 
 /// One job found in the input, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +166,7 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<(), Fatal> {
     }
     let mut published = 0;
     if !valid.is_empty() {
-        let connection = amqp::connect(&args.broker.amqp_url, "opsgenie-worker enqueue")
+        let connection = broker::connect(&args.broker.amqp_url, "opsgenie-worker enqueue")
             .await
             .map_err(|e| unreachable_broker(&args.broker.amqp_url, &e))?;
         let channel = connection
@@ -239,7 +240,7 @@ fn display(path: &Path) -> String {
 }
 
 /// lapin quotes a URL it cannot parse in its error: that goes through `redact_error` too.
-pub(crate) fn unreachable_broker(url: &str, error: &amqp::ConnectError) -> Fatal {
+pub(crate) fn unreachable_broker(url: &str, error: &broker::ConnectError) -> Fatal {
     let message = format!(
         "cannot reach RabbitMQ at {}: {}",
         redact_url(url),
@@ -250,7 +251,7 @@ pub(crate) fn unreachable_broker(url: &str, error: &amqp::ConnectError) -> Fatal
 
 /// A declaration that conflicts with what the broker has is bad configuration (exit 2), and
 /// its message names the exchange or queue and the argument; any other failure exits 1.
-pub(crate) fn declare_failed(error: amqp::DeclareError) -> Fatal {
+pub(crate) fn declare_failed(error: broker::DeclareError) -> Fatal {
     let message = printable(&format!("cannot declare: {error}")).into_owned();
     if error.is_conflict() {
         Fatal::Config(message)
@@ -264,7 +265,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::config::{Cli, Command};
+    use crate::cli::{Cli, Command};
 
     #[test]
     fn a_file_holds_one_pretty_job_or_json_lines_each_named_by_its_line() {
@@ -349,9 +350,9 @@ mod tests {
                 .map(|m| m.as_str()),
             Some("sha256:46fe957c14463e126a3339e9b3b2774b33f358ea1bdfc8134df7611eed1cdc9d")
         );
-        let hashed = amqp::job_message_id(&over);
-        assert_eq!(hashed, amqp::job_message_id(&over), "stable");
-        assert_ne!(hashed, amqp::job_message_id(&schema_max));
+        let hashed = broker::job_message_id(&over);
+        assert_eq!(hashed, broker::job_message_id(&over), "stable");
+        assert_ne!(hashed, broker::job_message_id(&schema_max));
         assert_eq!(hashed.as_str().len(), 71);
     }
 

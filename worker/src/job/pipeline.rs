@@ -13,13 +13,13 @@ use opsgenie_shared::{AlertJob, DeadReason, JobError, OpsgenieRequest, build_req
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use crate::amqp::HEADER_VALUE_LIMIT;
-use crate::buffer::{Admission, Buffer, Fields, JobKeys};
-use crate::health::Health;
+use crate::broker::HEADER_VALUE_LIMIT;
 use crate::keyring::{Keyring, Team};
 use crate::opsgenie::{RoundResult, Sender};
-use crate::pacing::Pacing;
-use crate::shutdown::Shutdown;
+use crate::store::{Admission, Buffer, Fields, JobKeys};
+use crate::support::pacing::Pacing;
+use crate::support::shutdown::Shutdown;
+use crate::telemetry::health::Health;
 
 /// What became of one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,7 +349,7 @@ impl Pipeline {
             status,
             request_id: &request_id,
             attempts: envelope.attempt(),
-            delivered_at_ms: crate::amqp::now_ms(),
+            delivered_at_ms: crate::support::clock::now_ms(),
         };
         let fields: Fields = delivery_fields(&job, &request, &delivery).into();
         // Only an accepted request has a status to ask about: a 404 on a close did nothing.
@@ -412,7 +412,7 @@ impl Pipeline {
                     pacing.next_pause()
                 }
             };
-            let _waiting = cooling.then(crate::catalogue::WaitingForCooldown::start);
+            let _waiting = cooling.then(crate::telemetry::catalogue::WaitingForCooldown::start);
             if !shutdown.sleep_until(Instant::now() + pause).await {
                 // Nothing was sent: the job goes back to the queue as it was.
                 return ControlFlow::Break(Outcome::Requeue);
@@ -477,7 +477,7 @@ impl Pipeline {
         notification_uuid: &str,
         keys: &Arc<JobKeys>,
         fields: &Fields,
-        pending: Option<Arc<crate::buffer::Pending>>,
+        pending: Option<Arc<crate::store::Pending>>,
     ) {
         let mut pacing = Pacing::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
@@ -547,7 +547,7 @@ mod tests {
     use opsgenie_shared::DeadReason;
 
     use super::*;
-    use crate::buffer::BufferSettings;
+    use crate::store::BufferSettings;
 
     /// What the log writes, kept for the test to read.
     #[derive(Clone, Default)]
@@ -566,7 +566,7 @@ mod tests {
     /// A pipeline with an empty keyring: every job that parses ends as `unknown_team` before
     /// it reaches Redis or Opsgenie.
     fn pipeline() -> Pipeline {
-        crate::init_tls();
+        crate::support::init_tls();
         let buffer = Buffer::new(
             "redis://127.0.0.1:6379",
             BufferSettings {

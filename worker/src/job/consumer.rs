@@ -16,14 +16,14 @@ use opsgenie_shared::DeadReason;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::acks::Settled;
+use crate::job::acks::Settled;
 
-use crate::amqp::{
+use crate::broker::{
     self, DeadLetter, HEADER_ATTEMPTS, HEADER_FIRST_SEEN, PublishError, Publisher, Topology,
 };
-use crate::pacing::Pacing;
-use crate::process::{Admitted, Envelope, Outcome, Pipeline, Report};
-use crate::shutdown::Shutdown;
+use crate::job::pipeline::{Admitted, Envelope, Outcome, Pipeline, Report};
+use crate::support::pacing::Pacing;
+use crate::support::shutdown::Shutdown;
 use crate::telemetry::JobCounts;
 
 /// Where a job's task reports its delivery tag once settled.
@@ -47,7 +47,7 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
     // Kept at shutdown until the drain is over: the channel (and its acker) must outlive the
     // jobs in flight.
     let mut session: Option<(Connection, Channel, Acks, tokio::task::JoinHandle<()>)> = None;
-    let nodes = amqp::node_urls(&settings.amqp_url).len();
+    let nodes = broker::node_urls(&settings.amqp_url).len();
     // The node the next connect tries first: after losing a node, the next one in turn.
     let mut next_node = 0;
     while !shutdown.is_triggered() {
@@ -65,7 +65,7 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                     next_node = (node + 1) % nodes;
                 }
                 // lapin quotes a URL it cannot parse, password and all.
-                let error = crate::config::redact_error(&error, &settings.amqp_url);
+                let error = crate::cli::redact_error(&error, &settings.amqp_url);
                 let pause = pacing.next_pause();
                 tracing::error!(
                     error,
@@ -76,8 +76,8 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                 continue;
             }
         };
-        let node = crate::config::redact_url(
-            amqp::node_urls(&settings.amqp_url)[(next_node + nodes - 1) % nodes],
+        let node = crate::cli::redact_url(
+            broker::node_urls(&settings.amqp_url)[(next_node + nodes - 1) % nodes],
         );
         tracing::info!(
             queue = settings.topology.queue,
@@ -86,14 +86,14 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
             "Consuming."
         );
         let (acks, settled) = mpsc::unbounded_channel();
-        let acker = tokio::spawn(crate::acks::run(
+        let acker = tokio::spawn(crate::job::acks::run(
             channel.clone(),
             settled,
             settings.prefetch,
         ));
         pipeline.health.set_consuming(true);
         let sampler = match connection.create_channel().await {
-            Ok(channel) => Some(tokio::spawn(amqp::sample_queue_length(
+            Ok(channel) => Some(tokio::spawn(broker::sample_queue_length(
                 channel,
                 settings.topology.queue.clone(),
                 shutdown.clone(),
@@ -171,7 +171,7 @@ async fn open(
     settings: &ConsumerSettings,
     first: usize,
 ) -> Result<((Connection, Channel, Publisher, lapin::Consumer), usize), (String, Option<usize>)> {
-    let (connection, node) = amqp::connect_from(&settings.amqp_url, first, "opsgenie-worker run")
+    let (connection, node) = broker::connect_from(&settings.amqp_url, first, "opsgenie-worker run")
         .await
         .map_err(|e| (e.to_string(), None))?;
     let session = async {
@@ -189,7 +189,7 @@ async fn open(
                 FieldTable::default(),
             )
             .await?;
-        Ok::<_, amqp::DeclareError>((channel, publisher, consumer))
+        Ok::<_, broker::DeclareError>((channel, publisher, consumer))
     };
     match session.await {
         Ok((channel, publisher, consumer)) => {
@@ -238,10 +238,11 @@ async fn handle(
 ) -> &'static str {
     let started = Instant::now();
     metrics::gauge!("opsgenie_jobs_in_flight").increment(1.0);
-    let now_ms = amqp::now_ms();
-    let first_seen_ms = amqp::header_u64(&delivery.properties, HEADER_FIRST_SEEN).unwrap_or(now_ms);
+    let now_ms = crate::support::clock::now_ms();
+    let first_seen_ms =
+        broker::header_u64(&delivery.properties, HEADER_FIRST_SEEN).unwrap_or(now_ms);
     let envelope = Envelope {
-        previous_attempts: amqp::header_u64(&delivery.properties, HEADER_ATTEMPTS)
+        previous_attempts: broker::header_u64(&delivery.properties, HEADER_ATTEMPTS)
             .map_or(0, |a| u32::try_from(a).unwrap_or(u32::MAX)),
         first_seen_ms,
         now_ms,
@@ -272,7 +273,7 @@ async fn handle(
                 Err(_) => {
                     drop(admitted);
                     tracing::error!("Processing a job panicked; the job returns to the queue.");
-                    amqp::requeue(&delivery).await;
+                    broker::requeue(&delivery).await;
                     let _ = acks.send(Settled::Nacked(delivery.delivery_tag));
                     metrics::gauge!("opsgenie_jobs_in_flight").decrement(1.0);
                     metrics::counter!("opsgenie_jobs_total", "outcome" => "requeued", "reason" => "panic").increment(1);
@@ -373,7 +374,7 @@ async fn settle(
         // Acked by the channel's acker, in a batch.
         Ok(()) => Ok(()),
         Err(why) => {
-            amqp::requeue(delivery).await;
+            broker::requeue(delivery).await;
             Err(why)
         }
     }
@@ -421,8 +422,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use crate::buffer::{Buffer, BufferSettings};
-    use crate::process::{Envelope, Pipeline};
+    use crate::job::pipeline::{Envelope, Pipeline};
+    use crate::store::{Buffer, BufferSettings};
 
     /// Every job is a task; a large task is allocated and copied per job. The Redis client's
     /// futures alone are about 7 KiB, so they are boxed; this keeps them so.
@@ -431,13 +432,13 @@ mod tests {
         fn size<F: std::future::Future>(_: &F) -> usize {
             std::mem::size_of::<F>()
         }
-        crate::init_tls();
+        crate::support::init_tls();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
-            let (_trigger, shutdown) = crate::shutdown::Shutdown::new();
+            let (_trigger, shutdown) = crate::support::shutdown::Shutdown::new();
             let settings = BufferSettings {
                 prefix: "size:".into(),
                 stream_maxlen: 1,
@@ -465,7 +466,7 @@ mod tests {
             let job = pipeline.process(b"{}", envelope, &shutdown);
             assert!(size(&job) < 4096, "process future: {} bytes", size(&job));
             let keys = buffer.keys("u", "team", None, None, "t".into());
-            let fields: crate::buffer::Fields = Vec::new().into();
+            let fields: crate::store::Fields = Vec::new().into();
             assert!(size(&buffer.record(&keys, &fields)) < 256);
             assert!(size(&buffer.admit(&keys)) < 256);
         });

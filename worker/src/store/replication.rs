@@ -192,12 +192,12 @@ pub(super) async fn confirm_round(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::tests::{clean, unconnected_live_buffer};
-    use crate::buffer::{Buffer, Fields};
+    use crate::store::tests::{clean, unconnected_live_buffer};
+    use crate::store::{Buffer, Fields};
 
     /// A buffer on the machine's Redis (a primary without replicas), under a prefix of its own.
     async fn lone_primary(replicas: u32) -> (Buffer, String) {
-        crate::init_tls();
+        crate::support::init_tls();
         let (buffer, prefix) = unconnected_live_buffer("replication");
         let buffer = buffer.with_replicas(replicas);
         buffer.connect().await.expect("Redis at 127.0.0.1:6379");

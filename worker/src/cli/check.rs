@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use crate::amqp::{self, Topology};
-use crate::buffer::{Buffer, BufferSettings};
-use crate::config::{CheckArgs, redact_error, redact_url};
-use crate::enqueue::{check_names, printable};
+use crate::broker::{self, Topology};
+use crate::cli::Fatal;
+use crate::cli::enqueue::{check_names, printable};
+use crate::cli::{CheckArgs, redact_error, redact_url};
 use crate::keyring::Keyring;
-use crate::{Fatal, init_tls};
+use crate::store::{Buffer, BufferSettings};
+use crate::support::init_tls;
 
 /// Prints each check as it passes. Every line, and the message of a failure, goes through
 /// `printable`: team ids, file names and a server's error text are not the program's own.
@@ -47,7 +48,7 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
         |e: &dyn std::fmt::Display| redact_error(&e.to_string(), &args.broker.amqp_url);
     let connection = tokio::time::timeout(
         Duration::from_secs(10),
-        amqp::connect(&args.broker.amqp_url, "opsgenie-worker check"),
+        broker::connect(&args.broker.amqp_url, "opsgenie-worker check"),
     )
     .await
     .map_err(|_| problem(format!("RabbitMQ at {amqp_url}: no answer within 10 s")))?

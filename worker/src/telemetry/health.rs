@@ -27,7 +27,7 @@ impl Health {
     /// order; the Redis probe calls this every few seconds, which puts it right again.
     pub fn publish(&self) {
         let ready = if self.readiness().is_ok() { 1.0 } else { 0.0 };
-        metrics::gauge!(crate::catalogue::READY).set(ready);
+        metrics::gauge!(crate::telemetry::catalogue::READY).set(ready);
     }
 
     /// `Ok` when ready, else why not.

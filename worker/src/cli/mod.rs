@@ -1,5 +1,12 @@
 //! The command line (docs/contract.md section 9): every flag, its environment variable and its default.
 
+pub mod check;
+pub mod dead;
+pub mod enqueue;
+mod fatal;
+
+pub use fatal::Fatal;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

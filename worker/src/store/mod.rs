@@ -13,7 +13,7 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::pacing::Pacing;
+use crate::support::pacing::Pacing;
 
 mod replication;
 
@@ -113,29 +113,29 @@ const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3600;
 
 /// The admission checks and records of a batch of jobs in one atomic step; its KEYS/ARGV
 /// contract and answers are at the top of the file.
-const STEPS: &str = include_str!("buffer/steps.lua");
+const STEPS: &str = include_str!("scripts/steps.lua");
 
 /// Starts or lengthens a team's cooldown after a 429, for every replica.
-const COOL_DOWN: &str = include_str!("buffer/cool_down.lua");
+const COOL_DOWN: &str = include_str!("scripts/cool_down.lua");
 
 /// Counts an attempt at a message that has started; answers the count.
-const ATTEMPT_STARTED: &str = include_str!("buffer/attempt_started.lua");
+const ATTEMPT_STARTED: &str = include_str!("scripts/attempt_started.lua");
 
 /// How long an unfinished attempt is remembered: past it, a message that killed its
 /// attempts long ago is given a fresh count.
 const ATTEMPTS_TTL_SECS: u64 = 24 * 3600;
 
 /// Frees a lease this round of a job holds.
-const RELEASE: &str = include_str!("buffer/release.lua");
+const RELEASE: &str = include_str!("scripts/release.lua");
 
 /// Claims due confirmations for a while.
-const CONFIRM_CLAIM: &str = include_str!("buffer/confirm_claim.lua");
+const CONFIRM_CLAIM: &str = include_str!("scripts/confirm_claim.lua");
 
 /// Reschedules or ends claimed confirmations, a batch at a time.
-const CONFIRM_SETTLE: &str = include_str!("buffer/confirm_settle.lua");
+const CONFIRM_SETTLE: &str = include_str!("scripts/confirm_settle.lua");
 
 /// Reads the pending hashes of claimed confirmations, a batch at a time.
-const CONFIRM_READ: &str = include_str!("buffer/confirm_read.lua");
+const CONFIRM_READ: &str = include_str!("scripts/confirm_read.lua");
 
 /// What the pre-send check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -844,7 +844,7 @@ mod tests {
 
     #[test]
     fn production_urls_are_understood() {
-        crate::init_tls();
+        crate::support::init_tls();
         for url in [
             "redis://127.0.0.1:6379",
             "rediss://user:pw@redis.internal:6380/2",

@@ -1,7 +1,9 @@
 //! The RabbitMQ boundary (docs/contract.md section 8): the topology, consuming, and the confirmed
 //! publishes that make a retry or a dead letter durable before the original is acked.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::support::clock::now_ms;
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -17,7 +19,7 @@ use opsgenie_shared::retry::format_duration;
 use opsgenie_shared::text::cap_bytes;
 use sha2::{Digest, Sha256};
 
-use crate::config::{BrokerArgs, QueueType, redact_error, redact_url};
+use crate::cli::{BrokerArgs, QueueType, redact_error, redact_url};
 
 pub const HEADER_ERROR: &str = "x-opsgenie-error";
 pub const HEADER_ERROR_MESSAGE: &str = "x-opsgenie-error-message";
@@ -329,7 +331,7 @@ pub const QUEUE_SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
 pub async fn sample_queue_length(
     channel: Channel,
     queue: String,
-    shutdown: crate::shutdown::Shutdown,
+    shutdown: crate::support::shutdown::Shutdown,
 ) {
     let passive = QueueDeclareOptions {
         passive: true,
@@ -341,7 +343,7 @@ pub async fn sample_queue_length(
             .await
         {
             Ok(declared) => {
-                metrics::gauge!(crate::catalogue::QUEUE_MESSAGES, "queue" => queue.clone())
+                metrics::gauge!(crate::telemetry::catalogue::QUEUE_MESSAGES, "queue" => queue.clone())
                     .set(f64::from(declared.message_count()));
             }
             Err(error) => {
@@ -657,16 +659,10 @@ pub fn job_message_id(notification_uuid: &str) -> ShortString {
     })
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Delays;
+    use crate::cli::Delays;
 
     #[test]
     fn names_follow_the_queue_flag() {

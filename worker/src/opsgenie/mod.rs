@@ -23,10 +23,10 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::config::redact_url;
+use crate::cli::redact_url;
 use crate::keyring::Team;
-use crate::pacing::Pacing;
-use crate::shutdown::Shutdown;
+use crate::support::pacing::Pacing;
+use crate::support::shutdown::Shutdown;
 
 const USER_AGENT: &str = concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION"));
 /// How long an idle connection is kept for the next request.
@@ -298,7 +298,7 @@ impl Sender {
                         message: "rate limited: the key is cooling down".into(),
                     };
                 }
-                let _waiting = crate::catalogue::WaitingForCooldown::start();
+                let _waiting = crate::telemetry::catalogue::WaitingForCooldown::start();
                 if !shutdown.sleep_until(until).await {
                     return interrupted();
                 }

@@ -30,7 +30,7 @@ pub const KEYRING_RELOADED: &str = "opsgenie_keyring_reloaded_timestamp_seconds"
 pub const CONFIRMATIONS_PENDING: &str = "opsgenie_confirmations_pending";
 pub const READY: &str = "opsgenie_ready";
 pub const JOBS_WAITING_COOLDOWN: &str = "opsgenie_jobs_waiting_cooldown";
-/// `opsgenie_queue_messages{queue}`: sampled from the broker (`amqp::sample_queue_length`),
+/// `opsgenie_queue_messages{queue}`: sampled from the broker (`broker::sample_queue_length`),
 /// so it is not registered here: a zero before the first sample would be a made-up figure.
 pub const QUEUE_MESSAGES: &str = "opsgenie_queue_messages";
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::redact_url;
+use crate::cli::redact_url;
 
 /// The API base of each `region`: Opsgenie's two, and Jira Service Management operations,
 /// which serves the same Alert API v2 (paths, bodies, `GenieKey` keys) below its own prefix.

@@ -1,0 +1,239 @@
+//! The `run` command: wires the consumer, the confirmer, the heartbeat and telemetry together
+//! and runs them until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::broker::Topology;
+use crate::cli::enqueue;
+use crate::cli::{Fatal, MetricsAddr, RunArgs, redact_error, redact_url};
+use crate::job::consumer;
+use crate::job::consumer::ConsumerSettings;
+use crate::job::pipeline::Pipeline;
+use crate::keyring::Keyring;
+use crate::opsgenie::Sender;
+use crate::store::{Buffer, BufferSettings};
+use crate::support::init_tls;
+use crate::support::shutdown::Shutdown;
+use crate::telemetry::catalogue;
+use crate::telemetry::health::Health;
+use crate::{cli as config, confirm, heartbeat, telemetry};
+
+/// Runs the worker until `shutdown` is triggered and jobs in flight are drained.
+///
+/// Fails (exit 2) with `Fatal::Keyring` for a keyring that cannot be loaded, `Fatal::Config`
+/// for a Redis URL that cannot be parsed and `Fatal::MetricsAddr` for a metrics address that
+/// cannot be bound. Losing the broker or Redis is not fatal.
+pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
+    init_tls();
+    telemetry::raise_open_file_limit();
+    let keyring = Keyring::load(&args.keyring)?;
+    if keyring.is_empty() {
+        tracing::warn!(keyring = %args.keyring.display(), "The keyring has no team: every job will be dead-lettered as unknown_team.");
+    }
+    let topology = Topology::new(&args.broker);
+    // A name over 255 bytes would make the AMQP client panic on first use.
+    enqueue::check_names(&args.broker, &topology)?;
+    tracing::info!(
+        amqp_url = redact_url(&args.broker.amqp_url),
+        redis_url = redact_url(&args.redis.redis_url),
+        exchange = topology.exchange,
+        queue = topology.queue,
+        routing_key = topology.routing_key,
+        queue_type = ?args.broker.queue_type,
+        retry_queues = ?topology.retry_queues.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        dead_queue = topology.dead_queue,
+        redis_prefix = args.redis.redis_prefix,
+        redis_replicas = args.redis_replicas,
+        prefetch = args.prefetch,
+        keyring = %args.keyring.display(),
+        teams = ?keyring.team_ids(),
+        max_attempts = args.max_attempts,
+        max_age_s = args.max_age.as_secs(),
+        "Starting opsgenie-worker {}.",
+        env!("CARGO_PKG_VERSION")
+    );
+    let keyring = Arc::new(ArcSwap::from_pointee(keyring));
+    let health = Arc::new(Health::default());
+    let buffer = Buffer::new(
+        &args.redis.redis_url,
+        BufferSettings {
+            prefix: args.redis.redis_prefix.clone(),
+            stream_maxlen: args.stream_maxlen,
+            dedupe_ttl: Duration::from_secs(args.dedupe_ttl),
+            lease_ttl: args.quick_window + args.request_timeout + Duration::from_secs(5),
+        },
+    )
+    .map_err(|e| {
+        Fatal::Config(format!(
+            "--redis-url {}: {}",
+            redact_url(&args.redis.redis_url),
+            redact_error(&e.to_string(), &args.redis.redis_url)
+        ))
+    })?
+    .with_replicas(args.redis_replicas);
+    buffer.start();
+    let sender = Sender::new(args.request_timeout).map_err(|e| Fatal::Config(e.to_string()))?;
+    // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.
+    let (rate_limits, mut reported) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
+    let sender = sender.with_rate_limit_reports(rate_limits);
+    {
+        let buffer = buffer.clone();
+        tokio::spawn(async move {
+            while let Some((team, wait)) = reported.recv().await {
+                if let Err(error) = buffer.cool_down(&team, wait).await {
+                    tracing::warn!(team_id = team, error = %error, "Could not share the rate-limit cooldown.");
+                }
+            }
+        });
+    }
+
+    let server = match args.metrics_addr {
+        MetricsAddr::Off => None,
+        MetricsAddr::On(addr) => Some(
+            telemetry::serve(
+                addr,
+                telemetry::init_metrics(),
+                Arc::clone(&health),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|source| Fatal::MetricsAddr { addr, source })?,
+        ),
+    };
+    catalogue::register();
+    metrics::gauge!("opsgenie_keyring_teams").set(keyring.load().len() as f64);
+    metrics::gauge!("opsgenie_keyring_reloaded_timestamp_seconds")
+        .set(crate::support::clock::now_ms() as f64 / 1000.0);
+    warn_if_readable_by_others(&args.keyring);
+    reload_on_sighup(args.keyring.clone(), Arc::clone(&keyring));
+    spawn_redis_probe(buffer.clone(), Arc::clone(&health), shutdown.clone());
+
+    let topology = Arc::new(topology);
+    let confirm_within = (args.confirm == config::Switch::On).then_some(args.confirm_within);
+    let mut background = Vec::new();
+    if confirm_within.is_some() {
+        let confirmer = confirm::Confirmer::new(
+            buffer.clone(),
+            sender.clone(),
+            Arc::clone(&keyring),
+            Arc::clone(&health),
+            args.broker.amqp_url.clone(),
+            Arc::clone(&topology),
+            args.request_timeout,
+        );
+        background.push(tokio::spawn(confirmer.run(shutdown.clone())));
+    }
+    background.push(tokio::spawn(heartbeat::run(
+        Arc::clone(&keyring),
+        buffer.clone(),
+        sender.clone(),
+        Arc::clone(&health),
+        shutdown.clone(),
+    )));
+
+    let counts = Arc::new(telemetry::JobCounts::default());
+    let summary =
+        telemetry::spawn_summary(Arc::clone(&counts), args.summary_interval, shutdown.clone());
+    let pipeline = Arc::new(Pipeline {
+        keyring,
+        sender,
+        buffer: buffer.clone(),
+        policy: args.retry_policy(),
+        health,
+        poison_after: args.poison_after,
+        quarantine: tokio::sync::RwLock::new(()),
+        confirm_within,
+    });
+    consumer::consume(
+        ConsumerSettings {
+            amqp_url: args.broker.amqp_url.clone(),
+            topology,
+            prefetch: args.prefetch,
+            drain_timeout: args.drain_timeout,
+            counts: Arc::clone(&counts),
+        },
+        pipeline,
+        shutdown,
+    )
+    .await;
+    for task in background {
+        let _ = task.await;
+    }
+    buffer.quit().await;
+    let _ = summary.await;
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    tracing::info!("Stopped.");
+    Ok(())
+}
+
+/// How long a keyring reload may read its files before it is given up.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// SIGHUP re-reads the keyring (and its key files); a broken file keeps the old keyring.
+///
+/// The files are read on a blocking thread (`Keyring::load_off_runtime`): on the runtime, a
+/// file that never answers would stop deliveries, `/healthz` and SIGTERM with it.
+fn reload_on_sighup(path: std::path::PathBuf, keyring: Arc<ArcSwap<Keyring>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("Cannot listen for SIGHUP; the keyring will not reload.");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            // `stat` can wait on a stuck file system too; nothing waits for this warning.
+            let check = path.clone();
+            drop(tokio::task::spawn_blocking(move || {
+                warn_if_readable_by_others(&check)
+            }));
+            match Keyring::load_off_runtime(path.clone(), RELOAD_TIMEOUT).await {
+                Ok(new) => {
+                    let teams = new.team_ids().join(",");
+                    metrics::gauge!("opsgenie_keyring_teams").set(new.len() as f64);
+                    metrics::gauge!("opsgenie_keyring_reloaded_timestamp_seconds")
+                        .set(crate::support::clock::now_ms() as f64 / 1000.0);
+                    keyring.store(Arc::new(new));
+                    tracing::info!(teams, "Keyring reloaded.");
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "Keyring reload failed; keeping the previous keyring.");
+                }
+            }
+        }
+    });
+}
+
+/// Keeps `/readyz` honest about Redis while no job is passing through.
+fn spawn_redis_probe(buffer: Buffer, health: Arc<Health>, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        loop {
+            health.set_redis(buffer.ping().await.is_ok());
+            health.publish();
+            if !shutdown
+                .sleep_until(tokio::time::Instant::now() + Duration::from_secs(2))
+                .await
+            {
+                break;
+            }
+        }
+    });
+}
+
+/// A keyring holds keys: say so when users other than its owner can read it.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        tracing::warn!(
+            keyring = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "The keyring is readable by every user of this machine; consider chmod 600 (or 640 for a group)."
+        );
+    }
+}

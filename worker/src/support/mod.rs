@@ -1,0 +1,10 @@
+//! Small pieces that several parts of the worker share.
+
+pub mod clock;
+pub mod pacing;
+pub mod shutdown;
+
+/// Installs the TLS provider every client here uses; harmless when called twice.
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
