@@ -7,7 +7,7 @@
 #   Deployment's probes, grace period, pod security and resources (check_manifests.py);
 # - the alerting rules (`promtool check rules`) and their unit tests (`promtool test rules`),
 #   and the Prometheus configuration of docker-compose.yml (`promtool check config`);
-# - every alert's summary, description and README runbook section;
+# - every alert's summary, description and runbook section of docs/operations.md;
 # - the Grafana dashboard and docker-compose.yml (check_dashboard.py).
 # That every metric the dashboard and the rules name exists in a running worker's /metrics is
 # checked by the end-to-end test tests/tests/deploy.rs (`cargo test -p opsgenie-e2e --test deploy`).
@@ -74,16 +74,19 @@ promtool check rules prometheus/opsgenie-worker.rules.yml
 (cd prometheus && promtool test rules opsgenie-worker.rules.test.yml)
 promtool check config prometheus/prometheus.compose.yml
 
-# Every alert's runbook annotation points to a section of the README.
-python3 - prometheus/opsgenie-worker.rules.yml ../README.md <<'PY'
+# Every alert's runbook annotation points to a section of docs/operations.md.
+python3 - prometheus/opsgenie-worker.rules.yml ../docs/operations.md <<'PY'
 import re, sys, yaml
 rules = [r for g in yaml.safe_load(open(sys.argv[1]))["groups"] for r in g["rules"] if "alert" in r]
 anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
            for h in re.findall(r"^#+ (.+)$", open(sys.argv[2]).read(), re.M)}
+def runbook_ok(r):
+    path, _, anchor = r.get("annotations", {}).get("runbook", "").partition("#")
+    return path == "docs/operations.md" and anchor in anchors
 bad = [r["alert"] for r in rules
-       if r.get("annotations", {}).get("runbook", "").partition("#")[2] not in anchors
+       if not runbook_ok(r)
        or not r["annotations"].get("summary") or not r["annotations"].get("description")]
-print(f"alerts: {len(rules)}, without a summary, a description or a README runbook: {bad}")
+print(f"alerts: {len(rules)}, without a summary, a description or a runbook in docs/operations.md: {bad}")
 sys.exit(1 if bad else 0)
 PY
 
