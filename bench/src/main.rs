@@ -16,7 +16,7 @@
 //! 6. at a real API's distance: the stand-in answers after `--api-latency`, and a backlog is
 //!    drained at prefetch 64 and 256, against the ideal of prefetch / latency;
 //! 7. the drain with 1, 2 and 4 replicas;
-//! 8. a summary, as rows of the README's table.
+//! 8. a summary, as rows of the table in docs/performance.md.
 //!
 //! With `--soak DURATION` it runs only a soak instead: jobs published at a steady `--rate` for
 //! that long to one worker (at its defaults, metrics endpoint on and never scraped) against a

@@ -14,7 +14,7 @@ use crate::job::consumer::ConsumerSettings;
 use crate::job::pipeline::Pipeline;
 use crate::keyring::Keyring;
 use crate::opsgenie::Sender;
-use crate::store::{Buffer, BufferSettings};
+use crate::store::{Store, StoreSettings};
 use crate::support::init_tls;
 use crate::support::shutdown::Shutdown;
 use crate::telemetry::catalogue;
@@ -57,9 +57,9 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     );
     let keyring = Arc::new(ArcSwap::from_pointee(keyring));
     let health = Arc::new(Health::default());
-    let buffer = Buffer::new(
+    let store = Store::new(
         &args.redis.redis_url,
-        BufferSettings {
+        StoreSettings {
             prefix: args.redis.redis_prefix.clone(),
             stream_maxlen: args.stream_maxlen,
             dedupe_ttl: Duration::from_secs(args.dedupe_ttl),
@@ -74,16 +74,16 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         ))
     })?
     .with_replicas(args.redis_replicas);
-    buffer.start();
+    store.start();
     let sender = Sender::new(args.request_timeout).map_err(|e| Fatal::Config(e.to_string()))?;
     // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.
     let (rate_limits, mut reported) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
     let sender = sender.with_rate_limit_reports(rate_limits);
     {
-        let buffer = buffer.clone();
+        let store = store.clone();
         tokio::spawn(async move {
             while let Some((team, wait)) = reported.recv().await {
-                if let Err(error) = buffer.cool_down(&team, wait).await {
+                if let Err(error) = store.cool_down(&team, wait).await {
                     tracing::warn!(team_id = team, error = %error, "Could not share the rate-limit cooldown.");
                 }
             }
@@ -109,14 +109,14 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         .set(crate::support::clock::now_ms() as f64 / 1000.0);
     warn_if_readable_by_others(&args.keyring);
     reload_on_sighup(args.keyring.clone(), Arc::clone(&keyring));
-    spawn_redis_probe(buffer.clone(), Arc::clone(&health), shutdown.clone());
+    spawn_redis_probe(store.clone(), Arc::clone(&health), shutdown.clone());
 
     let topology = Arc::new(topology);
     let confirm_within = (args.confirm == config::Switch::On).then_some(args.confirm_within);
     let mut background = Vec::new();
     if confirm_within.is_some() {
         let confirmer = confirm::Confirmer::new(
-            buffer.clone(),
+            store.clone(),
             sender.clone(),
             Arc::clone(&keyring),
             Arc::clone(&health),
@@ -128,7 +128,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     }
     background.push(tokio::spawn(heartbeat::run(
         Arc::clone(&keyring),
-        buffer.clone(),
+        store.clone(),
         sender.clone(),
         Arc::clone(&health),
         shutdown.clone(),
@@ -140,7 +140,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     let pipeline = Arc::new(Pipeline {
         keyring,
         sender,
-        buffer: buffer.clone(),
+        store: store.clone(),
         policy: args.retry_policy(),
         health,
         poison_after: args.poison_after,
@@ -162,7 +162,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     for task in background {
         let _ = task.await;
     }
-    buffer.quit().await;
+    store.quit().await;
     let _ = summary.await;
     if let Some(server) = server {
         let _ = server.await;
@@ -209,10 +209,10 @@ fn reload_on_sighup(path: std::path::PathBuf, keyring: Arc<ArcSwap<Keyring>>) {
 }
 
 /// Keeps `/readyz` honest about Redis while no job is passing through.
-fn spawn_redis_probe(buffer: Buffer, health: Arc<Health>, shutdown: Shutdown) {
+fn spawn_redis_probe(store: Store, health: Arc<Health>, shutdown: Shutdown) {
     tokio::spawn(async move {
         loop {
-            health.set_redis(buffer.ping().await.is_ok());
+            health.set_redis(store.ping().await.is_ok());
             health.publish();
             if !shutdown
                 .sleep_until(tokio::time::Instant::now() + Duration::from_secs(2))

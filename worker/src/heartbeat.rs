@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::keyring::{Heartbeat, Keyring};
 use crate::opsgenie::{CallError, Sender};
-use crate::store::Buffer;
+use crate::store::Store;
 use crate::support::shutdown::Shutdown;
 use crate::telemetry::health::Health;
 
@@ -35,7 +35,7 @@ fn tick(interval: Duration) -> Duration {
 /// Pings while ready, in turn with the other replicas, until `shutdown`.
 pub async fn run(
     keyring: Arc<ArcSwap<Keyring>>,
-    buffer: Buffer,
+    store: Store,
     sender: Sender,
     health: Arc<Health>,
     shutdown: Shutdown,
@@ -53,7 +53,7 @@ pub async fn run(
             None => WITHOUT_HEARTBEAT,
             Some(heartbeat) => {
                 if health.readiness().is_ok() {
-                    round(&heartbeat, &buffer, &sender, &replica).await;
+                    round(&heartbeat, &store, &sender, &replica).await;
                 }
                 tick(heartbeat.interval)
             }
@@ -65,8 +65,8 @@ pub async fn run(
 }
 
 /// Takes the turn if it is free, and pings.
-async fn round(heartbeat: &Heartbeat, buffer: &Buffer, sender: &Sender, replica: &str) {
-    match buffer
+async fn round(heartbeat: &Heartbeat, store: &Store, sender: &Sender, replica: &str) {
+    match store
         .take_heartbeat_turn(&heartbeat.name, heartbeat.interval, replica)
         .await
     {

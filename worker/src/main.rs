@@ -6,7 +6,7 @@ use opsgenie_worker::{Fatal, run, telemetry};
 
 // Per job the worker allocates and frees many buffers and one large task; mimalloc's
 // thread-local free lists serve that pattern for about a tenth less CPU than the system
-// allocator (measured with the benchmark of the README).
+// allocator (measured with the benchmark, docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -7,7 +7,7 @@ use crate::cli::Fatal;
 use crate::cli::enqueue::{check_names, printable};
 use crate::cli::{CheckArgs, redact_error, redact_url};
 use crate::keyring::Keyring;
-use crate::store::{Buffer, BufferSettings};
+use crate::store::{Store, StoreSettings};
 use crate::support::init_tls;
 
 /// Prints each check as it passes. Every line, and the message of a failure, goes through
@@ -71,9 +71,9 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
     let redis_url = redact_url(&args.redis.redis_url);
     let redis_error =
         |e: &dyn std::fmt::Display| redact_error(&e.to_string(), &args.redis.redis_url);
-    let buffer = Buffer::new(
+    let store = Store::new(
         &args.redis.redis_url,
-        BufferSettings {
+        StoreSettings {
             prefix: args.redis.redis_prefix.clone(),
             stream_maxlen: 1,
             dedupe_ttl: Duration::from_secs(1),
@@ -82,13 +82,13 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
     )
     .map_err(|e| problem(format!("Redis at {redis_url}: {}", redis_error(&e))))?;
     tokio::time::timeout(Duration::from_secs(10), async {
-        buffer.connect().await?;
-        buffer.ping().await
+        store.connect().await?;
+        store.ping().await
     })
     .await
     .map_err(|_| problem(format!("Redis at {redis_url}: no answer within 10 s")))?
     .map_err(|e| problem(format!("Redis at {redis_url}: {}", redis_error(&e))))?;
-    buffer.quit().await;
+    store.quit().await;
     ok(format!("Redis at {redis_url}"));
     Ok(())
 }

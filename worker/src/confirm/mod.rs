@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use crate::broker::{self, DeadLetter, Publisher, Topology};
 use crate::keyring::Keyring;
 use crate::opsgenie::{CallError, Sender};
-use crate::store::{Buffer, Pending, Settle, Settled, Settlement};
+use crate::store::{Pending, Settle, Settled, Settlement, Store};
 use crate::support::shutdown::Shutdown;
 use crate::telemetry::health::Health;
 
@@ -51,7 +51,7 @@ const PENDING_MARGIN: Duration = Duration::from_secs(24 * 3600);
 /// The most bytes of Opsgenie's status text and alert id kept.
 const TEXT_LIMIT_BYTES: usize = 512;
 
-/// The pending confirmation of a delivery, for `Buffer::record_confirming`.
+/// The pending confirmation of a delivery, for `Store::record_confirming`.
 pub fn pending(
     body: &[u8],
     job: &AlertJob,
@@ -92,7 +92,7 @@ pub fn pending(
 
 /// The confirmer of one replica.
 pub struct Confirmer {
-    pub buffer: Buffer,
+    pub store: Store,
     pub sender: Sender,
     pub keyring: Arc<ArcSwap<Keyring>>,
     pub health: Arc<Health>,
@@ -176,7 +176,7 @@ enum Status {
 
 impl Confirmer {
     pub fn new(
-        buffer: Buffer,
+        store: Store,
         sender: Sender,
         keyring: Arc<ArcSwap<Keyring>>,
         health: Arc<Health>,
@@ -186,7 +186,7 @@ impl Confirmer {
     ) -> Confirmer {
         Confirmer {
             lease: request_timeout.saturating_mul(2) + CLAIM_MARGIN,
-            buffer,
+            store,
             sender,
             keyring,
             health,
@@ -204,7 +204,7 @@ impl Confirmer {
             loop {
                 if gauge_at <= Instant::now() {
                     gauge_at = Instant::now() + Duration::from_secs(2);
-                    if let Ok(waiting) = self.buffer.confirmations_waiting().await {
+                    if let Ok(waiting) = self.store.confirmations_waiting().await {
                         metrics::gauge!("opsgenie_confirmations_pending").set(waiting as f64);
                     }
                 }
@@ -240,7 +240,7 @@ impl Confirmer {
     /// The due confirmations, claimed, with their hashes.
     async fn claim(&self) -> Result<Vec<Claimed>, fred::error::Error> {
         let claims = self
-            .buffer
+            .store
             .claim_confirmations(crate::support::clock::now_ms(), self.lease, CLAIM_BATCH)
             .await?;
         if claims.is_empty() {
@@ -248,7 +248,7 @@ impl Confirmer {
         }
         let members: Vec<String> = claims.iter().map(|(m, _)| m.clone()).collect();
         let hashes = self
-            .buffer
+            .store
             .pending_confirmations(&members, &READ_FIELDS)
             .await?;
         Ok(claims
@@ -453,7 +453,7 @@ impl Confirmer {
                     },
                 })
                 .collect();
-            let error = match self.buffer.settle_confirmations(&settles).await {
+            let error = match self.store.settle_confirmations(&settles).await {
                 Ok(answers) => {
                     for ((claimed, decision), answer) in decided.iter().zip(answers) {
                         if answer == Settled::Lost && matches!(decision, Decision::Done { .. }) {
@@ -497,7 +497,7 @@ impl Confirmer {
             attempts: u32::try_from(claimed.number("attempts")).unwrap_or(u32::MAX),
         };
         let properties = broker::job_properties(&claimed.member);
-        let body = match self.buffer.pending_body(&claimed.member).await {
+        let body = match self.store.pending_body(&claimed.member).await {
             Ok(Some(body)) => body,
             // Gone since it was claimed: the next claim finds it gone and ends it.
             Ok(None) => return false,

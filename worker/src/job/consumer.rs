@@ -285,7 +285,7 @@ async fn handle(
     let settled = settle(&delivery, &report, publisher, topology, first_seen_ms).await;
     if let Some(counter) = admitted.counter() {
         // Finished, whatever the outcome: not this message's fault if it comes back.
-        if let Err(error) = pipeline.buffer.attempt_finished(counter).await {
+        if let Err(error) = pipeline.store.attempt_finished(counter).await {
             tracing::warn!(error = %error, "Could not clear a message's unfinished attempts.");
         }
     }
@@ -423,7 +423,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::job::pipeline::{Envelope, Pipeline};
-    use crate::store::{Buffer, BufferSettings};
+    use crate::store::{Store, StoreSettings};
 
     /// Every job is a task; a large task is allocated and copied per job. The Redis client's
     /// futures alone are about 7 KiB, so they are boxed; this keeps them so.
@@ -439,19 +439,19 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let (_trigger, shutdown) = crate::support::shutdown::Shutdown::new();
-            let settings = BufferSettings {
+            let settings = StoreSettings {
                 prefix: "size:".into(),
                 stream_maxlen: 1,
                 dedupe_ttl: Duration::from_secs(1),
                 lease_ttl: Duration::from_secs(1),
             };
-            let buffer = Buffer::new("redis://127.0.0.1:6379", settings).unwrap();
+            let store = Store::new("redis://127.0.0.1:6379", settings).unwrap();
             let pipeline = Pipeline {
                 keyring: Arc::new(arc_swap::ArcSwap::from_pointee(
                     crate::keyring::Keyring::default(),
                 )),
                 sender: crate::opsgenie::Sender::new(Duration::from_secs(1)).unwrap(),
-                buffer: buffer.clone(),
+                store: store.clone(),
                 policy: Default::default(),
                 health: Default::default(),
                 poison_after: 3,
@@ -465,10 +465,10 @@ mod tests {
             };
             let job = pipeline.process(b"{}", envelope, &shutdown);
             assert!(size(&job) < 4096, "process future: {} bytes", size(&job));
-            let keys = buffer.keys("u", "team", None, None, "t".into());
+            let keys = store.keys("u", "team", None, None, "t".into());
             let fields: crate::store::Fields = Vec::new().into();
-            assert!(size(&buffer.record(&keys, &fields)) < 256);
-            assert!(size(&buffer.admit(&keys)) < 256);
+            assert!(size(&store.record(&keys, &fields)) < 256);
+            assert!(size(&store.admit(&keys)) < 256);
         });
     }
 }

@@ -16,7 +16,7 @@ use tracing::Instrument as _;
 use crate::broker::HEADER_VALUE_LIMIT;
 use crate::keyring::{Keyring, Team};
 use crate::opsgenie::{RoundResult, Sender};
-use crate::store::{Admission, Buffer, Fields, JobKeys};
+use crate::store::{Admission, Fields, JobKeys, Store};
 use crate::support::pacing::Pacing;
 use crate::support::shutdown::Shutdown;
 use crate::telemetry::health::Health;
@@ -160,7 +160,7 @@ fn parse_and_build(body: &[u8]) -> Result<Prepared, Outcome> {
 pub struct Pipeline {
     pub keyring: Arc<ArcSwap<Keyring>>,
     pub sender: Sender,
-    pub buffer: Buffer,
+    pub store: Store,
     pub policy: RetryPolicy,
     pub health: Arc<Health>,
     /// Unfinished attempts after which a redelivered message is dead-lettered as poison.
@@ -217,8 +217,8 @@ impl Pipeline {
                 _turn: self.quarantine.read().await,
             };
         }
-        let counter = self.buffer.attempts_key(body);
-        let unfinished = match self.buffer.unfinished_attempts(&counter).await {
+        let counter = self.store.attempts_key(body);
+        let unfinished = match self.store.unfinished_attempts(&counter).await {
             Ok(n) => n,
             Err(error) => {
                 // Best effort: without Redis the job waits for it in `process` anyway.
@@ -250,7 +250,7 @@ impl Pipeline {
                 _turn: self.quarantine.write().await,
             }
         };
-        if let Err(error) = self.buffer.attempt_started(&counter).await {
+        if let Err(error) = self.store.attempt_started(&counter).await {
             tracing::warn!(error = %error, "Could not count the attempt at a redelivered message.");
         }
         admitted
@@ -324,7 +324,7 @@ impl Pipeline {
         };
         // Random, so that only this round of this job can free the lease it takes.
         let token = format!("{:032x}", rand::random::<u128>());
-        let keys = self.buffer.keys(
+        let keys = self.store.keys(
             &job.notification_uuid,
             &team.id,
             incident,
@@ -381,10 +381,10 @@ impl Pipeline {
         let mut pacing = Pacing::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
             let mut cooling = false;
-            let pause = match self.buffer.admit(keys).await {
+            let pause = match self.store.admit(keys).await {
                 Ok(Admission::Go) => {
                     // Not ready while records cannot reach the replicas asked for.
-                    self.health.set_redis(self.buffer.writes_confirmed());
+                    self.health.set_redis(self.store.writes_confirmed());
                     return ControlFlow::Continue(());
                 }
                 Ok(Admission::Duplicate) => return ControlFlow::Break(Outcome::Duplicate),
@@ -482,7 +482,7 @@ impl Pipeline {
         let mut pacing = Pacing::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match self
-                .buffer
+                .store
                 .record_confirming(keys, fields, pending.clone())
                 .await
             {
@@ -531,7 +531,7 @@ impl Pipeline {
     }
 
     async fn release(&self, keys: &JobKeys) {
-        if let Err(error) = self.buffer.release(keys).await {
+        if let Err(error) = self.store.release(keys).await {
             // The lease expires by itself; this only delays the incident's next job.
             tracing::warn!(error = %error, "Could not free the incident lease.");
         }
@@ -547,7 +547,7 @@ mod tests {
     use opsgenie_shared::DeadReason;
 
     use super::*;
-    use crate::store::BufferSettings;
+    use crate::store::StoreSettings;
 
     /// What the log writes, kept for the test to read.
     #[derive(Clone, Default)]
@@ -567,9 +567,9 @@ mod tests {
     /// it reaches Redis or Opsgenie.
     fn pipeline() -> Pipeline {
         crate::support::init_tls();
-        let buffer = Buffer::new(
+        let store = Store::new(
             "redis://127.0.0.1:6379",
-            BufferSettings {
+            StoreSettings {
                 prefix: "test:process:".into(),
                 stream_maxlen: 1,
                 dedupe_ttl: Duration::from_secs(1),
@@ -580,7 +580,7 @@ mod tests {
         Pipeline {
             keyring: Arc::new(ArcSwap::from_pointee(Keyring::default())),
             sender: Sender::new(Duration::from_secs(1)).unwrap(),
-            buffer,
+            store,
             policy: Default::default(),
             health: Default::default(),
             poison_after: 3,

@@ -1,7 +1,7 @@
 //! The Redis boundary (docs/contract.md section 7): the checks before a request (already delivered? a
 //! stale incident status? another replica on this incident?) and the atomic record after it.
 //! Each is one Lua script, so one round trip and no half-written state. The scripts live in
-//! `buffer/*.lua`, each with its KEYS/ARGV contract and answers at its top, and every one runs
+//! `store/*.lua`, each with its KEYS/ARGV contract and answers at its top, and every one runs
 //! the same way: by its digest, loaded again when Redis answers NOSCRIPT (after a restart
 //! Redis has forgotten them; a script it did not know did not run, so running it is safe).
 
@@ -74,7 +74,7 @@ pub enum Settled {
     Lost,
 }
 
-/// One claimed confirmation to settle, for `Buffer::settle_confirmations`.
+/// One claimed confirmation to settle, for `Store::settle_confirmations`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement<'a> {
     /// The notification_uuid.
@@ -100,7 +100,7 @@ struct SettleCall<'a>(
 
 /// Keys and limits, from the command line.
 #[derive(Debug, Clone)]
-pub struct BufferSettings {
+pub struct StoreSettings {
     pub prefix: String,
     pub stream_maxlen: u64,
     pub dedupe_ttl: Duration,
@@ -154,9 +154,9 @@ pub enum Admission {
 
 /// The Redis client with the scripts it runs.
 #[derive(Clone)]
-pub struct Buffer {
+pub struct Store {
     client: Client,
-    settings: BufferSettings,
+    settings: StoreSettings,
     /// The script arguments that are the same for every job, written once at start-up.
     fixed: Arc<FixedArgs>,
     steps: Script,
@@ -203,11 +203,11 @@ pub struct JobKeys {
     seq: String,
 }
 
-impl Buffer {
+impl Store {
     /// Builds the client; it connects in the background and keeps reconnecting.
     ///
     /// Fails only when the URL cannot be parsed.
-    pub fn new(url: &str, settings: BufferSettings) -> Result<Buffer, Error> {
+    pub fn new(url: &str, settings: StoreSettings) -> Result<Store, Error> {
         // A cluster would split one job's keys across slots, which the scripts cannot span.
         let scheme = url.split_once("://").map_or("", |(s, _)| s);
         if !matches!(
@@ -255,7 +255,7 @@ impl Buffer {
             dedupe_ttl_s: settings.dedupe_ttl.as_secs().max(1).to_string(),
             sequence_ttl_s: SEQUENCE_TTL_SECS.to_string(),
         });
-        Ok(Buffer {
+        Ok(Store {
             fixed,
             client,
             settings,
@@ -274,7 +274,7 @@ impl Buffer {
 
     /// Counts a record as written only once `replicas` replicas of the primary hold it
     /// (`WAIT`); 0, the default, takes the primary's word.
-    pub fn with_replicas(mut self, replicas: u32) -> Buffer {
+    pub fn with_replicas(mut self, replicas: u32) -> Store {
         self.replication = replication::Replication::new(replicas, &self.settings.prefix);
         self
     }
@@ -286,7 +286,7 @@ impl Buffer {
     }
 
     /// Waits until `keys` are on the primary and on the replicas `--redis-replicas` asks for;
-    /// see `buffer/replication.rs`. Fails when they are not (yet): the caller tries again.
+    /// see `store/replication.rs`. Fails when they are not (yet): the caller tries again.
     async fn replicated(&self, keys: &[&str]) -> Result<(), Error> {
         let keys = keys.iter().map(|k| (*k).to_owned()).collect();
         self.replication.confirm(&self.client, keys).await
@@ -833,8 +833,8 @@ mod tests {
 
     use super::*;
 
-    fn settings() -> BufferSettings {
-        BufferSettings {
+    fn settings() -> StoreSettings {
+        StoreSettings {
             prefix: "t:".into(),
             stream_maxlen: 10,
             dedupe_ttl: Duration::from_secs(1),
@@ -851,26 +851,26 @@ mod tests {
             "redis-sentinel://sentinel-a:26379/0?sentinelServiceName=mymaster&node=sentinel-b:26379",
             "rediss-sentinel://sentinel-a:26379/0?sentinelServiceName=mymaster",
         ] {
-            assert!(Buffer::new(url, settings()).is_ok(), "{url}");
+            assert!(Store::new(url, settings()).is_ok(), "{url}");
         }
-        assert!(Buffer::new("http://nope", settings()).is_err());
+        assert!(Store::new("http://nope", settings()).is_err());
         let listed = "redis-sentinel://:pw@s1:26379,s2:26379/0?sentinelServiceName=mymaster";
-        let error = Buffer::new(listed, settings()).err().unwrap();
+        let error = Store::new(listed, settings()).err().unwrap();
         assert!(error.details().contains("&node=host:port"), "{error}");
         assert!(!error.details().contains("pw"), "{error}");
         let comma_in_password = "redis-sentinel://:p,w@s1:26379/0?sentinelServiceName=mymaster";
-        assert!(Buffer::new(comma_in_password, settings()).is_ok());
+        assert!(Store::new(comma_in_password, settings()).is_ok());
     }
 
     #[test]
     fn keys_carry_the_prefix() {
-        let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
-        let keys = buffer.keys("u-1", "ops", Some("incident_1_2"), Some(5), "tok".into());
+        let store = Store::new("redis://127.0.0.1:6379", settings()).unwrap();
+        let keys = store.keys("u-1", "ops", Some("incident_1_2"), Some(5), "tok".into());
         assert_eq!(keys.sent, "t:sent:u-1");
         assert_eq!(keys.lease, "t:lease:incident_1_2");
         assert_eq!(keys.sequence, "t:seq:incident_1_2");
         assert_eq!(keys.cooldown, "t:cooldown:ops");
-        assert_eq!(buffer.stream_key(), "t:deliveries");
+        assert_eq!(store.stream_key(), "t:deliveries");
     }
 
     #[test]
@@ -904,7 +904,7 @@ mod tests {
     /// a record's fields as pairs in order, and any text as it was.
     #[test]
     fn batch_arguments_are_one_json_array_with_sequences_as_strings() {
-        let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
+        let store = Store::new("redis://127.0.0.1:6379", settings()).unwrap();
         let hostile = "Quote \" back\\slash \u{0} nul, é, 🚨, \n";
         let call = |keys: Arc<JobKeys>, record: Option<Fields>| Call {
             keys,
@@ -914,7 +914,7 @@ mod tests {
         };
         let batch = [
             call(
-                buffer.keys(
+                store.keys(
                     "u-1",
                     "ops",
                     Some("incident_1_2"),
@@ -924,7 +924,7 @@ mod tests {
                 None,
             ),
             call(
-                buffer.keys("u-2", "ops", None, None, "tok-2".into()),
+                store.keys("u-2", "ops", None, None, "tok-2".into()),
                 Some(
                     vec![
                         ("notification_uuid", "u-2".to_string()),
@@ -934,7 +934,7 @@ mod tests {
                 ),
             ),
         ];
-        let (keys, args) = step_words(&buffer.fixed, &batch).unwrap();
+        let (keys, args) = step_words(&store.fixed, &batch).unwrap();
         assert_eq!(keys.len(), 2 + 5 * batch.len());
         assert_eq!(args.len(), 5);
         let Value::Bytes(calls) = &args[4] else {
@@ -960,9 +960,9 @@ mod tests {
     /// call names that argument.
     #[test]
     fn the_bodies_of_pending_confirmations_follow_the_json_word() {
-        let buffer = Buffer::new("redis://127.0.0.1:6379", settings()).unwrap();
+        let store = Store::new("redis://127.0.0.1:6379", settings()).unwrap();
         let record = |uuid: &str, body: &'static [u8]| Call {
-            keys: buffer.keys(uuid, "ops", None, None, format!("tok-{uuid}")),
+            keys: store.keys(uuid, "ops", None, None, format!("tok-{uuid}")),
             record: Some(vec![("notification_uuid", uuid.to_string())].into()),
             pending: Some(Arc::new(Pending {
                 member: uuid.into(),
@@ -976,7 +976,7 @@ mod tests {
         let first: &[u8] = b"{\"title\": \"a \\\" quote\"}";
         let second: &[u8] = b"{\"title\": \"\xc3\xa9\"}";
         let batch = [record("u-1", first), record("u-2", second)];
-        let (_, args) = step_words(&buffer.fixed, &batch).unwrap();
+        let (_, args) = step_words(&store.fixed, &batch).unwrap();
         assert_eq!(args.len(), 7);
         assert_eq!(args[5], Value::Bytes(bytes::Bytes::from_static(first)));
         assert_eq!(args[6], Value::Bytes(bytes::Bytes::from_static(second)));
@@ -991,13 +991,13 @@ mod tests {
         assert_eq!(calls[1][4][4], 7);
     }
 
-    /// A buffer on the machine's Redis, not yet connected, under a prefix of its own that
+    /// A store on the machine's Redis, not yet connected, under a prefix of its own that
     /// starts with `test:<kind>:`.
-    pub(super) fn unconnected_live_buffer(kind: &str) -> (Buffer, String) {
+    pub(super) fn unconnected_live_store(kind: &str) -> (Store, String) {
         let prefix = format!("test:{kind}:{:x}:", rand::random::<u64>());
-        let buffer = Buffer::new(
+        let store = Store::new(
             "redis://127.0.0.1:6379",
-            BufferSettings {
+            StoreSettings {
                 prefix: prefix.clone(),
                 stream_maxlen: 1000,
                 dedupe_ttl: Duration::from_secs(60),
@@ -1005,27 +1005,27 @@ mod tests {
             },
         )
         .unwrap();
-        (buffer, prefix)
+        (store, prefix)
     }
 
     /// Against the machine's Redis, under a prefix of its own.
-    async fn live_buffer() -> (Buffer, String) {
-        let (buffer, prefix) = unconnected_live_buffer("buffer");
-        buffer.connect().await.expect("Redis at 127.0.0.1:6379");
-        (buffer, prefix)
+    async fn live_store() -> (Store, String) {
+        let (store, prefix) = unconnected_live_store("store");
+        store.connect().await.expect("Redis at 127.0.0.1:6379");
+        (store, prefix)
     }
 
     /// Deletes every key under `prefix` and closes the client.
-    pub(super) async fn clean(buffer: &Buffer, prefix: &str) {
-        let keys: Vec<String> = buffer
+    pub(super) async fn clean(store: &Store, prefix: &str) {
+        let keys: Vec<String> = store
             .client
             .custom(fred::cmd!("KEYS"), vec![format!("{prefix}*")])
             .await
             .unwrap();
         if !keys.is_empty() {
-            let _: i64 = buffer.client.del(keys).await.unwrap();
+            let _: i64 = store.client.del(keys).await.unwrap();
         }
-        buffer.quit().await;
+        store.quit().await;
     }
 
     fn token() -> String {
@@ -1034,7 +1034,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_call_of_a_batch_gets_its_own_answer() {
-        let (buffer, prefix) = live_buffer().await;
+        let (store, prefix) = live_store().await;
         let fields = |uuid: &str| -> Fields {
             vec![
                 ("notification_uuid", uuid.to_string()),
@@ -1050,10 +1050,10 @@ mod tests {
         let mut recorded = Vec::new();
         for i in 0..20 {
             let uuid = format!("old-{i}");
-            let keys = buffer.keys(&uuid, "ops", None, None, token());
-            assert_eq!(buffer.admit(&keys).await.unwrap(), Admission::Go);
+            let keys = store.keys(&uuid, "ops", None, None, token());
+            assert_eq!(store.admit(&keys).await.unwrap(), Admission::Go);
             assert!(
-                !buffer
+                !store
                     .record(&keys, &fields(&uuid))
                     .await
                     .unwrap()
@@ -1067,61 +1067,61 @@ mod tests {
             asks.push((old.clone(), Admission::Duplicate));
         }
         let answers = futures_util::future::join_all(asks.iter().map(|(uuid, _)| {
-            let keys = buffer.keys(uuid, "ops", None, None, token());
-            let buffer = buffer.clone();
-            async move { buffer.admit(&keys).await.unwrap() }
+            let keys = store.keys(uuid, "ops", None, None, token());
+            let store = store.clone();
+            async move { store.admit(&keys).await.unwrap() }
         }))
         .await;
         for ((uuid, expected), answer) in asks.iter().zip(answers) {
             assert_eq!(&answer, expected, "{uuid}");
         }
         // The stream holds each recorded notification once, with its fields as they were.
-        let entries: Vec<(String, HashMap<String, String>)> = buffer
+        let entries: Vec<(String, HashMap<String, String>)> = store
             .client
-            .xrange(buffer.stream_key(), "-", "+", None)
+            .xrange(store.stream_key(), "-", "+", None)
             .await
             .unwrap();
         assert_eq!(entries.len(), 20);
         assert_eq!(entries[3].1["notification_uuid"], "old-3");
         assert_eq!(entries[3].1["title"], fields("x")[1].1);
-        clean(&buffer, &prefix).await;
+        clean(&store, &prefix).await;
     }
 
     #[tokio::test]
     async fn leases_sequences_cooldowns_and_a_repeated_record() {
-        let (buffer, prefix) = live_buffer().await;
+        let (store, prefix) = live_store().await;
         let alias = "incident_1_9";
-        let first = buffer.keys("m-1", "ops", Some(alias), Some(5), token());
-        assert_eq!(buffer.admit(&first).await.unwrap(), Admission::Go);
+        let first = store.keys("m-1", "ops", Some(alias), Some(5), token());
+        assert_eq!(store.admit(&first).await.unwrap(), Admission::Go);
         // Asked again by the same round (a step that ran twice): still ours.
-        assert_eq!(buffer.admit(&first).await.unwrap(), Admission::Go);
-        let rival = buffer.keys("m-2", "ops", Some(alias), Some(6), token());
-        assert_eq!(buffer.admit(&rival).await.unwrap(), Admission::Busy);
+        assert_eq!(store.admit(&first).await.unwrap(), Admission::Go);
+        let rival = store.keys("m-2", "ops", Some(alias), Some(6), token());
+        assert_eq!(store.admit(&rival).await.unwrap(), Admission::Busy);
         let fields: Fields = vec![("notification_uuid", "m-1".to_string())].into();
-        let id = buffer.record(&first, &fields).await.unwrap();
+        let id = store.record(&first, &fields).await.unwrap();
         assert!(id.contains('-'), "{id}");
         // A record whose answer was lost is sent again: it adds nothing.
-        assert_eq!(buffer.record(&first, &fields).await.unwrap(), "");
-        let length: u64 = buffer.client.xlen(buffer.stream_key()).await.unwrap();
+        assert_eq!(store.record(&first, &fields).await.unwrap(), "");
+        let length: u64 = store.client.xlen(store.stream_key()).await.unwrap();
         assert_eq!(length, 1);
         // The lease is free again; an older or equal status of the incident is stale.
-        let older = buffer.keys("m-0", "ops", Some(alias), Some(5), token());
-        assert_eq!(buffer.admit(&older).await.unwrap(), Admission::Stale);
-        assert_eq!(buffer.admit(&rival).await.unwrap(), Admission::Go);
-        buffer.release(&rival).await.unwrap();
+        let older = store.keys("m-0", "ops", Some(alias), Some(5), token());
+        assert_eq!(store.admit(&older).await.unwrap(), Admission::Stale);
+        assert_eq!(store.admit(&rival).await.unwrap(), Admission::Go);
+        store.release(&rival).await.unwrap();
         // A 429 on the team's key holds every admission of the team.
-        buffer
+        store
             .cool_down("ops", Duration::from_secs(30))
             .await
             .unwrap();
-        let later = buffer.keys("u-9", "ops", None, None, token());
-        match buffer.admit(&later).await.unwrap() {
+        let later = store.keys("u-9", "ops", None, None, token());
+        match store.admit(&later).await.unwrap() {
             Admission::Cooldown(wait) => assert!(wait > Duration::from_secs(25), "{wait:?}"),
             other => panic!("{other:?}"),
         }
-        let other_team = buffer.keys("u-9", "dev", None, None, token());
-        assert_eq!(buffer.admit(&other_team).await.unwrap(), Admission::Go);
-        clean(&buffer, &prefix).await;
+        let other_team = store.keys("u-9", "dev", None, None, token());
+        assert_eq!(store.admit(&other_team).await.unwrap(), Admission::Go);
+        clean(&store, &prefix).await;
     }
 
     /// A pending confirmation is written with its record; a claim is a lease that another
@@ -1129,15 +1129,15 @@ mod tests {
     /// failure after the 202 deletes the sent marker and rolls the incident's sequence back.
     #[tokio::test]
     async fn confirmations_are_claimed_under_a_lease_and_settled_only_by_its_holder() {
-        let (buffer, prefix) = live_buffer().await;
+        let (store, prefix) = live_store().await;
         let alias = "incident_1_42";
         let fields: Fields = vec![("notification_uuid", "c-1".to_string())].into();
         // An earlier status of the incident was delivered at sequence 3.
-        let earlier = buffer.keys("c-0", "ops", Some(alias), Some(3), token());
-        assert_eq!(buffer.admit(&earlier).await.unwrap(), Admission::Go);
-        buffer.record(&earlier, &fields).await.unwrap();
-        let keys = buffer.keys("c-1", "ops", Some(alias), Some(4), token());
-        assert_eq!(buffer.admit(&keys).await.unwrap(), Admission::Go);
+        let earlier = store.keys("c-0", "ops", Some(alias), Some(3), token());
+        assert_eq!(store.admit(&earlier).await.unwrap(), Admission::Go);
+        store.record(&earlier, &fields).await.unwrap();
+        let keys = store.keys("c-1", "ops", Some(alias), Some(4), token());
+        assert_eq!(store.admit(&keys).await.unwrap(), Admission::Go);
         let pending = Pending {
             member: "c-1".into(),
             due_ms: 1_000,
@@ -1150,29 +1150,29 @@ mod tests {
             ],
         };
         let fields: Fields = vec![("notification_uuid", "c-1".to_string())].into();
-        buffer
+        store
             .record_confirming(&keys, &fields, Some(Arc::new(pending)))
             .await
             .unwrap();
-        assert_eq!(buffer.confirmations_waiting().await.unwrap(), 1);
+        assert_eq!(store.confirmations_waiting().await.unwrap(), 1);
         // Not due before its time.
         assert!(
-            buffer
+            store
                 .claim_confirmations(999, Duration::from_secs(10), 8)
                 .await
                 .unwrap()
                 .is_empty()
         );
-        let first = buffer
+        let first = store
             .claim_confirmations(1_000, Duration::from_secs(10), 8)
             .await
             .unwrap();
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].0, "c-1");
         let read = |names: &'static [&'static str]| {
-            let buffer = buffer.clone();
+            let store = store.clone();
             async move {
-                buffer
+                store
                     .pending_confirmations(&["c-1".to_string()], names)
                     .await
                     .unwrap()
@@ -1181,13 +1181,13 @@ mod tests {
         };
         assert_eq!(read(&["prev_seq"]).await, Some(vec!["3".to_string()]));
         assert_eq!(
-            buffer.pending_body("c-1").await.unwrap().as_deref(),
+            store.pending_body("c-1").await.unwrap().as_deref(),
             Some("{\"job\": \"é\"}")
         );
         let settle = |token: String, settle: Settle<'static>| {
-            let buffer = buffer.clone();
+            let store = store.clone();
             async move {
-                buffer
+                store
                     .settle_confirmations(&[Settlement {
                         member: "c-1",
                         token: &token,
@@ -1201,13 +1201,13 @@ mod tests {
         };
         // Claimed: nobody else gets it while the lease lasts, another does once it ran out.
         assert!(
-            buffer
+            store
                 .claim_confirmations(10_999, Duration::from_secs(10), 8)
                 .await
                 .unwrap()
                 .is_empty()
         );
-        let second = buffer
+        let second = store
             .claim_confirmations(11_000, Duration::from_secs(10), 8)
             .await
             .unwrap();
@@ -1230,7 +1230,7 @@ mod tests {
             settle(second[0].1.clone(), Settle::Again { due_ms: 20_000 }).await,
             Settled::Again
         );
-        let third = buffer
+        let third = store
             .claim_confirmations(20_000, Duration::from_secs(10), 8)
             .await
             .unwrap();
@@ -1240,17 +1240,17 @@ mod tests {
             panic!("not done");
         };
         assert!(id.contains('-'));
-        assert_eq!(buffer.confirmations_waiting().await.unwrap(), 0);
+        assert_eq!(store.confirmations_waiting().await.unwrap(), 0);
         assert_eq!(read(&["asks"]).await, None);
         // Failed after its 202: the marker is gone and the incident is back at 3, so that a
         // replay of sequence 4 is admitted and sent.
-        let replay = buffer.keys("c-1", "ops", Some(alias), Some(4), token());
-        assert_eq!(buffer.admit(&replay).await.unwrap(), Admission::Go);
+        let replay = store.keys("c-1", "ops", Some(alias), Some(4), token());
+        assert_eq!(store.admit(&replay).await.unwrap(), Admission::Go);
         // Settled twice is lost the second time: one stream entry per outcome.
         assert_eq!(settle(third[0].1.clone(), done).await, Settled::Lost);
-        let length: u64 = buffer.client.xlen(buffer.stream_key()).await.unwrap();
+        let length: u64 = store.client.xlen(store.stream_key()).await.unwrap();
         assert_eq!(length, 3);
-        clean(&buffer, &prefix).await;
+        clean(&store, &prefix).await;
     }
 
     /// A claimed batch is read in one call (a gone hash reads as `None`) and settled in one
@@ -1258,10 +1258,10 @@ mod tests {
     /// a holder whose claim is no longer its own.
     #[tokio::test]
     async fn a_claimed_batch_is_read_and_settled_each_on_its_own() {
-        let (buffer, prefix) = live_buffer().await;
+        let (store, prefix) = live_store().await;
         let due = format!("{prefix}confirm:due");
         for member in ["c-1", "c-2", "c-3"] {
-            let _: () = buffer
+            let _: () = store
                 .client
                 .hset(
                     format!("{prefix}confirm:{member}"),
@@ -1269,20 +1269,20 @@ mod tests {
                 )
                 .await
                 .unwrap();
-            let _: () = buffer
+            let _: () = store
                 .client
                 .zadd(&due, None, None, false, false, (1.0, member))
                 .await
                 .unwrap();
         }
-        let claims = buffer
+        let claims = store
             .claim_confirmations(10, Duration::from_secs(60), 10)
             .await
             .unwrap();
         assert_eq!(claims.len(), 3);
         let mut members: Vec<String> = claims.iter().map(|(m, _)| m.clone()).collect();
         members.push("gone".into());
-        let read = buffer
+        let read = store
             .pending_confirmations(&members, &["team", "request_id", "asks"])
             .await
             .unwrap();
@@ -1325,7 +1325,7 @@ mod tests {
                 },
             },
         ];
-        let answers = buffer.settle_confirmations(&settles).await.unwrap();
+        let answers = store.settle_confirmations(&settles).await.unwrap();
         assert_eq!(answers[0], Settled::Again);
         assert!(
             matches!(&answers[1], Settled::Done(id) if id.contains('-')),
@@ -1333,41 +1333,41 @@ mod tests {
         );
         assert_eq!(answers[2], Settled::Lost);
         // Rescheduled, and asked once more.
-        let score: Option<f64> = buffer.client.zscore(&due, &claims[0].0).await.unwrap();
+        let score: Option<f64> = store.client.zscore(&due, &claims[0].0).await.unwrap();
         assert_eq!(score, Some(5.0));
-        let asks: Option<String> = buffer
+        let asks: Option<String> = store
             .client
             .hget(format!("{prefix}confirm:{}", claims[0].0), "asks")
             .await
             .unwrap();
         assert_eq!(asks.as_deref(), Some("1"));
         // Ended: out of the set, its hash gone, its entry in the stream.
-        let score: Option<f64> = buffer.client.zscore(&due, &claims[1].0).await.unwrap();
+        let score: Option<f64> = store.client.zscore(&due, &claims[1].0).await.unwrap();
         assert_eq!(score, None);
-        let exists: i64 = buffer
+        let exists: i64 = store
             .client
             .exists(format!("{prefix}confirm:{}", claims[1].0))
             .await
             .unwrap();
         assert_eq!(exists, 0);
-        let entries: Vec<(String, HashMap<String, String>)> = buffer
+        let entries: Vec<(String, HashMap<String, String>)> = store
             .client
-            .xrange(buffer.stream_key(), "-", "+", None)
+            .xrange(store.stream_key(), "-", "+", None)
             .await
             .unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].1["notification_uuid"], claims[1].0);
         assert_eq!(entries[0].1["event"], "confirmed");
         // Not the caller's: left as the claim left it.
-        let score: Option<String> = buffer.client.zscore(&due, &claims[2].0).await.unwrap();
+        let score: Option<String> = store.client.zscore(&due, &claims[2].0).await.unwrap();
         assert_eq!(score.as_deref(), Some(claims[2].1.as_str()));
-        clean(&buffer, &prefix).await;
+        clean(&store, &prefix).await;
     }
 
     /// Past 2^53 a double cannot tell neighbours apart; the script must.
     #[tokio::test]
     async fn sequences_compare_exactly_across_the_whole_64_bit_range() {
-        let (buffer, prefix) = live_buffer().await;
+        let (store, prefix) = live_store().await;
         let fields: Fields = vec![("notification_uuid", "x".to_string())].into();
         // (delivered, then asked) -> expected answer for the second.
         let cases = [
@@ -1389,16 +1389,16 @@ mod tests {
         ];
         for (i, (delivered, asked, expected)) in cases.into_iter().enumerate() {
             let alias = format!("incident_1_{i}");
-            let first = buffer.keys(
+            let first = store.keys(
                 &format!("s-{i}-a"),
                 "ops",
                 Some(&alias),
                 Some(delivered),
                 token(),
             );
-            assert_eq!(buffer.admit(&first).await.unwrap(), Admission::Go);
-            buffer.record(&first, &fields).await.unwrap();
-            let second = buffer.keys(
+            assert_eq!(store.admit(&first).await.unwrap(), Admission::Go);
+            store.record(&first, &fields).await.unwrap();
+            let second = store.keys(
                 &format!("s-{i}-b"),
                 "ops",
                 Some(&alias),
@@ -1406,47 +1406,47 @@ mod tests {
                 token(),
             );
             assert_eq!(
-                buffer.admit(&second).await.unwrap(),
+                store.admit(&second).await.unwrap(),
                 expected,
                 "{asked} after {delivered}"
             );
             if expected == Admission::Go {
-                buffer.record(&second, &fields).await.unwrap();
-                let last: String = buffer.client.get(&second.sequence).await.unwrap();
+                store.record(&second, &fields).await.unwrap();
+                let last: String = store.client.get(&second.sequence).await.unwrap();
                 assert_eq!(last, asked.to_string());
             }
         }
-        clean(&buffer, &prefix).await;
+        clean(&store, &prefix).await;
     }
 
     /// A script Redis does not know (it restarted, or never saw this one) is loaded and run on
     /// the same call: the caller never sees the NOSCRIPT.
     #[tokio::test]
     async fn a_script_redis_forgot_is_loaded_again() {
-        let (mut buffer, prefix) = live_buffer().await;
+        let (mut store, prefix) = live_store().await;
         // A variant no Redis has seen: its digest is new.
         let unseen = |lua: &str| Script::from_lua(format!("{lua}\n-- {}", token()));
-        buffer.steps = unseen(STEPS);
-        buffer.release = unseen(RELEASE);
-        let keys = buffer.keys("u-1", "ops", None, None, token());
-        assert_eq!(buffer.admit(&keys).await.unwrap(), Admission::Go);
-        buffer.release(&keys).await.unwrap();
+        store.steps = unseen(STEPS);
+        store.release = unseen(RELEASE);
+        let keys = store.keys("u-1", "ops", None, None, token());
+        assert_eq!(store.admit(&keys).await.unwrap(), Admission::Go);
+        store.release(&keys).await.unwrap();
         // Freed: the next round takes the lease with a token of its own.
-        let next_round = buffer.keys("u-1", "ops", None, None, token());
-        assert_eq!(buffer.admit(&next_round).await.unwrap(), Admission::Go);
-        clean(&buffer, &prefix).await;
+        let next_round = store.keys("u-1", "ops", None, None, token());
+        assert_eq!(store.admit(&next_round).await.unwrap(), Admission::Go);
+        clean(&store, &prefix).await;
     }
 
     /// An issue alert whose uuid is spelled like an incident alias holds only its own lease.
     #[tokio::test]
     async fn a_notification_never_holds_an_incidents_lease() {
-        let (buffer, prefix) = live_buffer().await;
+        let (store, prefix) = live_store().await;
         let alias = "incident_1_9001";
-        let issue = buffer.keys(alias, "ops", None, None, token());
-        assert_eq!(buffer.admit(&issue).await.unwrap(), Admission::Go);
-        let metric = buffer.keys("m-1", "ops", Some(alias), Some(1), token());
-        assert_eq!(buffer.admit(&metric).await.unwrap(), Admission::Go);
+        let issue = store.keys(alias, "ops", None, None, token());
+        assert_eq!(store.admit(&issue).await.unwrap(), Admission::Go);
+        let metric = store.keys("m-1", "ops", Some(alias), Some(1), token());
+        assert_eq!(store.admit(&metric).await.unwrap(), Admission::Go);
         assert_ne!(issue.lease, metric.lease);
-        clean(&buffer, &prefix).await;
+        clean(&store, &prefix).await;
     }
 }

@@ -192,27 +192,27 @@ pub(super) async fn confirm_round(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::{clean, unconnected_live_buffer};
-    use crate::store::{Buffer, Fields};
+    use crate::store::tests::{clean, unconnected_live_store};
+    use crate::store::{Fields, Store};
 
-    /// A buffer on the machine's Redis (a primary without replicas), under a prefix of its own.
-    async fn lone_primary(replicas: u32) -> (Buffer, String) {
+    /// A store on the machine's Redis (a primary without replicas), under a prefix of its own.
+    async fn lone_primary(replicas: u32) -> (Store, String) {
         crate::support::init_tls();
-        let (buffer, prefix) = unconnected_live_buffer("replication");
-        let buffer = buffer.with_replicas(replicas);
-        buffer.connect().await.expect("Redis at 127.0.0.1:6379");
-        (buffer, prefix)
+        let (store, prefix) = unconnected_live_store("replication");
+        let store = store.with_replicas(replicas);
+        store.connect().await.expect("Redis at 127.0.0.1:6379");
+        (store, prefix)
     }
 
     /// The replicas the machine's Redis has (none, normally).
     async fn replicas_of_the_machines_redis() -> u32 {
-        let (buffer, prefix) = lone_primary(0).await;
-        let info: String = buffer
+        let (store, prefix) = lone_primary(0).await;
+        let info: String = store
             .client
             .custom(fred::cmd!("INFO"), vec!["replication"])
             .await
             .unwrap();
-        clean(&buffer, &prefix).await;
+        clean(&store, &prefix).await;
         info.lines()
             .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
             .and_then(|n| n.parse().ok())
@@ -225,47 +225,47 @@ mod tests {
     #[tokio::test]
     async fn a_record_no_replica_holds_is_a_failed_write() {
         let have = replicas_of_the_machines_redis().await;
-        let (buffer, prefix) = lone_primary(have + 1).await;
-        let keys = buffer.keys("u-1", "ops", None, None, "tok".into());
+        let (store, prefix) = lone_primary(have + 1).await;
+        let keys = store.keys("u-1", "ops", None, None, "tok".into());
         let fields: Fields = vec![("notification_uuid", "u-1".to_string())].into();
         for _ in 0..2 {
-            let error = buffer.record(&keys, &fields).await.unwrap_err();
+            let error = store.record(&keys, &fields).await.unwrap_err();
             let short = format!("{have} of the {} Redis replicas", have + 1);
             assert!(error.details().contains(&short), "{error}");
-            assert!(!buffer.replication.confirmed());
+            assert!(!store.replication.confirmed());
         }
-        let length: u64 = buffer.client.xlen(buffer.stream_key()).await.unwrap();
+        let length: u64 = store.client.xlen(store.stream_key()).await.unwrap();
         assert_eq!(length, 1);
         // Nor may a redelivery be acked as a duplicate on the strength of that record.
-        let again = buffer.keys("u-1", "ops", None, None, "tok-2".into());
-        assert!(buffer.admit(&again).await.is_err());
+        let again = store.keys("u-1", "ops", None, None, "tok-2".into());
+        assert!(store.admit(&again).await.is_err());
         // And the worker does not call itself ready.
-        assert!(buffer.ping().await.is_err());
-        clean(&buffer, &prefix).await;
+        assert!(store.ping().await.is_err());
+        clean(&store, &prefix).await;
 
         // Asking for none is the default: the primary's answer suffices.
-        let (buffer, prefix) = lone_primary(0).await;
-        let keys = buffer.keys("u-1", "ops", None, None, "tok".into());
-        assert!(!buffer.record(&keys, &fields).await.unwrap().is_empty());
-        buffer.ping().await.unwrap();
-        assert!(buffer.replication.confirmed());
-        clean(&buffer, &prefix).await;
+        let (store, prefix) = lone_primary(0).await;
+        let keys = store.keys("u-1", "ops", None, None, "tok".into());
+        assert!(!store.record(&keys, &fields).await.unwrap().is_empty());
+        store.ping().await.unwrap();
+        assert!(store.replication.confirmed());
+        clean(&store, &prefix).await;
     }
 
     /// A record the primary does not hold (it was written to a primary that was lost) fails the
     /// check even when every replica asked for has acknowledged.
     #[tokio::test]
     async fn a_record_missing_on_the_primary_is_a_failed_write() {
-        let (buffer, prefix) = lone_primary(0).await;
+        let (store, prefix) = lone_primary(0).await;
         let present = format!("{prefix}present");
-        let _: () = buffer
+        let _: () = store
             .client
             .set(&present, "1", None, None, false)
             .await
             .unwrap();
         let probe = format!("{prefix}replicated");
         confirm_round(
-            &buffer.client,
+            &store.client,
             0,
             &probe,
             vec![present.clone(), present.clone()],
@@ -273,7 +273,7 @@ mod tests {
         .await
         .unwrap();
         let error = confirm_round(
-            &buffer.client,
+            &store.client,
             0,
             &probe,
             vec![present.clone(), format!("{prefix}lost")],
@@ -284,15 +284,15 @@ mod tests {
             error.details().contains("1 of 2 records are missing"),
             "{error}"
         );
-        clean(&buffer, &prefix).await;
+        clean(&store, &prefix).await;
     }
 
     /// Asks that arrive together share a round, and each gets its answer.
     #[tokio::test]
     async fn asks_that_arrive_together_share_a_round() {
-        let (buffer, prefix) = lone_primary(0).await;
+        let (store, prefix) = lone_primary(0).await;
         let present = format!("{prefix}present");
-        let _: () = buffer
+        let _: () = store
             .client
             .set(&present, "1", None, None, false)
             .await
@@ -300,7 +300,7 @@ mod tests {
         // `WAIT 0` is met at once, so only the rounds' bookkeeping is under test.
         let (inbox, asks) = mpsc::unbounded_channel();
         let task = tokio::spawn(run_rounds(
-            buffer.client.clone(),
+            store.client.clone(),
             0,
             format!("{prefix}replicated"),
             Arc::new(AtomicBool::new(false)),
@@ -331,6 +331,6 @@ mod tests {
         assert!(answer.await.unwrap().is_err());
         drop(inbox);
         task.await.unwrap();
-        clean(&buffer, &prefix).await;
+        clean(&store, &prefix).await;
     }
 }

@@ -62,7 +62,7 @@ pub fn init_logs(format: Option<LogFormat>) -> LogGuard {
     } else {
         LogFormat::Json
     });
-    // The writer thread flushes whenever it finds no line waiting, so the buffer batches
+    // The writer thread flushes whenever it finds no line waiting, so the store batches
     // writes under load and adds no delay when idle.
     let stderr = std::io::BufWriter::with_capacity(LOG_WRITE_BYTES, std::io::stderr());
     let (writer, guard) = NonBlockingBuilder::default()
@@ -188,7 +188,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// A request line and a few headers; a larger head gets 431.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 const MAX_HEADERS: usize = 32;
-/// hyper's read buffer per connection; 8 KiB is the least it accepts.
+/// hyper's read store per connection; 8 KiB is the least it accepts.
 const MAX_READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Every route is a GET without a body; a larger declared body gets 413.
 const MAX_BODY_BYTES: usize = 1024;
