@@ -152,6 +152,12 @@ async fn run(args: Args) -> Result<()> {
     .await?;
     let keyring = write_keyring(&dir.join("keyring.toml"), &standin)?;
     let connection = Connection::connect(&args.amqp_url, ConnectionProperties::default()).await?;
+    let redis = {
+        use fred::prelude::*;
+        let client = Builder::from_config(Config::from_url(&args.redis_url)?).build()?;
+        client.init().await?;
+        client
+    };
     let bench = Bench {
         args: &args,
         worker,
@@ -159,6 +165,7 @@ async fn run(args: Args) -> Result<()> {
         dir: dir.clone(),
         run_id,
         connection,
+        redis,
         standin,
     };
     if let Some(duration) = args.soak {
@@ -360,6 +367,8 @@ struct Bench<'a> {
     dir: PathBuf,
     run_id: String,
     connection: Connection,
+    /// The machine's Redis, to watch the phases' pending confirmations and remove their keys.
+    redis: fred::prelude::Client,
     standin: StandIn,
 }
 
@@ -608,12 +617,9 @@ impl Bench<'_> {
         let key = format!("bench:{}:{phase}:confirm:due", self.run_id);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let pending = Command::new("redis-cli")
-                .args(["-u", &self.args.redis_url, "zcard", &key])
-                .output()
-                .ok()
-                .and_then(|o| String::from_utf8(o.stdout).ok())
-                .and_then(|s| s.trim().parse::<u64>().ok());
+            let pending: Option<u64> = fred::prelude::SortedSetsInterface::zcard(&self.redis, &key)
+                .await
+                .ok();
             if pending == Some(0) {
                 return true;
             }
@@ -913,11 +919,14 @@ impl Bench<'_> {
                 ExchangeDeleteOptions::default(),
             )
             .await;
-        let _ = Command::new("redis-cli")
-            .args(["--no-raw", "eval", "local k = redis.call('KEYS', ARGV[1]) for i=1,#k,500 do redis.call('DEL', unpack(k, i, math.min(i+499, #k))) end return #k", "0"])
-            .arg(format!("bench:{}:{phase}:*", self.run_id))
-            .stdout(Stdio::null())
-            .status();
+        // Deleted in slices, so that a phase's many keys never make one oversized command.
+        let _: Result<i64, _> = fred::prelude::LuaInterface::eval(
+            &self.redis,
+            "local k = redis.call('KEYS', ARGV[1]) for i=1,#k,500 do redis.call('DEL', unpack(k, i, math.min(i+499, #k))) end return #k",
+            Vec::<String>::new(),
+            vec![format!("bench:{}:{phase}:*", self.run_id)],
+        )
+        .await;
     }
 }
 
@@ -1208,7 +1217,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// User and system CPU of a process, seconds, from /proc/<pid>/stat.
 fn cpu_split(pid: u32) -> (f64, f64) {
-    // Before the read: the first call asks `getconf`, which must not land in a measured span
+    // Asked before the read, so that the first call's work stays outside a measured span
     // that starts with this read.
     let hz = clock_ticks();
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -1231,13 +1240,9 @@ fn cpu_split(pid: u32) -> (f64, f64) {
 fn clock_ticks() -> f64 {
     static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *HZ.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
+        // SAFETY: sysconf reads a constant of the running kernel and has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks > 0 { ticks as f64 } else { 100.0 }
     })
 }
 
@@ -1259,9 +1264,10 @@ fn read_status_kib(pid: u32, field: &str) -> f64 {
 }
 
 fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill has no memory preconditions; the pid is our own child's, not yet waited for.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
     for _ in 0..500 {
         if let Ok(Some(_)) = child.try_wait() {
             return;

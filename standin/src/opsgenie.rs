@@ -459,21 +459,9 @@ pub(crate) fn check_close(fields: &Map<String, Value>) -> Result<(), Rejection> 
 /// Aliases are keyed as the worker wrote them in the create body, so the close path segment is
 /// decoded to match; invalid escapes are kept as they are rather than refused.
 fn percent_decode(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let hex = |i: usize| bytes.get(i).and_then(|&b| char::from(b).to_digit(16));
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if let (b'%', Some(high), Some(low)) = (bytes[i], hex(i + 1), hex(i + 2)) {
-            // Two hex digits fit in a byte.
-            out.push((high * 16 + low) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
