@@ -60,6 +60,13 @@ pub fn build_request(job: &AlertJob) -> OpsgenieRequest {
     let uuid = seg(&job.notification_uuid);
     let valid_priority = job.priority.as_deref().filter(|p| is_priority(p));
 
+    let context = JobContext {
+        alias: alias.clone(),
+        base,
+        org_slug: &org_slug,
+        uuid: &uuid,
+        priority: valid_priority,
+    };
     let body = match &job.alert {
         Alert::Metric(metric) if metric.incident.status == IncidentStatus::Resolved => {
             let path = format!(
@@ -76,17 +83,8 @@ pub fn build_request(job: &AlertJob) -> OpsgenieRequest {
                 ignored_priority: None,
             };
         }
-        Alert::Metric(metric) => metric_body(
-            metric,
-            alias.clone(),
-            base,
-            &org_slug,
-            &uuid,
-            valid_priority,
-        ),
-        Alert::Issue(issue) => {
-            issue_body(issue, alias.clone(), base, &org_slug, &uuid, valid_priority)
-        }
+        Alert::Metric(metric) => metric_body(metric, context),
+        Alert::Issue(issue) => issue_body(issue, context),
     };
     OpsgenieRequest {
         action: Action::Create,
@@ -102,14 +100,23 @@ fn is_priority(p: &str) -> bool {
     matches!(p, "P1" | "P2" | "P3" | "P4" | "P5")
 }
 
-fn issue_body<'a>(
-    issue: &'a IssueAlert,
+/// What the create body of every kind of job takes from the job as a whole.
+struct JobContext<'a> {
     alias: Option<String>,
-    base: &str,
-    org_slug: &str,
-    uuid: &str,
+    base: &'a str,
+    org_slug: &'a str,
+    uuid: &'a str,
     priority: Option<&'a str>,
-) -> CreateBody<'a> {
+}
+
+fn issue_body<'a>(issue: &'a IssueAlert, context: JobContext<'a>) -> CreateBody<'a> {
+    let JobContext {
+        alias,
+        base,
+        org_slug,
+        uuid,
+        priority,
+    } = context;
     let event = &issue.event;
     let message = [event.message.as_deref(), Some(event.title.as_str())]
         .into_iter()
@@ -205,14 +212,14 @@ fn issue_body<'a>(
     }
 }
 
-fn metric_body<'a>(
-    metric: &'a MetricAlert,
-    alias: Option<String>,
-    base: &str,
-    org_slug: &str,
-    uuid: &str,
-    priority: Option<&'a str>,
-) -> CreateBody<'a> {
+fn metric_body<'a>(metric: &'a MetricAlert, context: JobContext<'a>) -> CreateBody<'a> {
+    let JobContext {
+        alias,
+        base,
+        org_slug,
+        uuid,
+        priority,
+    } = context;
     let rule = &metric.alert_rule;
     let message = if rule.name.is_empty() {
         format!("Metric alert {}", rule.id)

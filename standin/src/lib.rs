@@ -178,6 +178,18 @@ pub struct AliasState {
     pub stray_closes: u64,
 }
 
+impl AliasState {
+    /// An alias first seen in `status`, with nothing counted yet.
+    fn new(status: AliasStatus) -> AliasState {
+        AliasState {
+            status,
+            creates: 0,
+            closes: 0,
+            stray_closes: 0,
+        }
+    }
+}
+
 /// Counters over everything answered since start; not reset by clearing the requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -299,22 +311,18 @@ impl Shared {
         match effect {
             Effect::None => {}
             Effect::Open(alias) => {
-                let state = books.alerts.entry(alias).or_insert(AliasState {
-                    status: AliasStatus::Open,
-                    creates: 0,
-                    closes: 0,
-                    stray_closes: 0,
-                });
+                let state = books
+                    .alerts
+                    .entry(alias)
+                    .or_insert(AliasState::new(AliasStatus::Open));
                 state.status = AliasStatus::Open;
                 state.creates += 1;
             }
             Effect::Close(alias) => {
-                let state = books.alerts.entry(alias).or_insert(AliasState {
-                    status: AliasStatus::Closed,
-                    creates: 0,
-                    closes: 0,
-                    stray_closes: 0,
-                });
+                let state = books
+                    .alerts
+                    .entry(alias)
+                    .or_insert(AliasState::new(AliasStatus::Closed));
                 if state.status != AliasStatus::Open {
                     state.stray_closes += 1;
                 }

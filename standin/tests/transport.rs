@@ -101,10 +101,7 @@ async fn tls_negotiates_http2_and_multiplexes_on_one_connection() {
 async fn plain_http_records_http1_and_counts_connections() {
     let standin = start(StandInConfig::default()).await;
     provider();
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = plain_client();
     for i in 0..3 {
         assert_eq!(create(&client, &standin, i).await, 202);
     }
@@ -221,10 +218,7 @@ async fn a_hang_up_reads_the_request_and_closes_without_answering() {
 
     // The script is spent: the next request is answered.
     provider();
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = plain_client();
     assert_eq!(create(&client, &standin, 1).await, 202);
     assert!(
         standin
@@ -237,10 +231,7 @@ async fn a_hang_up_reads_the_request_and_closes_without_answering() {
 async fn a_hang_up_can_be_scripted_over_the_admin_api() {
     let standin = start(StandInConfig::default()).await;
     provider();
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = plain_client();
     let pushed = client
         .post(format!("{}/_standin/faults", standin.base_url()))
         .header("Content-Type", "application/json")
@@ -258,4 +249,12 @@ async fn a_hang_up_can_be_scripted_over_the_admin_api() {
         .await;
     assert!(sent.is_err(), "answered: {sent:?}");
     assert_eq!(standin.stats().hang_ups, 1);
+}
+
+/// A client for the stand-in over plain http, whatever proxy the environment names.
+fn plain_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
 }
