@@ -67,24 +67,27 @@ in_env() {
   eval "env $(node_env "$dir" "$n") \"\$@\""
 }
 
-ctl() {
-  local dir=$1 n=$2
-  shift 2
+# Runs one of RabbitMQ's command-line tools (rabbitmqctl, rabbitmq-queues) against node n.
+node_tool() {
+  local dir=$1 n=$2 tool=$3
+  shift 3
   # shellcheck disable=SC1091
   . "$dir/cluster.env"
   local node
   eval "node=\$NODE$n"
-  HOME="$dir" RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" "$RMQ_BIN/rabbitmqctl" -q -n "$node" "$@"
+  HOME="$dir" RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" "$RMQ_BIN/$tool" -q -n "$node" "$@"
+}
+
+ctl() {
+  local dir=$1 n=$2
+  shift 2
+  node_tool "$dir" "$n" rabbitmqctl "$@"
 }
 
 queues() {
   local dir=$1 n=$2
   shift 2
-  # shellcheck disable=SC1091
-  . "$dir/cluster.env"
-  local node
-  eval "node=\$NODE$n"
-  HOME="$dir" RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" "$RMQ_BIN/rabbitmq-queues" -q -n "$node" "$@"
+  node_tool "$dir" "$n" rabbitmq-queues "$@"
 }
 
 start_node() {
