@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 
 use crate::broker::Topology;
 use crate::cli::enqueue;
-use crate::cli::{Fatal, MetricsAddr, RunArgs, redact_error, redact_url};
+use crate::cli::{Fatal, MetricsAddr, RunArgs};
 use crate::job::consumer;
 use crate::job::consumer::ConsumerSettings;
 use crate::job::pipeline::Pipeline;
@@ -16,6 +16,7 @@ use crate::keyring::Keyring;
 use crate::opsgenie::Sender;
 use crate::store::{Store, StoreSettings};
 use crate::support::init_tls;
+use crate::support::redact::{redact_error, redact_url};
 use crate::support::shutdown::Shutdown;
 use crate::telemetry::catalogue;
 use crate::telemetry::health::Health;

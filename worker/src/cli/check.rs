@@ -3,12 +3,13 @@
 use std::time::Duration;
 
 use crate::broker::{self, Topology};
+use crate::cli::CheckArgs;
 use crate::cli::Fatal;
 use crate::cli::enqueue::{check_names, printable};
-use crate::cli::{CheckArgs, redact_error, redact_url};
 use crate::keyring::Keyring;
 use crate::store::{Store, StoreSettings};
 use crate::support::init_tls;
+use crate::support::redact::{redact_error, redact_url};
 
 /// Prints each check as it passes. Every line, and the message of a failure, goes through
 /// `printable`: team ids, file names and a server's error text are not the program's own.

@@ -11,8 +11,9 @@ use serde::de::IgnoredAny;
 
 use crate::broker::{self, Publisher, Topology, job_properties};
 use crate::cli::Fatal;
-use crate::cli::{BrokerArgs, EnqueueArgs, redact_error, redact_url};
+use crate::cli::{BrokerArgs, EnqueueArgs};
 use crate::support::init_tls;
+use crate::support::redact::{redact_error, redact_url};
 
 /// One job found in the input, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -549,7 +549,7 @@ async fn open_publisher(urls: &str) -> Result<(lapin::Connection, Publisher), St
         .map_err(|e| e.to_string())?;
     let publisher = Publisher::new(&connection)
         .await
-        .map_err(|e| crate::cli::redact_error(&e.to_string(), urls))?;
+        .map_err(|e| crate::support::redact::redact_error(&e.to_string(), urls))?;
     Ok((connection, publisher))
 }
 

@@ -65,7 +65,7 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                     next_node = (node + 1) % nodes;
                 }
                 // lapin quotes a URL it cannot parse, password and all.
-                let error = crate::cli::redact_error(&error, &settings.amqp_url);
+                let error = crate::support::redact::redact_error(&error, &settings.amqp_url);
                 let pause = pacing.next_pause();
                 tracing::error!(
                     error,
@@ -76,7 +76,7 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                 continue;
             }
         };
-        let node = crate::cli::redact_url(
+        let node = crate::support::redact::redact_url(
             broker::node_urls(&settings.amqp_url)[(next_node + nodes - 1) % nodes],
         );
         tracing::info!(

@@ -23,9 +23,9 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::cli::redact_url;
 use crate::keyring::Team;
 use crate::support::pacing::Pacing;
+use crate::support::redact::redact_url;
 use crate::support::shutdown::Shutdown;
 
 const USER_AGENT: &str = concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION"));

@@ -2,6 +2,7 @@
 
 pub mod clock;
 pub mod pacing;
+pub mod redact;
 pub mod shutdown;
 
 /// Installs the TLS provider every client here uses; harmless when called twice.
