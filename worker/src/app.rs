@@ -105,8 +105,8 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         ),
     };
     catalogue::register();
-    metrics::gauge!("opsgenie_keyring_teams").set(keyring.load().len() as f64);
-    metrics::gauge!("opsgenie_keyring_reloaded_timestamp_seconds")
+    metrics::gauge!(catalogue::KEYRING_TEAMS).set(keyring.load().len() as f64);
+    metrics::gauge!(catalogue::KEYRING_RELOADED)
         .set(crate::support::clock::now_ms() as f64 / 1000.0);
     warn_if_readable_by_others(&args.keyring);
     reload_on_sighup(args.keyring.clone(), Arc::clone(&keyring));
@@ -195,8 +195,8 @@ fn reload_on_sighup(path: std::path::PathBuf, keyring: Arc<ArcSwap<Keyring>>) {
             match Keyring::load_off_runtime(path.clone(), RELOAD_TIMEOUT).await {
                 Ok(new) => {
                     let teams = new.team_ids().join(",");
-                    metrics::gauge!("opsgenie_keyring_teams").set(new.len() as f64);
-                    metrics::gauge!("opsgenie_keyring_reloaded_timestamp_seconds")
+                    metrics::gauge!(catalogue::KEYRING_TEAMS).set(new.len() as f64);
+                    metrics::gauge!(catalogue::KEYRING_RELOADED)
                         .set(crate::support::clock::now_ms() as f64 / 1000.0);
                     keyring.store(Arc::new(new));
                     tracing::info!(teams, "Keyring reloaded.");
