@@ -29,7 +29,7 @@ use crate::{cli as config, confirm, heartbeat, telemetry};
 /// cannot be bound. Losing the broker or Redis is not fatal.
 pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     init_tls();
-    telemetry::raise_open_file_limit();
+    crate::support::open_files::raise_open_file_limit();
     let keyring = Keyring::load(&args.keyring)?;
     if keyring.is_empty() {
         tracing::warn!(keyring = %args.keyring.display(), "The keyring has no team: every job will be dead-lettered as unknown_team.");

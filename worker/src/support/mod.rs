@@ -1,6 +1,7 @@
 //! Small pieces that several parts of the worker share.
 
 pub mod clock;
+pub mod open_files;
 pub mod pacing;
 pub mod redact;
 pub mod shutdown;
