@@ -26,9 +26,10 @@ use crate::{cli as config, confirm, heartbeat, telemetry};
 
 /// Runs the worker until `shutdown` is triggered and jobs in flight are drained.
 ///
-/// Fails (exit 2) with `Fatal::Keyring` for a keyring that cannot be loaded, `Fatal::Config`
-/// for a Redis URL that cannot be parsed and `Fatal::MetricsAddr` for a metrics address that
-/// cannot be bound. Losing the broker or Redis is not fatal.
+/// Fails (exit 2) with `Fatal::Keyring` for a keyring that cannot be loaded, `Fatal::RedisUrl`
+/// for a Redis URL that cannot be parsed, `Fatal::HttpClient` when no HTTP client can be
+/// built, `Fatal::Config` for a name the broker cannot take and `Fatal::MetricsAddr` for a
+/// metrics address that cannot be bound. Losing the broker or Redis is not fatal.
 pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     init_tls();
     raise_open_file_limit();
@@ -44,7 +45,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     let health = Arc::new(Health::default());
     let store = open_store(&args)?;
     store.start();
-    let sender = Sender::new(args.request_timeout).map_err(|e| Fatal::Config(e.to_string()))?;
+    let sender = Sender::new(args.request_timeout)?;
     // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.
     let (rate_limits, mut reported) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
     let sender = sender.with_rate_limit_reports(rate_limits);
@@ -140,12 +141,9 @@ fn open_store(args: &RunArgs) -> Result<Store, Fatal> {
             lease_ttl: args.quick_window + args.request_timeout + Duration::from_secs(5),
         },
     )
-    .map_err(|e| {
-        Fatal::Config(format!(
-            "--redis-url {}: {}",
-            redact_url(&args.redis.redis_url),
-            redact_error(&e.to_string(), &args.redis.redis_url)
-        ))
+    .map_err(|e| Fatal::RedisUrl {
+        url: redact_url(&args.redis.redis_url),
+        error: redact_error(&e.to_string(), &args.redis.redis_url),
     })?;
     Ok(store.with_replicas(args.redis_replicas))
 }
