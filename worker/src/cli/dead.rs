@@ -49,7 +49,7 @@ async fn next_letter(
 
 /// One line of `dead list`: tab-separated fields, each escaped (`printable`), so that a letter
 /// is always exactly one row whatever its headers and body carry.
-pub fn describe(body: &[u8], properties: &BasicProperties, now_ms: u64) -> String {
+fn describe(body: &[u8], properties: &BasicProperties, now_ms: u64) -> String {
     let reason = header_str(properties, HEADER_ERROR).unwrap_or_else(|| "-".into());
     let message = header_str(properties, HEADER_ERROR_MESSAGE).unwrap_or_default();
     let status = header_u64(properties, HEADER_STATUS).map_or("-".to_string(), |s| s.to_string());
