@@ -12,9 +12,9 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 ///
 /// The recorder keeps every sample of a histogram (two per job) in a list of its own until
 /// something folds them into the buckets: a scrape of `/metrics`, or an upkeep. Nothing else
-/// bounds that list, so a worker nobody scrapes grew by some 40 bytes a job for as long as it
-/// ran. A thread of its own does the upkeep every `METRICS_UPKEEP_INTERVAL`, whether or not
-/// anyone scrapes, and whatever the job runtime is doing.
+/// bounds that list: without an upkeep, a worker nobody scrapes would grow with every job. A
+/// thread of its own does the upkeep every `METRICS_UPKEEP_INTERVAL`, whether or not anyone
+/// scrapes, and whatever the job runtime is doing.
 pub fn init_metrics() -> Option<PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
     HANDLE
