@@ -81,17 +81,6 @@ impl RetryPolicy {
             _ => NextStep::Exhausted,
         }
     }
-
-    /// The name suffix of delay queue `tier`: the delay written short, e.g. `5s`, `30s`, `2m`,
-    /// `10m`, `1h`, `1500ms` (whole hours as `h`, whole minutes as `m`, whole seconds as `s`,
-    /// else `ms`).
-    /// A tier past the end is named `tier<N>`.
-    pub fn tier_name(&self, tier: usize) -> String {
-        match self.delays.get(tier) {
-            Some(&delay) => format_duration(delay),
-            None => format!("tier{tier}"),
-        }
-    }
 }
 
 /// A delay written short, as it names a delay queue: whole hours as `h`, whole minutes as `m`,
@@ -212,7 +201,7 @@ mod tests {
     }
 
     #[test]
-    fn tier_names() {
+    fn delay_queue_names() {
         let policy = RetryPolicy {
             delays: vec![
                 Duration::from_secs(5),
@@ -227,12 +216,10 @@ mod tests {
             ],
             ..RetryPolicy::default()
         };
-        let names: Vec<String> = (0..10).map(|t| policy.tier_name(t)).collect();
+        let names: Vec<String> = policy.delays.iter().map(|d| format_duration(*d)).collect();
         assert_eq!(
             names,
-            [
-                "5s", "30s", "2m", "10m", "1h", "1500ms", "90s", "2h", "0s", "tier9"
-            ]
+            ["5s", "30s", "2m", "10m", "1h", "1500ms", "90s", "2h", "0s"]
         );
     }
 
@@ -310,8 +297,8 @@ mod tests {
     #[test]
     fn default_tier_names_parse_back() {
         let policy = RetryPolicy::default();
-        for (tier, delay) in policy.delays.iter().enumerate() {
-            assert_eq!(parse_duration(&policy.tier_name(tier)).ok(), Some(*delay));
+        for delay in &policy.delays {
+            assert_eq!(parse_duration(&format_duration(*delay)).ok(), Some(*delay));
         }
     }
 }

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::task::JoinHandle;
 
 use crate::broker::Topology;
 use crate::cli::enqueue;
-use crate::cli::{Fatal, MetricsAddr, RunArgs, redact_error, redact_url};
+use crate::cli::{Fatal, MetricsAddr, RunArgs};
 use crate::job::consumer;
 use crate::job::consumer::ConsumerSettings;
 use crate::job::pipeline::Pipeline;
@@ -16,6 +17,8 @@ use crate::keyring::Keyring;
 use crate::opsgenie::Sender;
 use crate::store::{Store, StoreSettings};
 use crate::support::init_tls;
+use crate::support::open_files::raise_open_file_limit;
+use crate::support::redact::{redact_error, redact_url};
 use crate::support::shutdown::Shutdown;
 use crate::telemetry::catalogue;
 use crate::telemetry::health::Health;
@@ -23,12 +26,13 @@ use crate::{cli as config, confirm, heartbeat, telemetry};
 
 /// Runs the worker until `shutdown` is triggered and jobs in flight are drained.
 ///
-/// Fails (exit 2) with `Fatal::Keyring` for a keyring that cannot be loaded, `Fatal::Config`
-/// for a Redis URL that cannot be parsed and `Fatal::MetricsAddr` for a metrics address that
-/// cannot be bound. Losing the broker or Redis is not fatal.
+/// Fails (exit 2) with `Fatal::Keyring` for a keyring that cannot be loaded, `Fatal::RedisUrl`
+/// for a Redis URL that cannot be parsed, `Fatal::HttpClient` when no HTTP client can be
+/// built, `Fatal::Config` for a name the broker cannot take and `Fatal::MetricsAddr` for a
+/// metrics address that cannot be bound. Losing the broker or Redis is not fatal.
 pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     init_tls();
-    telemetry::raise_open_file_limit();
+    raise_open_file_limit();
     let keyring = Keyring::load(&args.keyring)?;
     if keyring.is_empty() {
         tracing::warn!(keyring = %args.keyring.display(), "The keyring has no team: every job will be dead-lettered as unknown_team.");
@@ -36,6 +40,72 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     let topology = Topology::new(&args.broker);
     // A name over 255 bytes would make the AMQP client panic on first use.
     enqueue::check_names(&args.broker, &topology)?;
+    log_start(&args, &topology, &keyring);
+    let keyring = Arc::new(ArcSwap::from_pointee(keyring));
+    let health = Arc::new(Health::default());
+    let store = open_store(&args)?;
+    store.start();
+    let sender = Sender::new(args.request_timeout)?;
+    // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.
+    let (rate_limits, mut reported) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
+    let sender = sender.with_rate_limit_reports(rate_limits);
+    {
+        let store = store.clone();
+        tokio::spawn(async move {
+            while let Some((team, wait)) = reported.recv().await {
+                if let Err(error) = store.cool_down(&team, wait).await {
+                    tracing::warn!(team_id = team, error = %error, "Could not share the rate-limit cooldown.");
+                }
+            }
+        });
+    }
+
+    let server = serve_endpoints(args.metrics_addr, &health, &shutdown).await?;
+    catalogue::register();
+    record_keyring(&keyring.load());
+    warn_if_readable_by_others(&args.keyring);
+    reload_on_sighup(args.keyring.clone(), Arc::clone(&keyring));
+    spawn_redis_probe(store.clone(), Arc::clone(&health), shutdown.clone());
+
+    let topology = Arc::new(topology);
+    let confirm_within = (args.confirm == config::Switch::On).then_some(args.confirm_within);
+    let pipeline = Arc::new(Pipeline {
+        keyring,
+        sender,
+        store: store.clone(),
+        policy: args.retry_policy(),
+        health,
+        poison_after: args.poison_after,
+        quarantine: tokio::sync::RwLock::new(()),
+        confirm_within,
+    });
+    let background = spawn_background(&pipeline, &args, &topology, &shutdown);
+    let counts = Arc::new(telemetry::JobCounts::default());
+    let summary =
+        telemetry::spawn_summary(Arc::clone(&counts), args.summary_interval, shutdown.clone());
+    let settings = ConsumerSettings {
+        amqp_url: args.broker.amqp_url.clone(),
+        topology,
+        prefetch: args.prefetch,
+        drain_timeout: args.drain_timeout,
+        counts,
+    };
+    consumer::consume(settings, pipeline, shutdown).await;
+    for task in background {
+        let _ = task.await;
+    }
+    store.quit().await;
+    let _ = summary.await;
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    tracing::info!("Stopped.");
+    Ok(())
+}
+
+/// The start-up line: where the worker connects (passwords redacted), the names it uses and
+/// the settings that shape a job's way.
+fn log_start(args: &RunArgs, topology: &Topology, keyring: &Keyring) {
     tracing::info!(
         amqp_url = redact_url(&args.broker.amqp_url),
         redis_url = redact_url(&args.redis.redis_url),
@@ -55,8 +125,13 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
         "Starting opsgenie-worker {}.",
         env!("CARGO_PKG_VERSION")
     );
-    let keyring = Arc::new(ArcSwap::from_pointee(keyring));
-    let health = Arc::new(Health::default());
+}
+
+/// The Redis store of `--redis-url`, not yet connected.
+///
+/// Fails (exit 2) when the URL cannot be parsed; the message is redacted, since the client's
+/// error quotes the URL, password and all.
+fn open_store(args: &RunArgs) -> Result<Store, Fatal> {
     let store = Store::new(
         &args.redis.redis_url,
         StoreSettings {
@@ -66,109 +141,72 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
             lease_ttl: args.quick_window + args.request_timeout + Duration::from_secs(5),
         },
     )
-    .map_err(|e| {
-        Fatal::Config(format!(
-            "--redis-url {}: {}",
-            redact_url(&args.redis.redis_url),
-            redact_error(&e.to_string(), &args.redis.redis_url)
-        ))
-    })?
-    .with_replicas(args.redis_replicas);
-    store.start();
-    let sender = Sender::new(args.request_timeout).map_err(|e| Fatal::Config(e.to_string()))?;
-    // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.
-    let (rate_limits, mut reported) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
-    let sender = sender.with_rate_limit_reports(rate_limits);
-    {
-        let store = store.clone();
-        tokio::spawn(async move {
-            while let Some((team, wait)) = reported.recv().await {
-                if let Err(error) = store.cool_down(&team, wait).await {
-                    tracing::warn!(team_id = team, error = %error, "Could not share the rate-limit cooldown.");
-                }
-            }
-        });
-    }
+    .map_err(|e| Fatal::RedisUrl {
+        url: redact_url(&args.redis.redis_url),
+        error: redact_error(&e.to_string(), &args.redis.redis_url),
+    })?;
+    Ok(store.with_replicas(args.redis_replicas))
+}
 
-    let server = match args.metrics_addr {
-        MetricsAddr::Off => None,
-        MetricsAddr::On(addr) => Some(
-            telemetry::serve(
-                addr,
-                telemetry::init_metrics(),
-                Arc::clone(&health),
-                shutdown.clone(),
-            )
-            .await
-            .map_err(|source| Fatal::MetricsAddr { addr, source })?,
-        ),
+/// Serves `/metrics`, `/healthz` and `/readyz` unless `--metrics-addr off`; the handle ends
+/// after shutdown.
+///
+/// Fails (exit 2) when the address cannot be bound.
+async fn serve_endpoints(
+    addr: MetricsAddr,
+    health: &Arc<Health>,
+    shutdown: &Shutdown,
+) -> Result<Option<JoinHandle<()>>, Fatal> {
+    let MetricsAddr::On(addr) = addr else {
+        return Ok(None);
     };
-    catalogue::register();
-    metrics::gauge!("opsgenie_keyring_teams").set(keyring.load().len() as f64);
-    metrics::gauge!("opsgenie_keyring_reloaded_timestamp_seconds")
-        .set(crate::support::clock::now_ms() as f64 / 1000.0);
-    warn_if_readable_by_others(&args.keyring);
-    reload_on_sighup(args.keyring.clone(), Arc::clone(&keyring));
-    spawn_redis_probe(store.clone(), Arc::clone(&health), shutdown.clone());
+    let server = telemetry::serve(
+        addr,
+        telemetry::init_metrics(),
+        Arc::clone(health),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| Fatal::MetricsAddr { addr, source })?;
+    Ok(Some(server))
+}
 
-    let topology = Arc::new(topology);
-    let confirm_within = (args.confirm == config::Switch::On).then_some(args.confirm_within);
+/// The tasks that run beside the consumer until shutdown: the confirmer (unless
+/// `--confirm off`) and the heartbeat.
+fn spawn_background(
+    pipeline: &Pipeline,
+    args: &RunArgs,
+    topology: &Arc<Topology>,
+    shutdown: &Shutdown,
+) -> Vec<JoinHandle<()>> {
     let mut background = Vec::new();
-    if confirm_within.is_some() {
+    if pipeline.confirm_within.is_some() {
         let confirmer = confirm::Confirmer::new(
-            store.clone(),
-            sender.clone(),
-            Arc::clone(&keyring),
-            Arc::clone(&health),
+            pipeline.store.clone(),
+            pipeline.sender.clone(),
+            Arc::clone(&pipeline.keyring),
+            Arc::clone(&pipeline.health),
             args.broker.amqp_url.clone(),
-            Arc::clone(&topology),
+            Arc::clone(topology),
             args.request_timeout,
         );
         background.push(tokio::spawn(confirmer.run(shutdown.clone())));
     }
     background.push(tokio::spawn(heartbeat::run(
-        Arc::clone(&keyring),
-        store.clone(),
-        sender.clone(),
-        Arc::clone(&health),
+        Arc::clone(&pipeline.keyring),
+        pipeline.store.clone(),
+        pipeline.sender.clone(),
+        Arc::clone(&pipeline.health),
         shutdown.clone(),
     )));
+    background
+}
 
-    let counts = Arc::new(telemetry::JobCounts::default());
-    let summary =
-        telemetry::spawn_summary(Arc::clone(&counts), args.summary_interval, shutdown.clone());
-    let pipeline = Arc::new(Pipeline {
-        keyring,
-        sender,
-        store: store.clone(),
-        policy: args.retry_policy(),
-        health,
-        poison_after: args.poison_after,
-        quarantine: tokio::sync::RwLock::new(()),
-        confirm_within,
-    });
-    consumer::consume(
-        ConsumerSettings {
-            amqp_url: args.broker.amqp_url.clone(),
-            topology,
-            prefetch: args.prefetch,
-            drain_timeout: args.drain_timeout,
-            counts: Arc::clone(&counts),
-        },
-        pipeline,
-        shutdown,
-    )
-    .await;
-    for task in background {
-        let _ = task.await;
-    }
-    store.quit().await;
-    let _ = summary.await;
-    if let Some(server) = server {
-        let _ = server.await;
-    }
-    tracing::info!("Stopped.");
-    Ok(())
+/// The keyring's gauges: how many teams, and when it was (re)loaded.
+fn record_keyring(keyring: &Keyring) {
+    metrics::gauge!(catalogue::KEYRING_TEAMS).set(keyring.len() as f64);
+    metrics::gauge!(catalogue::KEYRING_RELOADED)
+        .set(crate::support::clock::now_ms() as f64 / 1000.0);
 }
 
 /// How long a keyring reload may read its files before it is given up.
@@ -194,9 +232,7 @@ fn reload_on_sighup(path: std::path::PathBuf, keyring: Arc<ArcSwap<Keyring>>) {
             match Keyring::load_off_runtime(path.clone(), RELOAD_TIMEOUT).await {
                 Ok(new) => {
                     let teams = new.team_ids().join(",");
-                    metrics::gauge!("opsgenie_keyring_teams").set(new.len() as f64);
-                    metrics::gauge!("opsgenie_keyring_reloaded_timestamp_seconds")
-                        .set(crate::support::clock::now_ms() as f64 / 1000.0);
+                    record_keyring(&new);
                     keyring.store(Arc::new(new));
                     tracing::info!(teams, "Keyring reloaded.");
                 }

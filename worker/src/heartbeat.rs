@@ -21,6 +21,7 @@ use crate::keyring::{Heartbeat, Keyring};
 use crate::opsgenie::{CallError, Sender};
 use crate::store::Store;
 use crate::support::shutdown::Shutdown;
+use crate::telemetry::catalogue;
 use crate::telemetry::health::Health;
 
 /// How often a replica without a heartbeat looks at the keyring again.
@@ -95,11 +96,11 @@ async fn ping(heartbeat: &Heartbeat, sender: &Sender) {
     };
     match failure {
         None => {
-            metrics::counter!("opsgenie_heartbeat_pings_total", "result" => "ok").increment(1);
+            metrics::counter!(catalogue::HEARTBEAT_PINGS, "result" => "ok").increment(1);
             tracing::debug!(heartbeat = heartbeat.name, "Heartbeat pinged.");
         }
         Some(error) => {
-            metrics::counter!("opsgenie_heartbeat_pings_total", "result" => "failed").increment(1);
+            metrics::counter!(catalogue::HEARTBEAT_PINGS, "result" => "failed").increment(1);
             tracing::warn!(
                 heartbeat = heartbeat.name,
                 destination = heartbeat.team.destination(),

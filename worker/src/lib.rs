@@ -4,9 +4,11 @@
 //! `job::pipeline` admits it in Redis (`store`), sends it to Opsgenie (`opsgenie`) and records
 //! the delivery; `job::acks` settles it with the broker. `confirm` later asks Opsgenie whether
 //! each accepted request became an alert. `keyring` holds the teams' keys, `heartbeat` pings
-//! Opsgenie for the fleet, `telemetry` serves logs, metrics and health. `app` wires the `run`
-//! command together; `cli` parses the command line and holds the one-shot commands (`enqueue`,
-//! `dead`, `check`). `support` holds the small pieces several of them share.
+//! Opsgenie for the fleet, `telemetry` writes logs and serves metrics and health (its metric
+//! names all in `telemetry::catalogue`). `app` wires the `run` command together; `cli` parses
+//! the command line, holds the one-shot commands (`enqueue`, `dead`, `check`) and `Fatal`, the
+//! error that sets the exit code. `support` holds the small pieces several of them share:
+//! clock, pacing, shutdown, URL redaction, the open-file limit and TLS set-up.
 
 pub mod app;
 pub mod broker;

@@ -19,7 +19,8 @@ use opsgenie_shared::retry::format_duration;
 use opsgenie_shared::text::cap_bytes;
 use sha2::{Digest, Sha256};
 
-use crate::cli::{BrokerArgs, QueueType, redact_error, redact_url};
+use crate::cli::{BrokerArgs, QueueType};
+use crate::support::redact::{redact_error, redact_url};
 
 pub const HEADER_ERROR: &str = "x-opsgenie-error";
 pub const HEADER_ERROR_MESSAGE: &str = "x-opsgenie-error-message";

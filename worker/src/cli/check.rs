@@ -1,14 +1,19 @@
 //! `opsgenie-worker check`: is the configuration good, and are the broker and Redis there?
 
+use std::path::Path;
 use std::time::Duration;
 
 use crate::broker::{self, Topology};
 use crate::cli::Fatal;
 use crate::cli::enqueue::{check_names, printable};
-use crate::cli::{CheckArgs, redact_error, redact_url};
+use crate::cli::{BrokerArgs, CheckArgs, RedisArgs};
 use crate::keyring::Keyring;
 use crate::store::{Store, StoreSettings};
 use crate::support::init_tls;
+
+/// How long the broker and Redis each get to answer.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+use crate::support::redact::{redact_error, redact_url};
 
 /// Prints each check as it passes. Every line, and the message of a failure, goes through
 /// `printable`: team ids, file names and a server's error text are not the program's own.
@@ -19,15 +24,22 @@ use crate::support::init_tls;
 /// were given.
 pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
     init_tls();
-    let keyring = Keyring::load(&args.keyring).map_err(|e| problem(format!("keyring: {e}")))?;
+    check_keyring(&args.keyring)?;
+    check_broker(&args.broker).await?;
+    check_redis(&args.redis).await
+}
+
+/// Loads the keyring and prints its teams, where each team's alerts go (the region and base
+/// URL, never the key), and the heartbeat.
+fn check_keyring(path: &Path) -> Result<(), Fatal> {
+    let keyring = Keyring::load(path).map_err(|e| problem("keyring", e))?;
     ok(format!(
         "keyring {} ({} team{}: {})",
-        args.keyring.display(),
+        path.display(),
         keyring.len(),
         if keyring.len() == 1 { "" } else { "s" },
         keyring.team_ids().join(", ")
     ));
-    // Where each team's alerts go: the region and base URL, never the key.
     for id in keyring.team_ids() {
         if let Some(team) = keyring.team(id) {
             ok(format!("team {id}: {}", team.destination()));
@@ -41,55 +53,65 @@ pub async fn check(args: CheckArgs) -> Result<(), Fatal> {
             heartbeat.team.destination()
         ));
     }
-    let topology = Topology::new(&args.broker);
-    check_names(&args.broker, &topology)?;
-    let amqp_url = redact_url(&args.broker.amqp_url);
-    let amqp_error =
-        |e: &dyn std::fmt::Display| redact_error(&e.to_string(), &args.broker.amqp_url);
+    Ok(())
+}
+
+/// Connects to RabbitMQ and declares the topology.
+async fn check_broker(args: &BrokerArgs) -> Result<(), Fatal> {
+    let topology = Topology::new(args);
+    check_names(args, &topology)?;
+    let step = format!("RabbitMQ at {}", redact_url(&args.amqp_url));
+    let failed =
+        |e: &dyn std::fmt::Display| problem(&step, redact_error(&e.to_string(), &args.amqp_url));
     let connection = tokio::time::timeout(
-        Duration::from_secs(10),
-        broker::connect(&args.broker.amqp_url, "opsgenie-worker check"),
+        ANSWER_WITHIN,
+        broker::connect(&args.amqp_url, "opsgenie-worker check"),
     )
     .await
-    .map_err(|_| problem(format!("RabbitMQ at {amqp_url}: no answer within 10 s")))?
-    .map_err(|e| problem(format!("RabbitMQ at {amqp_url}: {}", amqp_error(&e))))?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| problem(format!("RabbitMQ at {amqp_url}: {}", amqp_error(&e))))?;
+    .map_err(|_| problem(&step, "no answer within 10 s"))?
+    .map_err(|e| failed(&e))?;
+    let channel = connection.create_channel().await.map_err(|e| failed(&e))?;
     topology.declare(&channel).await.map_err(|e| {
-        problem(format!(
-            "RabbitMQ at {amqp_url}: cannot declare: {}",
-            amqp_error(&e)
-        ))
+        problem(
+            &step,
+            format!(
+                "cannot declare: {}",
+                redact_error(&e.to_string(), &args.amqp_url)
+            ),
+        )
     })?;
     let _ = connection.close(200, "checked".into()).await;
     ok(format!(
-        "RabbitMQ at {amqp_url} (exchange {}, queue {})",
+        "{step} (exchange {}, queue {})",
         topology.exchange, topology.queue
     ));
-    let redis_url = redact_url(&args.redis.redis_url);
-    let redis_error =
-        |e: &dyn std::fmt::Display| redact_error(&e.to_string(), &args.redis.redis_url);
+    Ok(())
+}
+
+/// Connects to Redis and pings it.
+async fn check_redis(args: &RedisArgs) -> Result<(), Fatal> {
+    let step = format!("Redis at {}", redact_url(&args.redis_url));
+    let failed =
+        |e: &dyn std::fmt::Display| problem(&step, redact_error(&e.to_string(), &args.redis_url));
     let store = Store::new(
-        &args.redis.redis_url,
+        &args.redis_url,
         StoreSettings {
-            prefix: args.redis.redis_prefix.clone(),
+            prefix: args.redis_prefix.clone(),
             stream_maxlen: 1,
             dedupe_ttl: Duration::from_secs(1),
             lease_ttl: Duration::from_secs(1),
         },
     )
-    .map_err(|e| problem(format!("Redis at {redis_url}: {}", redis_error(&e))))?;
-    tokio::time::timeout(Duration::from_secs(10), async {
+    .map_err(|e| failed(&e))?;
+    tokio::time::timeout(ANSWER_WITHIN, async {
         store.connect().await?;
         store.ping().await
     })
     .await
-    .map_err(|_| problem(format!("Redis at {redis_url}: no answer within 10 s")))?
-    .map_err(|e| problem(format!("Redis at {redis_url}: {}", redis_error(&e))))?;
+    .map_err(|_| problem(&step, "no answer within 10 s"))?
+    .map_err(|e| failed(&e))?;
     store.quit().await;
-    ok(format!("Redis at {redis_url}"));
+    ok(step);
     Ok(())
 }
 
@@ -106,6 +128,10 @@ fn ok(line: String) {
     println!("ok: {}", printable(&line));
 }
 
-fn problem(message: String) -> Fatal {
-    Fatal::Config(printable(&message).into_owned())
+/// The failure of `step`, printable: a server's error text is not the program's own.
+fn problem(step: &str, why: impl std::fmt::Display) -> Fatal {
+    Fatal::Check {
+        step: printable(step).into_owned(),
+        why: printable(&why.to_string()).into_owned(),
+    }
 }

@@ -1,5 +1,6 @@
 //! `opsgenie-worker dead list` and `dead replay`: the dead-letter queue for operators.
 
+use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -31,9 +32,24 @@ fn broker_error(error: lapin::Error) -> Fatal {
     Fatal::Other(printable(&error.to_string()).into_owned())
 }
 
+/// The next dead letter, unacked: closing the channel returns it, acking it removes it.
+/// `None` when the queue is empty.
+async fn next_letter(
+    channel: &Channel,
+    topology: &Topology,
+) -> Result<Option<BasicGetMessage>, Fatal> {
+    channel
+        .basic_get(
+            topology.dead_queue.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .map_err(broker_error)
+}
+
 /// One line of `dead list`: tab-separated fields, each escaped (`printable`), so that a letter
 /// is always exactly one row whatever its headers and body carry.
-pub fn describe(body: &[u8], properties: &BasicProperties, now_ms: u64) -> String {
+fn describe(body: &[u8], properties: &BasicProperties, now_ms: u64) -> String {
     let reason = header_str(properties, HEADER_ERROR).unwrap_or_else(|| "-".into());
     let message = header_str(properties, HEADER_ERROR_MESSAGE).unwrap_or_default();
     let status = header_u64(properties, HEADER_STATUS).map_or("-".to_string(), |s| s.to_string());
@@ -81,14 +97,9 @@ pub async fn list(broker: BrokerArgs, limit: u32) -> Result<(), Fatal> {
     let mut remaining = 0;
     println!("reason\tnotification_uuid\tteam_id\tstatus\tattempts\tage\tmessage");
     while shown < limit {
-        let got = channel
-            .basic_get(
-                topology.dead_queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .map_err(broker_error)?;
-        let Some(message) = got else { break };
+        let Some(message) = next_letter(&channel, &topology).await? else {
+            break;
+        };
         println!(
             "{}",
             describe(&message.delivery.data, &message.delivery.properties, now)
@@ -128,37 +139,13 @@ pub async fn replay(broker: BrokerArgs, limit: Option<u32>) -> Result<(), Fatal>
         if budget == Some(0) {
             break;
         }
-        let got = channel
-            .basic_get(
-                topology.dead_queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .map_err(broker_error)?;
-        let Some(message) = got else { break };
+        let Some(message) = next_letter(&channel, &topology).await? else {
+            break;
+        };
         let left = message.message_count;
         budget = Some(budget.map_or(left, |b| b.saturating_sub(1).min(left)));
         let delivery = message.delivery;
-        let mut headers = FieldTable::default();
-        for (k, v) in broker::job_headers(&delivery.properties).inner() {
-            if ![
-                HEADER_ERROR,
-                HEADER_ERROR_MESSAGE,
-                HEADER_STATUS,
-                HEADER_ATTEMPTS,
-                HEADER_DEAD_AT,
-                HEADER_FIRST_SEEN,
-            ]
-            .contains(&k.as_str())
-            {
-                headers.insert(k.clone(), v.clone());
-            }
-        }
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
+        let properties = replay_properties(&delivery.properties);
         match publisher
             .publish(
                 &topology.exchange,
@@ -192,6 +179,27 @@ pub async fn replay(broker: BrokerArgs, limit: Option<u32>) -> Result<(), Fatal>
     );
     println!("{}", printable(&replayed));
     Ok(())
+}
+
+/// A dead letter's properties as it goes back to work: its error headers and attempt count
+/// dropped (so it starts afresh), persistent.
+fn replay_properties(dead: &BasicProperties) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (k, v) in broker::job_headers(dead).inner() {
+        if ![
+            HEADER_ERROR,
+            HEADER_ERROR_MESSAGE,
+            HEADER_STATUS,
+            HEADER_ATTEMPTS,
+            HEADER_DEAD_AT,
+            HEADER_FIRST_SEEN,
+        ]
+        .contains(&k.as_str())
+        {
+            headers.insert(k.clone(), v.clone());
+        }
+    }
+    dead.clone().with_headers(headers).with_delivery_mode(2)
 }
 
 #[cfg(test)]

@@ -11,12 +11,13 @@ use serde::de::IgnoredAny;
 
 use crate::broker::{self, Publisher, Topology, job_properties};
 use crate::cli::Fatal;
-use crate::cli::{BrokerArgs, EnqueueArgs, redact_error, redact_url};
+use crate::cli::{BrokerArgs, EnqueueArgs};
 use crate::support::init_tls;
+use crate::support::redact::{redact_error, redact_url};
 
 /// One job found in the input, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Found {
+struct Found {
     /// `FILE: line N` or `stdin: line N` (the line the job starts on), for messages.
     pub origin: String,
     pub body: Vec<u8>,
@@ -25,7 +26,7 @@ pub struct Found {
 /// Splits a file into jobs: one JSON value, or several one after another (JSON lines), each
 /// named by the line it starts on. A syntax error ends the file (and is returned): what
 /// follows it cannot be told apart.
-pub fn split_file(name: &str, data: &[u8]) -> (Vec<Found>, Option<String>) {
+fn split_file(name: &str, data: &[u8]) -> (Vec<Found>, Option<String>) {
     let mut found = Vec::new();
     let mut stream = serde_json::Deserializer::from_slice(data).into_iter::<IgnoredAny>();
     loop {
@@ -53,7 +54,7 @@ pub fn split_file(name: &str, data: &[u8]) -> (Vec<Found>, Option<String>) {
 }
 
 /// Standard input: one job per line; blank lines are skipped.
-pub fn split_lines(data: &[u8]) -> Vec<Found> {
+fn split_lines(data: &[u8]) -> Vec<Found> {
     data.split(|b| *b == b'\n')
         .enumerate()
         .filter(|(_, line)| !line.trim_ascii().is_empty())
@@ -102,7 +103,7 @@ pub(crate) fn check_names(broker: &BrokerArgs, topology: &Topology) -> Result<()
 
 /// A job that did not reach the broker, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NotPublished {
+struct NotPublished {
     /// Where the job came from (`Found::origin`), or the file that could not be read or
     /// split.
     pub origin: String,
@@ -111,13 +112,13 @@ pub struct NotPublished {
 
 impl NotPublished {
     /// The line of the report on standard error.
-    pub fn report(&self) -> String {
+    fn report(&self) -> String {
         printable(&format!("{}: {}", self.origin, self.reason)).into_owned()
     }
 }
 
 /// The last line of `enqueue`, on standard output.
-pub fn summary(published: usize, failed: usize, topology: &Topology) -> String {
+fn summary(published: usize, failed: usize, topology: &Topology) -> String {
     printable(&format!(
         "published {published}, failed {failed} (exchange \"{}\", routing key \"{}\")",
         topology.exchange, topology.routing_key

@@ -30,6 +30,7 @@ use crate::keyring::Keyring;
 use crate::opsgenie::{CallError, Sender};
 use crate::store::{Pending, Settle, Settled, Settlement, Store};
 use crate::support::shutdown::Shutdown;
+use crate::telemetry::catalogue;
 use crate::telemetry::health::Health;
 
 /// How long a claim lasts beyond two request time-outs (the question, and a dead letter's
@@ -205,7 +206,7 @@ impl Confirmer {
                 if gauge_at <= Instant::now() {
                     gauge_at = Instant::now() + Duration::from_secs(2);
                     if let Ok(waiting) = self.store.confirmations_waiting().await {
-                        metrics::gauge!("opsgenie_confirmations_pending").set(waiting as f64);
+                        metrics::gauge!(catalogue::CONFIRMATIONS_PENDING).set(waiting as f64);
                     }
                 }
                 let claimed = match self.claim().await {
@@ -327,11 +328,9 @@ impl Confirmer {
                 text,
                 alert_id,
             } => {
-                metrics::counter!("opsgenie_confirmations_total", "result" => "confirmed")
-                    .increment(1);
+                metrics::counter!(catalogue::CONFIRMATIONS, "result" => "confirmed").increment(1);
                 let lag_ms = now.saturating_sub(claimed.number("delivered_at_ms"));
-                metrics::histogram!("opsgenie_confirmation_lag_seconds")
-                    .record(lag_ms as f64 / 1000.0);
+                metrics::histogram!(catalogue::CONFIRMATION_LAG).record(lag_ms as f64 / 1000.0);
                 tracing::debug!(
                     notification_uuid = claimed.member,
                     request_id,
@@ -363,11 +362,10 @@ impl Confirmer {
                     .dead_letter(claimed, DeadReason::FailedAsync, &message)
                     .await
                 {
-                    metrics::counter!("opsgenie_confirmations_total", "result" => "failed_async")
+                    metrics::counter!(catalogue::CONFIRMATIONS, "result" => "failed_async")
                         .increment(1);
                     let lag_ms = now.saturating_sub(claimed.number("delivered_at_ms"));
-                    metrics::histogram!("opsgenie_confirmation_lag_seconds")
-                        .record(lag_ms as f64 / 1000.0);
+                    metrics::histogram!(catalogue::CONFIRMATION_LAG).record(lag_ms as f64 / 1000.0);
                     finish(
                         claimed,
                         ConfirmationEvent::FailedAsync,
@@ -380,12 +378,11 @@ impl Confirmer {
                 }
             }
             Status::NotYet => {
-                metrics::counter!("opsgenie_confirmations_total", "result" => "not_yet")
-                    .increment(1);
+                metrics::counter!(catalogue::CONFIRMATIONS, "result" => "not_yet").increment(1);
                 again(claimed, now, None)
             }
             Status::Failed { message, wait } => {
-                metrics::counter!("opsgenie_confirmations_total", "result" => "error").increment(1);
+                metrics::counter!(catalogue::CONFIRMATIONS, "result" => "error").increment(1);
                 tracing::warn!(
                     notification_uuid = claimed.member,
                     request_id,
@@ -412,8 +409,7 @@ impl Confirmer {
             .dead_letter(claimed, DeadReason::Unconfirmed, &message)
             .await
         {
-            metrics::counter!("opsgenie_confirmations_total", "result" => "unconfirmed")
-                .increment(1);
+            metrics::counter!(catalogue::CONFIRMATIONS, "result" => "unconfirmed").increment(1);
             finish(
                 claimed,
                 ConfirmationEvent::Unconfirmed,
@@ -549,7 +545,7 @@ async fn open_publisher(urls: &str) -> Result<(lapin::Connection, Publisher), St
         .map_err(|e| e.to_string())?;
     let publisher = Publisher::new(&connection)
         .await
-        .map_err(|e| crate::cli::redact_error(&e.to_string(), urls))?;
+        .map_err(|e| crate::support::redact::redact_error(&e.to_string(), urls))?;
     Ok((connection, publisher))
 }
 

@@ -25,6 +25,7 @@ use crate::job::pipeline::{Admitted, Envelope, Outcome, Pipeline, Report};
 use crate::support::pacing::Pacing;
 use crate::support::shutdown::Shutdown;
 use crate::telemetry::JobCounts;
+use crate::telemetry::catalogue;
 
 /// Where a job's task reports its delivery tag once settled.
 type Acks = mpsc::UnboundedSender<Settled>;
@@ -65,7 +66,7 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                     next_node = (node + 1) % nodes;
                 }
                 // lapin quotes a URL it cannot parse, password and all.
-                let error = crate::cli::redact_error(&error, &settings.amqp_url);
+                let error = crate::support::redact::redact_error(&error, &settings.amqp_url);
                 let pause = pacing.next_pause();
                 tracing::error!(
                     error,
@@ -76,7 +77,7 @@ pub async fn consume(settings: ConsumerSettings, pipeline: Arc<Pipeline>, shutdo
                 continue;
             }
         };
-        let node = crate::cli::redact_url(
+        let node = crate::support::redact::redact_url(
             broker::node_urls(&settings.amqp_url)[(next_node + nodes - 1) % nodes],
         );
         tracing::info!(
@@ -237,7 +238,7 @@ async fn handle(
     acks: &Acks,
 ) -> &'static str {
     let started = Instant::now();
-    metrics::gauge!("opsgenie_jobs_in_flight").increment(1.0);
+    metrics::gauge!(catalogue::JOBS_IN_FLIGHT).increment(1.0);
     let now_ms = crate::support::clock::now_ms();
     let first_seen_ms =
         broker::header_u64(&delivery.properties, HEADER_FIRST_SEEN).unwrap_or(now_ms);
@@ -275,8 +276,8 @@ async fn handle(
                     tracing::error!("Processing a job panicked; the job returns to the queue.");
                     broker::requeue(&delivery).await;
                     let _ = acks.send(Settled::Nacked(delivery.delivery_tag));
-                    metrics::gauge!("opsgenie_jobs_in_flight").decrement(1.0);
-                    metrics::counter!("opsgenie_jobs_total", "outcome" => "requeued", "reason" => "panic").increment(1);
+                    metrics::gauge!(catalogue::JOBS_IN_FLIGHT).decrement(1.0);
+                    metrics::counter!(catalogue::JOBS, "outcome" => "requeued", "reason" => "panic").increment(1);
                     return "requeued";
                 }
             }
@@ -297,16 +298,16 @@ async fn handle(
     } else {
         Settled::Nacked(tag)
     });
-    metrics::gauge!("opsgenie_jobs_in_flight").decrement(1.0);
+    metrics::gauge!(catalogue::JOBS_IN_FLIGHT).decrement(1.0);
     let latency_ms = started.elapsed().as_millis() as u64;
     let reason = match &report.outcome {
         Outcome::DeadLetter { reason, .. } => reason.as_str(),
         _ => "",
     };
-    metrics::counter!("opsgenie_jobs_total", "outcome" => report.outcome.as_str(), "reason" => reason).increment(1);
+    metrics::counter!(catalogue::JOBS, "outcome" => report.outcome.as_str(), "reason" => reason)
+        .increment(1);
     if report.outcome == Outcome::Delivered {
-        metrics::histogram!("opsgenie_delivery_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(catalogue::DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
     }
     log_report(&report, latency_ms, settled.as_ref().err())
 }
@@ -338,7 +339,7 @@ async fn settle(
     let durable = match &report.outcome {
         Outcome::Delivered | Outcome::Duplicate | Outcome::Stale => Ok(()),
         Outcome::RetryLater { tier } => {
-            metrics::counter!("opsgenie_retries_total", "kind" => "delayed").increment(1);
+            metrics::counter!(catalogue::RETRIES, "kind" => "delayed").increment(1);
             let queue = &topology.retry_queues[(*tier).min(topology.retry_queues.len() - 1)].0;
             publisher
                 .schedule_retry(

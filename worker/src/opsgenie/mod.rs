@@ -23,10 +23,11 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::cli::redact_url;
 use crate::keyring::Team;
 use crate::support::pacing::Pacing;
+use crate::support::redact::redact_url;
 use crate::support::shutdown::Shutdown;
+use crate::telemetry::catalogue;
 
 const USER_AGENT: &str = concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION"));
 /// How long an idle connection is kept for the next request.
@@ -353,10 +354,9 @@ impl Sender {
                     (classify_transport_error(), None, String::new(), message)
                 }
             };
-            metrics::histogram!("opsgenie_request_duration_seconds")
+            metrics::histogram!(catalogue::REQUEST_DURATION)
                 .record(started.elapsed().as_secs_f64());
-            metrics::counter!("opsgenie_responses_total", "status" => status_label(status))
-                .increment(1);
+            metrics::counter!(catalogue::RESPONSES, "status" => status_label(status)).increment(1);
             match verdict {
                 Verdict::Delivered | Verdict::NothingToClose => {
                     if verdict == Verdict::NothingToClose {
@@ -401,7 +401,7 @@ impl Sender {
                         retry_in_ms = pause.as_millis() as u64,
                         "Request failed; trying again."
                     );
-                    metrics::counter!("opsgenie_retries_total", "kind" => "quick").increment(1);
+                    metrics::counter!(catalogue::RETRIES, "kind" => "quick").increment(1);
                     if !shutdown.sleep_until(resume).await {
                         return RoundResult::Failed {
                             status,
@@ -435,11 +435,10 @@ impl Sender {
             .request(method, url)
             .header(AUTHORIZATION, team.authorization.clone());
         let answer = read_answer(request).await;
-        metrics::histogram!("opsgenie_request_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(catalogue::REQUEST_DURATION).record(started.elapsed().as_secs_f64());
         match answer {
             Ok(answer) => {
-                metrics::counter!("opsgenie_responses_total", "status" => status_label(Some(answer.status)))
+                metrics::counter!(catalogue::RESPONSES, "status" => status_label(Some(answer.status)))
                     .increment(1);
                 let wait = match classify_response(
                     opsgenie_shared::Action::Create,
@@ -463,7 +462,7 @@ impl Sender {
                 })
             }
             Err(error) => {
-                metrics::counter!("opsgenie_responses_total", "status" => status_label(None))
+                metrics::counter!(catalogue::RESPONSES, "status" => status_label(None))
                     .increment(1);
                 Err(CallError::Transport(format!(
                     "team {}: request to {} failed: {}",

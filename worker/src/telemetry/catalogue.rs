@@ -180,7 +180,7 @@ impl Drop for WaitingForCooldown {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::prometheus_builder;
+    use crate::telemetry::metrics::prometheus_builder;
 
     /// What `register` leaves in a Prometheus scrape, with a recorder of the test's own set
     /// up as the worker's.
