@@ -405,30 +405,24 @@ pub async fn standin_for_team(env: &TestEnv, team: &str, key: &str) -> (StandIn,
     (standin, keyring)
 }
 
-/// GET over plain HTTP/1.0; `None` while nothing answers (or nothing answers within 2 s).
+/// GET `http://127.0.0.1:<port><path>` on a connection of its own (none kept for the next):
+/// status and body; `None` while nothing answers, or nothing answers within 2 s.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let request = async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.ok()?;
-        let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), request)
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let response = client
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
         .await
-        .ok()
-        .flatten()
+        .ok()?;
+    let status = response.status().as_u16();
+    let body = response.text().await.ok()?;
+    Some((status, body))
 }
 
 /// A port nobody listens on right now, for a worker's metrics endpoint.

@@ -88,17 +88,9 @@ async fn leases_held(env: &TestEnv) -> usize {
 /// `opsgenie_responses_total{status}` from the worker's /metrics on `port`; 0 while it does
 /// not answer or has not counted one yet.
 async fn answers_counted(port: u16, status: u16) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+    let Some((_, raw)) = http_get(port, "/metrics").await else {
         return 0;
     };
-    let request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    let mut raw = String::new();
-    if stream.write_all(request.as_bytes()).await.is_err()
-        || stream.read_to_string(&mut raw).await.is_err()
-    {
-        return 0;
-    }
     let label = format!("status=\"{status}\"");
     raw.lines()
         .filter(|l| l.starts_with("opsgenie_responses_total{") && l.contains(&label))

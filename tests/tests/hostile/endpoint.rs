@@ -29,13 +29,10 @@ async fn exchange(port: u16, request: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(&raw).into_owned())
 }
 
-/// The status of a GET over HTTP/1.0, or `None` when nothing answered within `PROMPT`.
+/// The status of a GET on a connection of its own, or `None` when nothing answered within
+/// `PROMPT` (the 2 s of `http_get`).
 async fn probe(port: u16, path: &str) -> Option<u16> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    let raw = timeout(PROMPT, exchange(port, request.as_bytes()))
-        .await
-        .ok()??;
-    raw.split_whitespace().nth(1)?.parse().ok()
+    http_get(port, path).await.map(|(status, _)| status)
 }
 
 /// Opens `n` connections that each send half a request head and then say nothing more.
