@@ -363,31 +363,11 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
-// Jobs, stand-ins and dead letters shared by the delivery-pipeline suites (`delivery`,
-// `enqueue`). Kept apart from the harness above so that each suite can grow its own block.
+// Stand-ins and dead letters shared by the delivery-pipeline suites (`delivery`, `enqueue`).
+// Kept apart from the harness above so that each suite can grow its own block. The jobs they
+// publish are in `fixtures`.
 
-/// The issue alert example of docs/contract.md section 3, for `team`.
-pub fn spec_issue_job(uuid: &str, team: &str) -> serde_json::Value {
-    serde_json::json!({"version":1,"kind":"issue_alert","notification_uuid":uuid,
-     "team_id":team,"priority":"P2",
-     "organization":{"id":1,"slug":"acme","url":"https://acme.sentry.io"},
-     "project":{"id":7,"slug":"api","name":"API"},
-     "group":{"id":1234,"title":"ZeroDivisionError: division by zero","culprit":"app.views.divide","logger":"","level":"error"},
-     "event":{"event_id":"9fe1b6f0","message":"","title":"ZeroDivisionError: division by zero","release":"api@1.4.2",
-              "tags":[["level","error"],["environment","prod"]]},
-     "rules":[{"id":17,"label":"Errors in prod"}]})
-}
-
-/// The metric alert example of docs/contract.md section 3, for `team`, without a sequence so that any
-/// status of incident `identifier` may follow any other.
-pub fn spec_metric_job(uuid: &str, team: &str, identifier: i64, status: &str) -> serde_json::Value {
-    serde_json::json!({"version":1,"kind":"metric_alert","notification_uuid":uuid,
-     "team_id":team,
-     "organization":{"id":1,"slug":"acme","url":"https://acme.sentry.io"},
-     "alert_rule":{"id":9,"name":"p95 latency above 2s"},
-     "incident":{"identifier":identifier,"status":status},
-     "text":"p95(transaction.duration) is 2480ms in the last 5 minutes"})
-}
+pub mod fixtures;
 
 /// A stand-in that accepts only `key`, and a keyring in which `team` is served by it.
 pub async fn standin_for_team(env: &TestEnv, team: &str, key: &str) -> (StandIn, PathBuf) {
@@ -647,37 +627,6 @@ pub async fn tls_standin_for_team(
         trust_ca.then_some(ca_file.as_path()),
     )]);
     (standin, keyring)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fixtures every suite uses: a fresh notification uuid, and the examples of
-// docs/contract.md section 3 varied where a test needs its own alias or a sequence.
-
-/// A fresh, random `notification_uuid`.
-pub fn new_uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// The issue alert example for `team`, with group `group`: its alias (`sentry: <group>`) is
-/// unique per group, so that the stand-in's per-alias books count the sends of each job.
-pub fn issue_job(uuid: &str, team: &str, group: i64) -> serde_json::Value {
-    let mut job = spec_issue_job(uuid, team);
-    job["group"]["id"] = serde_json::json!(group);
-    job
-}
-
-/// The metric alert example for `team`, incident `identifier` in `status`, with `sequence`
-/// as its `incident.sequence`.
-pub fn metric_job(
-    uuid: &str,
-    team: &str,
-    identifier: i64,
-    status: &str,
-    sequence: i64,
-) -> serde_json::Value {
-    let mut job = spec_metric_job(uuid, team, identifier, status);
-    job["incident"]["sequence"] = serde_json::json!(sequence);
-    job
 }
 
 /// The last `n` lines of a worker's log, for a failure message.

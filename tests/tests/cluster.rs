@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
 use lapin::options::ConfirmSelectOptions;
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use opsgenie_shared::{AlertJob, build_request};
 use opsgenie_worker::config::QueueType;

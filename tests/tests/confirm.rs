@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fred::prelude::*;
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::relay::Relay;
 use opsgenie_e2e::*;
 use opsgenie_standin::{AsyncFailure, StandIn, StandInConfig};

@@ -5,12 +5,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use fred::prelude::{ClientLike, KeysInterface};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use opsgenie_shared::record::{Delivery, delivery_fields};
 use opsgenie_shared::{AlertJob, build_request};
 use opsgenie_standin::RecordedRequest;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 /// Generous: the machine is small and shared, and a passing run never waits this long.
@@ -164,11 +165,7 @@ async fn an_issue_alert_without_a_group_has_no_alias_and_no_entity() {
     let mut worker = env.spawn_worker(&keyring, &[]);
     let uuid = new_uuid();
     // No priority, no release, no event message, and a base URL with a trailing slash.
-    let job = json!({"version":1,"kind":"issue_alert","notification_uuid":uuid,"team_id":"backend",
-        "organization":{"id":3,"slug":"acme","url":"https://acme.sentry.io/"},
-        "project":{"id":7,"slug":"api","name":"API"},
-        "event":{"title":"Unhandled rejection: fetch failed","tags":[["browser","Firefox 128"]]},
-        "rules":[{"id":17,"label":"Errors in prod"},{"id":18,"label":"New issues"}]});
+    let job = bare_issue_job(&uuid, "backend");
     let before_ms = now_ms();
     env.publish(job.to_string().as_bytes()).await;
     assert!(
@@ -534,159 +531,6 @@ async fn each_team_reaches_its_own_api_with_its_own_key() {
 
 // ---------------------------------------------------------------------------------------------
 // A randomized batch.
-
-/// Pieces strings are made of: plain text, the separators the builder strips or encodes,
-/// multi-byte characters, emoji (with ZWJ sequences and flags) and combining marks, so that
-/// every limit is counted in Unicode scalar values and nothing is split in the wrong place.
-const PIECES: &[&str] = &[
-    "a",
-    "Z",
-    "7",
-    " ",
-    ",",
-    ",",
-    ":",
-    "-",
-    "é",
-    "e\u{301}",
-    "a\u{308}\u{332}",
-    "😀",
-    "👩\u{200d}💻",
-    "🇯🇵",
-    "日本",
-    "ß",
-    "שלום",
-    "\u{200b}",
-    "/",
-    "?",
-    "&",
-    "%",
-    "#",
-    "\"",
-    "\\",
-    "\n",
-    "\t",
-    "+",
-    "=",
-];
-
-fn text(rng: &mut StdRng, max_pieces: usize) -> String {
-    let n = rng.random_range(0..=max_pieces);
-    (0..n)
-        .map(|_| PIECES[rng.random_range(0..PIECES.len())])
-        .collect()
-}
-
-/// Mostly short, sometimes long enough to hit the field's limit.
-fn sized_text(rng: &mut StdRng, short: usize, long: usize) -> String {
-    if rng.random_bool(0.15) {
-        text(rng, long)
-    } else {
-        text(rng, short)
-    }
-}
-
-fn random_priority(rng: &mut StdRng) -> Option<&'static str> {
-    const CHOICES: [Option<&str>; 10] = [
-        None,
-        Some("P1"),
-        Some("P2"),
-        Some("P3"),
-        Some("P4"),
-        Some("P5"),
-        Some("urgent"),
-        Some("p2"),
-        Some(""),
-        Some("P0"),
-    ];
-    CHOICES[rng.random_range(0..CHOICES.len())]
-}
-
-/// A valid job; `index` makes its request unique (the message, or the incident alias).
-fn random_job(rng: &mut StdRng, run: &str, index: usize) -> Value {
-    let notification_uuid = if rng.random_bool(0.2) {
-        format!("{run}-{index}-ü/é?&%")
-    } else {
-        format!("{run}-{index}")
-    };
-    let team = if rng.random_bool(0.5) {
-        "alpha"
-    } else {
-        "beta"
-    };
-    let url = [
-        "https://acme.sentry.io",
-        "https://acme.sentry.io/",
-        "http://sentry.internal:9000/base",
-    ][rng.random_range(0..3)];
-    let mut job = json!({
-        "version": 1,
-        "notification_uuid": notification_uuid,
-        "team_id": team,
-        "organization": {"id": rng.random_range(-5..1_000_000_i64), "slug": text(rng, 12), "url": url},
-    });
-    if let Some(priority) = random_priority(rng) {
-        job["priority"] = json!(priority);
-    }
-    if rng.random_bool(0.1) {
-        job["added_by_a_newer_producer"] = json!({"nested": [1, 2, 3]});
-    }
-    if rng.random_bool(0.5) {
-        job["kind"] = json!("issue_alert");
-        job["project"] = json!({"id": rng.random_range(1..10_000_i64), "slug": text(rng, 10), "name": text(rng, 20)});
-        let mut event = json!({"title": format!("#{index} {}", sized_text(rng, 40, 300))});
-        if rng.random_bool(0.5) {
-            event["message"] = if rng.random_bool(0.3) {
-                json!("")
-            } else {
-                json!(format!("m{index} {}", sized_text(rng, 40, 300)))
-            };
-        }
-        if rng.random_bool(0.7) {
-            event["release"] = json!(sized_text(rng, 10, 3000));
-        }
-        if rng.random_bool(0.8) {
-            let n = rng.random_range(0..=30);
-            let tags: Vec<[String; 2]> = (0..n)
-                .map(|_| [sized_text(rng, 8, 60), sized_text(rng, 12, 60)])
-                .collect();
-            event["tags"] = json!(tags);
-        }
-        job["event"] = event;
-        if rng.random_bool(0.6) {
-            let mut group = json!({"id": rng.random_range(1..1_000_000_000_000_i64), "title": sized_text(rng, 30, 9000)});
-            for name in ["culprit", "logger", "level"] {
-                if rng.random_bool(0.7) {
-                    group[name] = json!(sized_text(rng, 15, 700));
-                }
-            }
-            job["group"] = group;
-        }
-        let rules: Vec<Value> = (0..rng.random_range(1..=4))
-            .map(|_| json!({"id": rng.random_range(1..100_000_i64), "label": sized_text(rng, 15, 2500)}))
-            .collect();
-        job["rules"] = json!(rules);
-    } else {
-        job["kind"] = json!("metric_alert");
-        let name = if rng.random_bool(0.1) {
-            String::new()
-        } else {
-            format!("r{index} {}", sized_text(rng, 20, 300))
-        };
-        job["alert_rule"] = json!({"id": rng.random_range(1..100_000_i64), "name": name});
-        let status = ["critical", "warning", "resolved"][rng.random_range(0..3)];
-        // A distinct incident per job, so that the per-incident order never holds one back.
-        let mut incident = json!({"identifier": 1_000_000 + index, "status": status});
-        if rng.random_bool(0.5) {
-            incident["sequence"] = json!(rng.random_range(1..2_000_000_000_000_i64));
-        }
-        job["incident"] = incident;
-        if rng.random_bool(0.8) {
-            job["text"] = json!(sized_text(rng, 40, 16_000));
-        }
-    }
-    job
-}
 
 fn chars(s: &str) -> usize {
     s.chars().count()

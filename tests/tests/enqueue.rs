@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicNackOptions};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use opsgenie_shared::{AlertJob, build_request};
 use serde_json::{Value, json};

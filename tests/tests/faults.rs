@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fred::interfaces::{ClientLike, KeysInterface};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::relay::Relay;
 use opsgenie_e2e::*;
 use rand::SeedableRng;
@@ -20,10 +21,6 @@ const KEY: &str = "key-a";
 
 /// Long enough for a loaded two-core machine; every wait ends as soon as its condition holds.
 const SETTLE: Duration = Duration::from_secs(60);
-
-fn group_alias(group: i64) -> String {
-    format!("sentry: {group}")
-}
 
 /// A stand-in accepting `KEY` (answering after `delay`), and a keyring where `TEAM` uses it.
 async fn standin_and_keyring(env: &TestEnv, delay: Option<Duration>) -> (StandIn, PathBuf) {
@@ -177,7 +174,7 @@ async fn a_503_storm_ends_in_one_delivery_per_job_through_the_delay_queues() {
     assert_eq!(standin.delivered(), jobs.len() as u64, "{stats:?}");
     let creates = creates(&standin);
     for (group, _) in &jobs {
-        assert_eq!(creates.get(&group_alias(*group)), Some(&1), "group {group}");
+        assert_eq!(creates.get(&issue_alias(*group)), Some(&1), "group {group}");
     }
 
     let entries = env.stream().await;
@@ -457,7 +454,7 @@ async fn sigkill_mid_stream_loses_nothing_and_pages_twice_at_most_prefetch_times
     let creates = creates(&standin);
     let mut sends = 0;
     for (group, uuid) in &jobs {
-        let n = creates.get(&group_alias(*group)).copied().unwrap_or(0);
+        let n = creates.get(&issue_alias(*group)).copied().unwrap_or(0);
         assert!(n >= 1, "job {uuid} never reached the stand-in");
         sends += n;
     }
@@ -660,7 +657,7 @@ async fn a_redis_outage_holds_acks_until_every_delivery_is_recorded() {
     let creates = creates(&standin);
     let sends: u64 = creates.values().sum();
     for (group, _) in &jobs {
-        assert!(creates.get(&group_alias(*group)).copied().unwrap_or(0) >= 1);
+        assert!(creates.get(&issue_alias(*group)).copied().unwrap_or(0) >= 1);
     }
     println!(
         "Redis outage: {recorded_at_cut} recorded before the cut, {sent_in_outage} sent but not recorded while it lasted, {sends} sends for {JOBS} jobs"
@@ -727,7 +724,7 @@ async fn a_broker_outage_ends_in_a_reconnect_and_every_job_delivered() {
         assert_eq!(counts.get(uuid), Some(&1), "stream entries of {uuid}");
         // A job whose ack was lost with the connection comes back, and Redis says it is done.
         assert_eq!(
-            creates.get(&group_alias(*group)),
+            creates.get(&issue_alias(*group)),
             Some(&1),
             "sends of group {group}"
         );
@@ -1267,7 +1264,7 @@ async fn sigterm_drains_jobs_in_flight_and_leaves_the_rest_queued() {
     let queued = env.queue_len(&env.queue).await;
     assert_eq!(delivered + u64::from(queued), JOBS as u64);
     for (group, uuid) in &jobs {
-        let sent = creates.contains_key(&group_alias(*group));
+        let sent = creates.contains_key(&issue_alias(*group));
         assert_eq!(sent, counts.contains_key(uuid), "{uuid}");
     }
     assert_eq!(leases_held(&env).await, 0);
@@ -1385,7 +1382,7 @@ async fn a_worker_started_while_the_broker_and_redis_are_down_catches_up_when_th
     let creates = creates(&standin);
     for (group, uuid) in &jobs {
         assert_eq!(counts.get(uuid), Some(&1), "stream entries of {uuid}");
-        assert_eq!(creates.get(&group_alias(*group)), Some(&1), "group {group}");
+        assert_eq!(creates.get(&issue_alias(*group)), Some(&1), "group {group}");
     }
     assert_alive(&mut worker);
     stop(&mut worker).await;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

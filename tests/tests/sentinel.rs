@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use lapin::{BasicProperties, Channel};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::sentinel::SentinelSet;
 use opsgenie_e2e::*;
 

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::proxy::ConnectProxy;
 use opsgenie_e2e::*;
 use serde_json::Value;
@@ -14,23 +15,8 @@ use serde_json::Value;
 const DEADLINE: Duration = Duration::from_secs(60);
 const TEAM: &str = "backend";
 
-fn new_uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// The contract's issue job for `TEAM`, with its own group so that each job has its own alias.
-fn issue_job(uuid: &str, group: i64) -> Value {
-    let mut job = spec_issue_job(uuid, TEAM);
-    job["group"]["id"] = group.into();
-    job
-}
-
-fn alias(group: i64) -> String {
-    format!("sentry: {group}")
-}
-
 async fn publish(env: &TestEnv, uuid: &str, group: i64) {
-    env.publish(issue_job(uuid, group).to_string().as_bytes())
+    env.publish(issue_job(uuid, TEAM, group).to_string().as_bytes())
         .await;
 }
 
@@ -172,7 +158,7 @@ async fn fifty_concurrent_jobs_share_one_http2_connection_to_a_private_ca_server
     }
     let alerts = standin.alerts();
     for group in 0..JOBS {
-        let state = alerts.get(&alias(group));
+        let state = alerts.get(&issue_alias(group));
         assert_eq!(state.map(|s| s.creates), Some(1), "group {group}");
     }
     let requests = standin.requests();
@@ -215,7 +201,7 @@ async fn a_server_certificate_from_an_unknown_ca_is_refused_and_the_job_kept() {
     )]);
     let mut worker = ready_worker(&env, &keyring, &["--quick-tries", "1"], &[]).await;
     let uuid = new_uuid();
-    let mut job = issue_job(&uuid, 1);
+    let mut job = issue_job(&uuid, TEAM, 1);
     job["team_id"] = UNTRUSTED_TEAM.into();
     env.publish(job.to_string().as_bytes()).await;
 
@@ -290,7 +276,11 @@ async fn https_goes_through_the_connect_proxy_named_by_https_proxy() {
     }
     assert_eq!(standin.stats().received, JOBS as u64);
     for group in 0..JOBS {
-        assert_eq!(requests_for(&standin, &alias(group)), 1, "group {group}");
+        assert_eq!(
+            requests_for(&standin, &issue_alias(group)),
+            1,
+            "group {group}"
+        );
     }
     assert!(proxy.tunnels() >= 1, "no tunnel through the proxy");
     let target = standin.addr().to_string();
@@ -328,7 +318,7 @@ async fn no_proxy_naming_the_host_bypasses_the_proxy() {
 
     wait_for_stream_len(&env, &worker, 1).await;
     assert_eq!(stream_counts(&env).await.get(&uuid), Some(&1));
-    assert_eq!(requests_for(&standin, &alias(1)), 1);
+    assert_eq!(requests_for(&standin, &issue_alias(1)), 1);
     assert!(
         !proxy.saw_anything(),
         "the proxy was used: {:?}",
@@ -362,7 +352,7 @@ async fn plain_http_uses_http_proxy_and_never_https_proxy() {
     publish(&env, &uuid, 1).await;
 
     wait_for_stream_len(&env, &worker, 1).await;
-    assert_eq!(requests_for(&standin, &alias(1)), 1);
+    assert_eq!(requests_for(&standin, &issue_alias(1)), 1);
     assert!(
         for_http.forwarded() + for_http.tunnels() >= 1,
         "http_proxy unused"
@@ -418,7 +408,7 @@ async fn an_idle_drop_costs_the_next_job_no_try(
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["outcome"], "delivered", "{}", lines[0]);
     assert_eq!(lines[0]["attempt"], 1, "{}", lines[0]);
-    assert_eq!(requests_for(standin, &alias(2)), 1);
+    assert_eq!(requests_for(standin, &issue_alias(2)), 1);
     let entry = env
         .stream()
         .await

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -79,7 +80,7 @@ async fn stalled_connections_silence_neither_health_nor_deliveries() {
             "/healthz did not answer within {PROMPT:?} with 300 stalled connections open"
         );
     }
-    let uuid = uuid::Uuid::new_v4().to_string();
+    let uuid = new_uuid();
     env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
         .await;
     assert!(

@@ -8,8 +8,9 @@ use std::time::Duration;
 use fred::interfaces::KeysInterface;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const TEAM: &str = "backend";
 const KEY: &str = "key-hostile";
@@ -139,26 +140,15 @@ async fn dead_letters_too_large_for_a_frame_are_cut_and_valid_jobs_flow_behind_t
     env.cleanup().await;
 }
 
-/// A job of about 1 MB whose 20,000 rule URLs would each repeat a 500,000-char base.
-fn rule_bomb(url_chars: usize, rules: usize) -> Vec<u8> {
-    let rules: Vec<Value> = (0..rules).map(|i| json!({"id": i, "label": "r"})).collect();
-    serde_json::to_vec(&json!({
-        "version": 1, "kind": "issue_alert", "notification_uuid": new_uuid(), "team_id": TEAM,
-        "organization": {"id": 1, "slug": "acme", "url": format!("https://acme.example/{}", "a".repeat(url_chars))},
-        "project": {"id": 7, "slug": "api", "name": "API"},
-        "group": {"id": 77, "title": "Boom"},
-        "event": {"title": "Boom"},
-        "rules": rules,
-    }))
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_whose_parts_multiply_are_delivered_in_bounded_memory() {
     let env = TestEnv::new("hostile-bomb").await;
     let (standin, keyring) = standin_for_team(&env, TEAM, KEY).await;
     let mut worker = env.spawn_worker(&keyring, &[]);
-    let bombs = [rule_bomb(500_000, 20_000), rule_bomb(100_000, 1_000)];
+    let bombs = [
+        rule_bomb(TEAM, 500_000, 20_000),
+        rule_bomb(TEAM, 100_000, 1_000),
+    ];
     assert!(bombs[0].len() > 900_000 && bombs[0].len() < 1024 * 1024);
     for bomb in &bombs {
         env.publish(bomb).await;
@@ -323,8 +313,7 @@ async fn a_message_that_keeps_killing_its_attempt_ends_as_poison() {
         },
     ]);
     let poison_uuid = new_uuid();
-    let mut poison = spec_issue_job(&poison_uuid, "hanging");
-    poison["group"]["id"] = json!(1);
+    let poison = issue_job(&poison_uuid, "hanging", 1);
     env.publish(poison.to_string().as_bytes()).await;
     let lease = format!("{}lease:notification:{poison_uuid}", env.prefix);
     let flags = ["--request-timeout", "300s", "--poison-after", "3"];

@@ -8,6 +8,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use sha2::{Digest, Sha256};
 

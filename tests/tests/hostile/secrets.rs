@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 
 const RELOAD_FAILED: &str = "Keyring reload failed; keeping the previous keyring.";
@@ -69,7 +70,7 @@ async fn a_fifo_key_file_neither_stops_deliveries_nor_shutdown() {
 
     // Alive, and delivering with the keyring from before.
     assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
-    let uuid = uuid::Uuid::new_v4().to_string();
+    let uuid = new_uuid();
     env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
         .await;
     assert!(
@@ -152,7 +153,7 @@ async fn a_huge_key_file_is_refused_without_being_read() {
     );
 
     // The old keyring still serves.
-    let uuid = uuid::Uuid::new_v4().to_string();
+    let uuid = new_uuid();
     env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
         .await;
     assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);
