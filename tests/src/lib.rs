@@ -1,11 +1,13 @@
 //! The end-to-end harness: each test gets its own exchange, queues and Redis prefix on the
 //! machine's RabbitMQ and Redis, an Opsgenie stand-in, and real `opsgenie-worker` processes.
-//! Everything it creates is removed when the `TestEnv` is dropped.
+//! Everything it creates is removed when the `TestEnv` is dropped, whether the test passed or
+//! panicked.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -59,6 +61,9 @@ pub struct TestEnv {
     pub connection: Connection,
     pub channel: Channel,
     pub redis: Client,
+    /// Queues and exchanges beyond the topology's, removed with it.
+    extra_queues: Mutex<Vec<String>>,
+    extra_exchanges: Mutex<Vec<String>>,
 }
 
 impl TestEnv {
@@ -95,6 +100,8 @@ impl TestEnv {
             connection,
             channel,
             redis,
+            extra_queues: Mutex::default(),
+            extra_exchanges: Mutex::default(),
         };
         env.topology()
             .declare(&env.channel)
@@ -225,6 +232,27 @@ impl TestEnv {
         format!("{}.dead", self.queue)
     }
 
+    /// A work queue name of this test's beside its own (`<queue>.<suffix>`), for a worker
+    /// given `--queue`: it, its dead-letter queue and its delay queues are removed with the
+    /// test's own.
+    pub fn another_queue(&self, suffix: &str) -> String {
+        let queue = format!("{}.{suffix}", self.queue);
+        let mut extra = lock(&self.extra_queues);
+        extra.push(format!("{queue}.dead"));
+        for delay in TEST_RETRY_DELAYS.split(',') {
+            extra.push(format!("{queue}.retry.{delay}"));
+        }
+        extra.push(queue.clone());
+        queue
+    }
+
+    /// An exchange name of this test's beside its own (`<exchange>.<suffix>`), deleted with it.
+    pub fn another_exchange(&self, suffix: &str) -> String {
+        let exchange = format!("{}.{suffix}", self.exchange);
+        lock(&self.extra_exchanges).push(exchange.clone());
+        exchange
+    }
+
     /// The delivery entries of the stream (`event` = `delivered`), oldest first, as field maps.
     pub async fn stream(&self) -> Vec<HashMap<String, String>> {
         self.stream_events()
@@ -244,32 +272,79 @@ impl TestEnv {
             .expect("xrange");
         entries.into_iter().map(|(_, fields)| fields).collect()
     }
+}
 
-    /// Deletes the exchange, the queues and the Redis keys this test made.
-    pub async fn cleanup(&self) {
-        let channel = self.connection.create_channel().await.expect("channel");
-        let topology = self.topology();
-        for q in topology.queue_names() {
+/// Deletes the exchanges, the queues, the Redis keys and the directory the test made. On a
+/// thread and a runtime of its own, with connections of its own: a drop cannot wait on the
+/// test's runtime, which may have a single thread.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let mut queues: Vec<String> = self
+            .topology()
+            .queue_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        queues.extend(lock(&self.extra_queues).drain(..));
+        let mut exchanges = vec![self.exchange.clone()];
+        exchanges.extend(lock(&self.extra_exchanges).drain(..));
+        let pattern = format!("{}*", self.prefix);
+        let removal = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    remove_from_servers(queues, exchanges, pattern),
+                )
+                .await;
+            });
+        });
+        let _ = removal.join();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn remove_from_servers(queues: Vec<String>, exchanges: Vec<String>, pattern: String) {
+    if let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+        && let Ok(channel) = connection.create_channel().await
+    {
+        for q in queues {
             let _ = channel
-                .queue_delete(q.into(), QueueDeleteOptions::default())
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        let _ = channel
-            .exchange_delete(
-                self.exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-        let keys: Vec<String> = self
-            .redis
-            .custom(fred::cmd!("KEYS"), vec![format!("{}*", self.prefix)])
+        for e in exchanges {
+            let _ = channel
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = connection.close(200, "".into()).await;
+    }
+    let Ok(config) = Config::from_url(REDIS_URL) else {
+        return;
+    };
+    let Ok(redis) = Builder::from_config(config).build() else {
+        return;
+    };
+    if redis.init().await.is_ok() {
+        let keys: Vec<String> = redis
+            .custom(fred::cmd!("KEYS"), vec![pattern])
             .await
             .unwrap_or_default();
         if !keys.is_empty() {
-            let _: Result<i64, _> = self.redis.del(keys).await;
+            let _: Result<i64, _> = redis.del(keys).await;
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = redis.quit().await;
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A running `opsgenie-worker run`; killed when dropped.

@@ -563,8 +563,6 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         "the stream holds each send once"
     );
     assert_eq!(sent_twice, 0, "a job was sent to Opsgenie twice");
-    drop(cluster);
-    env.cleanup().await;
 }
 
 /// The nodes of `--amqp-url` are tried in turn: a first node that refuses connections is
@@ -609,5 +607,4 @@ async fn a_node_that_refuses_is_passed_over_for_the_next() {
         worker.raw_log()
     );
     assert!(!worker.raw_log().contains("Refused0"));
-    env.cleanup().await;
 }

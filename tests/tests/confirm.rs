@@ -166,7 +166,6 @@ async fn every_delivery_of_hundreds_is_confirmed_exactly_once() {
         "{metrics}"
     );
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 /// The questions a replica asks are bounded (docs/contract.md section 6.1: at most 16 in
@@ -187,7 +186,6 @@ async fn questions_in_flight_stay_within_their_bound_when_many_fall_due_together
         "{most} questions in flight at most; the bound is 16"
     );
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -277,7 +275,6 @@ async fn a_request_failed_after_its_202_is_dead_lettered_with_the_reason_and_rep
     assert_eq!(standin.delivered(), (fine.len() + 2 * doomed.len()) as u64);
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -325,7 +322,6 @@ async fn a_replica_killed_while_confirming_leaves_every_confirmation_to_another(
     }
     assert_eq!(pending(&env).await, 0);
     stop(&mut second).await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -389,7 +385,6 @@ async fn confirmations_pending_while_redis_is_cut_off_are_all_settled_after() {
     }
     assert_eq!(pending(&env).await, 0);
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -480,7 +475,6 @@ async fn two_replicas_ping_the_heartbeat_once_per_interval_and_stop_without_redi
     for worker in &workers {
         assert!(!worker.raw_log().contains(KEY));
     }
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -558,7 +552,6 @@ async fn a_team_moved_to_jira_service_management_is_served_below_its_prefix() {
         opsgenie_standin::AliasStatus::Closed
     );
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -598,5 +591,4 @@ async fn sighup_starts_and_stops_the_heartbeat() {
         "still pinging after the heartbeat was removed"
     );
     stop(&mut worker).await;
-    env.cleanup().await;
 }

@@ -155,7 +155,6 @@ async fn an_issue_alert_becomes_the_spec_request_and_one_stream_entry() {
     assert_eq!(line["status"], 202);
     assert_eq!(env.queue_len(&env.queue).await, 0);
     stop_cleanly(&mut worker, &["key-a"]).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +246,6 @@ async fn an_issue_alert_without_a_group_has_no_alias_and_no_entity() {
     assert_eq!(line["request_id"], r.request_id.as_str());
     assert_eq!(env.queue_len(&env.queue).await, 0);
     stop_cleanly(&mut worker, &["key-ng"]).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,7 +360,6 @@ async fn metric_alerts_take_their_priority_from_the_status_unless_a_valid_one_is
     }
     assert_eq!(env.queue_len(&env.queue).await, 0);
     stop_cleanly(&mut worker, &["key-m"]).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,7 +430,6 @@ async fn a_resolved_incident_closes_its_alert_by_alias() {
     assert_eq!(line["alias"], "incident_1_314");
     assert_eq!(env.queue_len(&env.queue).await, 0);
     stop_cleanly(&mut worker, &["key-c"]).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,7 +522,6 @@ async fn each_team_reaches_its_own_api_with_its_own_key() {
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
     assert_eq!(env.queue_len(&env.queue).await, 0);
     stop_cleanly(&mut worker, &["key-eu-payments", "key-us-backend"]).await;
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -697,12 +692,10 @@ async fn a_randomized_batch_is_delivered_exactly_once_per_job() {
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
     stop_cleanly(&mut worker, &["key-alpha-batch", "key-beta-batch"]).await;
 
-    // The worker is gone, so the books below are final. They are read before the cleanup
-    // (which removes the log) and checked after it, so that a failure leaves nothing behind.
+    // The worker is gone, so the books below are final.
     let mut requests = standin.requests();
     let stream = env.stream().await;
     let lines = worker.job_lines();
-    env.cleanup().await;
 
     assert_eq!(requests.len(), JOBS, "one request per job");
     let mut request_ids: HashMap<&str, String> = HashMap::new();
@@ -847,7 +840,6 @@ async fn a_redelivered_job_is_acked_as_a_duplicate_without_sending() {
     let stream = env.stream().await;
     assert_eq!(stream.len(), 1);
     assert_eq!(field(&stream[0], "notification_uuid"), Some(uuid.as_str()));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -901,11 +893,8 @@ async fn a_job_for_an_unknown_team_is_dead_lettered_and_not_sent() {
     assert!(env.stream().await.is_empty());
     assert_eq!(env.queue_len(&env.queue).await, 0);
 
-    // Read before the cleanup, which removes the log; checked after it, so that a failure
-    // here leaves nothing behind on the broker.
     let lines = worker.job_lines();
     let log = worker.raw_log();
-    env.cleanup().await;
     assert_eq!(
         lines.len(),
         1,
@@ -993,5 +982,4 @@ async fn redis_keys_carry_the_prefix_and_the_sent_marker_expires_with_the_dedupe
         .filter(|k| !k.starts_with("e2e:") || k.starts_with(&env.prefix))
         .collect();
     assert_eq!(outside, [seq_key]);
-    env.cleanup().await;
 }

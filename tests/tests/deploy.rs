@@ -195,5 +195,4 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_exposed_by_a_running_w
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }

@@ -135,7 +135,6 @@ async fn a_file_with_one_pretty_printed_job_is_published_and_delivered() {
     assert_queued(&env, 1).await;
 
     deliver_and_check(&env, &standin, &keyring, "key-e1", &[job]).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +152,6 @@ async fn a_file_of_json_lines_publishes_every_job() {
     enqueue_ok(&env, &["enqueue", file.to_str().expect("utf-8 path")], None);
     assert_queued(&env, 3).await;
     deliver_and_check(&env, &standin, &keyring, "key-e2", &jobs).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +167,6 @@ async fn standard_input_publishes_one_job_per_line() {
     enqueue_ok(&env, &["enqueue"], Some(input.as_bytes()));
     assert_queued(&env, 3).await;
     deliver_and_check(&env, &standin, &keyring, "key-e3", &jobs).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +206,6 @@ async fn an_invalid_job_is_reported_with_its_field_path_and_not_published() {
             .iter()
             .all(|e| e.get("notification_uuid") != Some(&invalid_uuid))
     );
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,7 +260,7 @@ async fn queue_exists(env: &TestEnv, queue: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_only_an_exchange_no_queue_is_declared_and_an_unroutable_job_is_an_error() {
     let env = TestEnv::new("enq-lone").await;
-    let exchange = format!("{}.lone", env.exchange);
+    let exchange = env.another_exchange("lone");
     let default_queue_existed = queue_exists(&env, "opsgenie.alerts").await;
     let job = spec_issue_job(&new_uuid(), "backend");
     let (code, stdout, stderr) = run_exactly(
@@ -299,10 +295,6 @@ async fn with_only_an_exchange_no_queue_is_declared_and_an_unroutable_job_is_an_
         assert!(!queue_exists(&env, "opsgenie.alerts.dead").await);
         assert!(!queue_exists(&env, "opsgenie.alerts.retry.5s").await);
     }
-    let _ = channel
-        .exchange_delete(exchange.as_str().into(), Default::default())
-        .await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +313,6 @@ async fn with_only_an_exchange_a_job_reaches_the_queue_a_worker_declared() {
     );
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_queued(&env, 1).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +320,7 @@ async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argumen
     // This test's topology stands for another deployment: its retry queues send expired
     // jobs back to its own exchange.
     let env = TestEnv::new("enq-clash").await;
-    let exchange = format!("{}.other", env.exchange);
+    let exchange = env.another_exchange("other");
     let job = spec_issue_job(&new_uuid(), "backend");
     let (code, stdout, stderr) = run_exactly(
         &[
@@ -360,7 +351,6 @@ async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argumen
         "{stderr}"
     );
     // Nothing was published, and the other deployment's queue was not bound to this exchange.
-    let channel = env.connection.create_channel().await.expect("channel");
     let confirm_channel = env.connection.create_channel().await.expect("channel");
     confirm_channel
         .confirm_select(Default::default())
@@ -386,9 +376,6 @@ async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argumen
         "returned as unroutable: {confirm:?}"
     );
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    let _ = channel
-        .exchange_delete(exchange.as_str().into(), Default::default())
-        .await;
 
     // The same for the queue type, as `enqueue`, `check` and `dead` read it.
     let keyring = env.write_keyring(&[]);
@@ -416,5 +403,4 @@ async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argumen
         );
     }
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    env.cleanup().await;
 }

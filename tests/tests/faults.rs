@@ -203,7 +203,6 @@ async fn a_503_storm_ends_in_one_delivery_per_job_through_the_delay_queues() {
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
 
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,7 +260,6 @@ async fn a_429_with_retry_after_holds_every_request_with_that_key() {
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
 
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,7 +326,6 @@ async fn a_429_seen_by_one_replica_holds_the_others_too() {
         assert_eq!(counts.get(uuid), Some(&1));
     }
     stop(&mut second_replica).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,7 +353,6 @@ async fn jobs_flow_on_after_redis_forgets_the_scripts() {
     }
     assert_eq!(standin.delivered(), 6);
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,7 +402,6 @@ async fn past_max_attempts_a_failing_job_is_dead_lettered_as_exhausted() {
     assert!(all_queues_empty(&env).await);
 
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -471,7 +466,6 @@ async fn sigkill_mid_stream_loses_nothing_and_pages_twice_at_most_prefetch_times
     assert!(all_queues_empty(&env).await);
 
     stop(&mut b).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,7 +573,6 @@ async fn three_replicas_never_reopen_or_double_close_a_shuffled_incident() {
     for mut w in workers {
         stop(&mut w).await;
     }
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -676,7 +669,6 @@ async fn a_redis_outage_holds_acks_until_every_delivery_is_recorded() {
     );
     assert_alive(&mut worker);
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -741,7 +733,6 @@ async fn a_broker_outage_ends_in_a_reconnect_and_every_job_delivered() {
     assert!(consuming >= 2, "consumed {consuming} times");
     assert_alive(&mut worker);
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1128,7 +1119,6 @@ async fn poison_is_dead_lettered_with_its_reason_and_valid_jobs_flow_around_it()
     assert!(all_queues_empty(&env).await);
     assert_alive(&mut worker);
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1215,7 +1205,6 @@ async fn dead_list_shows_a_letter_and_dead_replay_delivers_it_once_the_team_exis
     );
 
     stop(&mut worker).await;
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1268,7 +1257,6 @@ async fn sigterm_drains_jobs_in_flight_and_leaves_the_rest_queued() {
         assert_eq!(sent, counts.contains_key(uuid), "{uuid}");
     }
     assert_eq!(leases_held(&env).await, 0);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1322,7 +1310,6 @@ async fn sigterm_past_the_drain_timeout_returns_unfinished_jobs_to_the_queue() {
     assert!(env.stream().await.is_empty());
     assert_eq!(standin.delivered(), 0);
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1386,5 +1373,4 @@ async fn a_worker_started_while_the_broker_and_redis_are_down_catches_up_when_th
     }
     assert_alive(&mut worker);
     stop(&mut worker).await;
-    env.cleanup().await;
 }

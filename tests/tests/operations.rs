@@ -44,7 +44,6 @@ async fn metrics_health_and_readiness_while_it_works() {
         Some(0)
     );
     assert!(!worker.raw_log().contains("metrics-key-7f3a"));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,7 +75,6 @@ async fn readyz_names_redis_when_it_is_unreachable() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +176,6 @@ async fn sighup_adds_a_team_and_a_broken_keyring_keeps_the_old_one() {
         !log.contains("key-one") && !log.contains("key-two"),
         "a key is in the log"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,7 +236,6 @@ async fn check_passes_on_a_good_setup_and_names_what_is_wrong_otherwise() {
         "{err}"
     );
     assert!(!out.contains("chk-s3cret") && !err.contains("chk-s3cret"));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +256,6 @@ async fn check_names_an_unreachable_broker_without_its_password() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("amqp://guest:***@127.0.0.1"), "{err}");
     assert!(!err.contains("hunter2pw"), "{err}");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,14 +287,13 @@ async fn a_summary_line_counts_what_happened() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queue_carries_jobs_and_retries() {
     let env = TestEnv::new("ops-quorum").await;
     // The harness declared classic queues; this test's queues are quorum ones, of another name.
-    let queue = format!("{}.q", env.queue);
+    let queue = env.another_queue("q");
     let (standin, keyring) = standin_for_team(&env, "backend", "k").await;
     standin.push_faults(vec![Fault::new(503).times(1)]).unwrap();
     let mut worker = env.spawn_worker(
@@ -358,22 +352,6 @@ async fn a_quorum_queue_carries_jobs_and_retries() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    let channel = env.connection.create_channel().await.unwrap();
-    for name in [
-        queue.clone(),
-        format!("{queue}.dead"),
-        format!("{queue}.retry.1s"),
-        format!("{queue}.retry.2s"),
-        format!("{queue}.retry.3s"),
-    ] {
-        let _ = channel
-            .queue_delete(
-                name.as_str().into(),
-                lapin::options::QueueDeleteOptions::default(),
-            )
-            .await;
-    }
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,5 +388,4 @@ async fn text_logs_on_request_and_no_password_in_any_line() {
         !log.contains("guest:guest") && !log.contains("text-key-91c"),
         "{log}"
     );
-    env.cleanup().await;
 }

@@ -282,6 +282,4 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
     let _ = worker.terminate(Duration::from_secs(30)).await;
     let _ = primary.quit().await;
     let _ = rejoined.quit().await;
-    drop(set);
-    env.cleanup().await;
 }

@@ -174,7 +174,6 @@ async fn fifty_concurrent_jobs_share_one_http2_connection_to_a_private_ca_server
     assert_eq!(stats.connections, 1, "{stats:?}");
 
     stop(&mut worker, KEY).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +244,6 @@ async fn a_server_certificate_from_an_unknown_ca_is_refused_and_the_job_kept() {
     );
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
     assert!(env.stream().await.is_empty());
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,7 +289,6 @@ async fn https_goes_through_the_connect_proxy_named_by_https_proxy() {
     assert_eq!(proxy.forwarded(), 0);
 
     stop(&mut worker, KEY).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +323,6 @@ async fn no_proxy_naming_the_host_bypasses_the_proxy() {
     );
 
     stop(&mut worker, KEY).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,7 +361,6 @@ async fn plain_http_uses_http_proxy_and_never_https_proxy() {
     );
 
     stop(&mut worker, KEY).await;
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -436,7 +431,6 @@ async fn a_tls_connection_dropped_while_idle_without_close_notify_costs_no_try()
     };
     let (standin, keyring) = tls_standin_for_team(&env, TEAM, KEY, config, true).await;
     an_idle_drop_costs_the_next_job_no_try(&env, &standin, KEY, &keyring).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,7 +450,6 @@ async fn a_plain_http_connection_dropped_while_idle_costs_no_try() {
         api_url: &standin.base_url(),
     }]);
     an_idle_drop_costs_the_next_job_no_try(&env, &standin, KEY, &keyring).await;
-    env.cleanup().await;
 }
 
 /// A server reads the request and closes the connection without answering: the request may
@@ -522,7 +515,6 @@ async fn a_tls_server_that_hangs_up_after_reading_gets_the_request_once_per_roun
             .iter()
             .all(|r| r.http_version == "HTTP/2.0")
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -531,5 +523,4 @@ async fn a_plain_http_server_that_hangs_up_after_reading_gets_the_request_once_p
     let env = TestEnv::new("hangup-http").await;
     let (standin, keyring) = standin_for_team(&env, TEAM, KEY).await;
     a_hang_up_is_a_try_and_the_job_is_retried(&env, &standin, KEY, &keyring).await;
-    env.cleanup().await;
 }

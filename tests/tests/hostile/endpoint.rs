@@ -95,7 +95,6 @@ async fn stalled_connections_silence_neither_health_nor_deliveries() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +159,6 @@ async fn silent_and_idle_connections_are_closed_after_the_header_time_out() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +205,6 @@ async fn oversized_heads_and_bodies_are_refused_at_once() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,5 +257,4 @@ async fn more_connections_than_the_cap_take_no_more_descriptors() {
         Some(0)
     );
     drop(stalled);
-    env.cleanup().await;
 }

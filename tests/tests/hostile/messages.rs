@@ -137,7 +137,6 @@ async fn dead_letters_too_large_for_a_frame_are_cut_and_valid_jobs_flow_behind_t
         .parse()
         .unwrap();
     assert!(dropped > 130_000, "{dropped}");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +172,6 @@ async fn jobs_whose_parts_multiply_are_delivered_in_bounded_memory() {
     let peak_mib = peak_rss_kib(&worker) / 1024;
     assert!(peak_mib < 100, "peak RSS {peak_mib} MiB");
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +207,6 @@ async fn a_resolve_one_above_two_to_the_53_closes_the_incident() {
     );
     assert_eq!(env.stream().await.len(), 2);
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +250,6 @@ async fn an_issue_alert_named_like_an_incident_leaves_the_incident_its_lease() {
     );
     assert!(standin.wait_for_delivered(2, SETTLE).await);
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +273,6 @@ async fn stream_fields_are_capped_whatever_the_job_holds() {
     assert!(entry["project_slug"].ends_with('…'));
     assert!(entry["rule_ids"].starts_with("0,1,2,"));
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }
 
 /// A message that kills every attempt at it (here: the worker is killed with it in hand) is
@@ -349,5 +344,4 @@ async fn a_message_that_keeps_killing_its_attempt_ends_as_poison() {
     assert!(letters[0].headers["x-opsgenie-error-message"].contains("never finished"));
     assert_eq!(letters[0].body, poison.to_string().as_bytes());
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }

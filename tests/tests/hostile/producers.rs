@@ -91,7 +91,6 @@ async fn a_uuid_longer_than_a_short_string_is_published_with_its_hash_as_message
     .into_iter()
     .collect();
     assert_eq!(published, expected);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,7 +158,6 @@ async fn invalid_jobs_are_each_named_and_the_valid_ones_still_published() {
         valid.iter().cloned().collect::<BTreeSet<_>>()
     );
     assert!(published.iter().all(|(uuid, id)| id.as_ref() == Some(uuid)));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,5 +250,4 @@ async fn dead_list_shows_one_escaped_row_per_letter_whatever_the_letter_carries(
         2,
         "dead list took a letter"
     );
-    env.cleanup().await;
 }

@@ -91,7 +91,6 @@ async fn a_fifo_key_file_neither_stops_deliveries_nor_shutdown() {
     );
     assert!(asked.elapsed() < Duration::from_secs(15));
     assert!(!worker.raw_log().contains("old-key-5e1"));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +164,6 @@ async fn a_huge_key_file_is_refused_without_being_read() {
         worker.terminate(Duration::from_secs(15)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 /// A URL whose password holds `/`, `#` and `?` unencoded, and the pieces of it that must never
@@ -380,5 +378,4 @@ async fn passwords_with_url_delimiters_are_never_printed() {
         opaque.assert_absent(&out, "standard output");
         opaque.assert_absent(&err, "standard error");
     }
-    env.cleanup().await;
 }
