@@ -60,8 +60,9 @@ fn open_descriptors(pid: u32) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_connections_silence_neither_health_nor_deliveries() {
     let env = TestEnv::new("hostile-stall").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "hostile-key-1").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let standin = env.standin().serving("backend", "hostile-key-1").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
     // The open-file limit of the report (512 there), below what the stalled connections
     // would take if each kept a descriptor.
     rlimit::prlimit(
@@ -81,8 +82,7 @@ async fn stalled_connections_silence_neither_health_nor_deliveries() {
         );
     }
     let uuid = new_uuid();
-    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
-        .await;
+    env.publish_job(&spec_issue_job(&uuid, "backend")).await;
     assert!(
         standin.wait_for_delivered(1, Duration::from_secs(20)).await,
         "the job was not delivered while the endpoint was under attack: {}",
@@ -100,8 +100,9 @@ async fn stalled_connections_silence_neither_health_nor_deliveries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_idle_connections_are_closed_after_the_header_time_out() {
     let env = TestEnv::new("hostile-timeout").await;
-    let (_standin, keyring) = standin_for_team(&env, "backend", "hostile-key-2").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let _standin = env.standin().serving("backend", "hostile-key-2").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
 
     let started = Instant::now();
     let mut half_head = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -164,8 +165,9 @@ async fn silent_and_idle_connections_are_closed_after_the_header_time_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_heads_and_bodies_are_refused_at_once() {
     let env = TestEnv::new("hostile-size").await;
-    let (_standin, keyring) = standin_for_team(&env, "backend", "hostile-key-3").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let _standin = env.standin().serving("backend", "hostile-key-3").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
 
     // 16 KiB of headers: well within what a default HTTP server reads, twice the cap.
     let mut head =
@@ -210,8 +212,9 @@ async fn oversized_heads_and_bodies_are_refused_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_connections_than_the_cap_take_no_more_descriptors() {
     let env = TestEnv::new("hostile-fds").await;
-    let (_standin, keyring) = standin_for_team(&env, "backend", "hostile-key-4").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let _standin = env.standin().serving("backend", "hostile-key-4").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
     let pid = worker.pid();
     let before = open_descriptors(pid);
     assert!(before > 0, "cannot read /proc/{pid}/fd");
