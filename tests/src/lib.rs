@@ -1,11 +1,29 @@
 //! The end-to-end harness: each test gets its own exchange, queues and Redis prefix on the
 //! machine's RabbitMQ and Redis, an Opsgenie stand-in, and real `opsgenie-worker` processes.
-//! Everything it creates is removed when the `TestEnv` is dropped.
+//! Everything it creates is removed when the `TestEnv` is dropped, whether the test passed or
+//! panicked.
+//!
+//! ```ignore
+//! use opsgenie_e2e::fixtures::*;
+//!
+//! let env = TestEnv::new("issue").await;
+//! let standin = env.standin().serving("backend", "key-a").await;
+//! let mut worker = env.worker().flag("--prefetch", "8").spawn();
+//! env.publish_job(&spec_issue_job(&new_uuid(), "backend")).await;
+//! assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);
+//! worker.stop_cleanly(&["key-a"]).await;
+//! ```
+//!
+//! `env.team(..)` and `env.heartbeat(..)` edit the test's keyring, `env.standin()` starts a
+//! stand-in (`StandInBuilder`), `env.worker()` starts a worker (`WorkerBuilder`), and the job
+//! bodies come from `fixtures`.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -16,15 +34,46 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use opsgenie_shared::retry::parse_duration;
-pub use opsgenie_standin::{Fault, StandIn, StandInConfig};
+pub use opsgenie_standin::{Fault, LocalPki, StandIn, StandInConfig, StandInTls};
 use opsgenie_worker::broker::Topology;
 use opsgenie_worker::cli::QueueType;
+
+pub mod fixtures;
+mod keyring;
+pub mod proxy;
+pub mod relay;
+pub mod sentinel;
+mod standin;
+mod worker;
+
+use fixtures::{issue_job, new_uuid};
+pub use keyring::{Heartbeat, Team};
+pub use standin::StandInBuilder;
+pub use worker::{WorkerBuilder, WorkerProcess};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// The delays the tests give the retry queues, so that a retry comes back within seconds.
 pub const TEST_RETRY_DELAYS: &str = "1s,2s,3s";
+
+/// Proxy variables as curl and reqwest read them, in both cases. None of them reaches a worker
+/// unless a test passes it: the machine's own proxy settings must not decide a test.
+pub const PROXY_VARS: [&str; 8] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// How long the harness's own waits (a worker ready, stream entries, log lines, an exit after
+/// SIGTERM) may take. Generous: the machine is small and shared, and a passing run never
+/// waits this long.
+pub const HARNESS_DEADLINE: Duration = Duration::from_secs(60);
 
 /// `opsgenie-worker`, built beside this test binary (`target/<profile>/`).
 pub fn worker_binary() -> PathBuf {
@@ -42,11 +91,35 @@ pub fn worker_binary() -> PathBuf {
     bin
 }
 
-/// A team in the keyring the test writes.
-pub struct TeamSpec<'a> {
-    pub id: &'a str,
-    pub key: &'a str,
-    pub api_url: &'a str,
+/// Runs `opsgenie-worker` with exactly `args` (no names added), `RUST_LOG=warn`, and no
+/// `WORKER_QUEUE` or `WORKER_EXCHANGE` from the environment; returns its exit code (-1 when
+/// a signal ended it), standard output and standard error.
+pub fn run_worker(args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+    let mut child = Command::new(worker_binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("WORKER_QUEUE")
+        .env_remove("WORKER_EXCHANGE")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start opsgenie-worker");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(input).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// One test's isolated world.
@@ -59,10 +132,18 @@ pub struct TestEnv {
     pub connection: Connection,
     pub channel: Channel,
     pub redis: Client,
+    keyring: Mutex<keyring::Keyring>,
+    /// Queues and exchanges beyond the topology's, removed with it.
+    extra_queues: Mutex<Vec<String>>,
+    extra_exchanges: Mutex<Vec<String>>,
+    /// The log of every worker started, for failure messages.
+    worker_logs: Mutex<Vec<PathBuf>>,
+    files: AtomicUsize,
 }
 
 impl TestEnv {
-    /// Creates unique names from `name` and connects to RabbitMQ and Redis.
+    /// Creates unique names from `name`, connects to RabbitMQ and Redis, declares the
+    /// topology and writes an empty keyring.
     pub async fn new(name: &str) -> TestEnv {
         let id = format!(
             "{name}-{}",
@@ -95,7 +176,13 @@ impl TestEnv {
             connection,
             channel,
             redis,
+            keyring: Mutex::default(),
+            extra_queues: Mutex::default(),
+            extra_exchanges: Mutex::default(),
+            worker_logs: Mutex::default(),
+            files: AtomicUsize::new(0),
         };
+        env.edit_keyring(|_| {});
         env.topology()
             .declare(&env.channel)
             .await
@@ -124,18 +211,29 @@ impl TestEnv {
         }
     }
 
-    /// Writes `keyring.toml` in the test's directory and returns its path.
-    pub fn write_keyring(&self, teams: &[TeamSpec<'_>]) -> PathBuf {
-        let mut text = String::new();
-        for t in teams {
-            text.push_str(&format!(
-                "[[team]]\nid = \"{}\"\nintegration_key = \"{}\"\napi_url = \"{}\"\n\n",
-                t.id, t.key, t.api_url
-            ));
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+
+    /// A work queue name of this test's beside its own (`<queue>.<suffix>`), for a worker
+    /// given `--queue`: it, its dead-letter queue and its delay queues are removed with the
+    /// test's own.
+    pub fn another_queue(&self, suffix: &str) -> String {
+        let queue = format!("{}.{suffix}", self.queue);
+        let mut extra = lock(&self.extra_queues);
+        extra.push(format!("{queue}.dead"));
+        for delay in TEST_RETRY_DELAYS.split(',') {
+            extra.push(format!("{queue}.retry.{delay}"));
         }
-        let path = self.dir.join("keyring.toml");
-        std::fs::write(&path, text).expect("write keyring");
-        path
+        extra.push(queue.clone());
+        queue
+    }
+
+    /// An exchange name of this test's beside its own (`<exchange>.<suffix>`), deleted with it.
+    pub fn another_exchange(&self, suffix: &str) -> String {
+        let exchange = format!("{}.{suffix}", self.exchange);
+        lock(&self.extra_exchanges).push(exchange.clone());
+        exchange
     }
 
     /// The arguments every command of this test shares: its exchange, queue and delays.
@@ -152,43 +250,66 @@ impl TestEnv {
         ]
     }
 
-    /// Starts `opsgenie-worker run` with this test's names, JSON logs to a file, no metrics
-    /// endpoint unless `extra` asks for one, and `extra` flags last.
-    pub fn spawn_worker(&self, keyring: &Path, extra: &[&str]) -> WorkerProcess {
-        self.spawn_worker_via(keyring, AMQP_URL, REDIS_URL, extra)
+    /// Runs another `opsgenie-worker` command with this test's names (`run_worker`); returns
+    /// its exit code, standard output and standard error.
+    pub fn command(&self, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+        let broker = self.broker_args();
+        let broker: Vec<&str> = broker.iter().map(String::as_str).collect();
+        // `dead list` and `dead replay`: the names go after the subcommand's own.
+        let at = if args[0] == "dead" { 2 } else { 1 };
+        let all: Vec<&str> = args[..at]
+            .iter()
+            .chain(&broker)
+            .chain(&args[at..])
+            .copied()
+            .collect();
+        run_worker(&all, stdin)
     }
 
-    /// Runs another `opsgenie-worker` command with this test's names; returns its exit code,
-    /// standard output and standard error.
-    pub fn command(&self, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
-        let mut cmd = Command::new(worker_binary());
-        cmd.arg(args[0]);
-        if args[0] == "dead" {
-            cmd.arg(args[1]).args(self.broker_args()).args(&args[2..]);
-        } else {
-            cmd.args(self.broker_args()).args(&args[1..]);
-        }
-        cmd.env("RUST_LOG", "warn")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start opsgenie-worker");
-        if let Some(input) = stdin {
-            use std::io::Write;
-            let mut pipe = child.stdin.take().expect("stdin");
-            pipe.write_all(input).expect("write stdin");
-        }
-        let out = child.wait_with_output().expect("wait");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+    /// Writes `contents` to `name` in the test's directory and returns its path.
+    pub fn write_file(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, contents).unwrap_or_else(|e| panic!("write {name}: {e}"));
+        path
     }
+
+    /// A file name in the test's directory no other caller got: `<stem>-<n>.<extension>`.
+    pub(crate) fn new_file(&self, stem: &str, extension: &str) -> PathBuf {
+        let n = self.files.fetch_add(1, Ordering::SeqCst);
+        self.dir.join(format!("{stem}-{n}.{extension}"))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Stand-ins and workers
+
+    /// A stand-in to start: `env.standin().serving("backend", "key-a").await`.
+    pub fn standin(&self) -> StandInBuilder<'_> {
+        StandInBuilder::new(self)
+    }
+
+    /// A worker to start with this test's names and keyring: `env.worker().spawn()`.
+    pub fn worker(&self) -> WorkerBuilder<'_> {
+        WorkerBuilder::new(self)
+    }
+
+    pub(crate) fn track_worker_log(&self, log: &Path) {
+        lock(&self.worker_logs).push(log.to_owned());
+    }
+
+    /// The last `n` lines of every worker's log, for a failure message.
+    pub fn worker_log_tails(&self, n: usize) -> String {
+        lock(&self.worker_logs)
+            .iter()
+            .map(|log| {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                format!("--- {}\n{}", log.display(), tail_lines(&text, n))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The broker
 
     /// Publishes a job to the exchange with routing key `alert`, persistent, JSON, confirmed.
     pub async fn publish(&self, body: &[u8]) {
@@ -204,8 +325,50 @@ impl TestEnv {
         assert!(confirm.is_ack(), "the broker refused a job");
     }
 
+    /// Publishes `job` as JSON (`publish`).
+    pub async fn publish_job(&self, job: &serde_json::Value) {
+        self.publish(job.to_string().as_bytes()).await;
+    }
+
+    /// Publishes an `issue_job` for `team` per group of `groups`, in order, each with a fresh
+    /// uuid; returns (group, uuid) of each.
+    pub async fn publish_issue_jobs(
+        &self,
+        team: &str,
+        groups: impl IntoIterator<Item = i64>,
+    ) -> Vec<(i64, String)> {
+        let mut jobs = Vec::new();
+        for group in groups {
+            let uuid = new_uuid();
+            self.publish_job(&issue_job(&uuid, team, group)).await;
+            jobs.push((group, uuid));
+        }
+        jobs
+    }
+
+    /// `publish_issue_jobs`, answering only the uuids (in the order of `groups`).
+    pub async fn publish_issue_uuids(
+        &self,
+        team: &str,
+        groups: impl IntoIterator<Item = i64>,
+    ) -> Vec<String> {
+        let jobs = self.publish_issue_jobs(team, groups).await;
+        jobs.into_iter().map(|(_, uuid)| uuid).collect()
+    }
+
+    /// Whether `queue` exists on the broker (asked with a passive declare).
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        self.declare_passive(queue).await.is_some()
+    }
+
     /// Messages ready in `queue` (0 when it does not exist).
     pub async fn queue_len(&self, queue: &str) -> u32 {
+        self.declare_passive(queue).await.unwrap_or(0)
+    }
+
+    /// The message count of `queue`; `None` when it does not exist.
+    async fn declare_passive(&self, queue: &str) -> Option<u32> {
+        // A channel of its own: a failed passive declare closes the channel it was sent on.
         let channel = self.connection.create_channel().await.expect("channel");
         let declared = channel
             .queue_declare(
@@ -218,12 +381,21 @@ impl TestEnv {
             )
             .await;
         let _ = channel.close(200, "".into()).await;
-        declared.map(|q| q.message_count()).unwrap_or(0)
+        declared.ok().map(|q| q.message_count())
     }
 
-    pub fn dead_queue(&self) -> String {
-        format!("{}.dead", self.queue)
+    /// Every queue of the test is empty (work, delay and dead-letter queues).
+    pub async fn all_queues_empty(&self) -> bool {
+        for q in self.topology().queue_names() {
+            if self.queue_len(q).await > 0 {
+                return false;
+            }
+        }
+        true
     }
+
+    // -----------------------------------------------------------------------------------------
+    // The deliveries stream
 
     /// The delivery entries of the stream (`event` = `delivered`), oldest first, as field maps.
     pub async fn stream(&self) -> Vec<HashMap<String, String>> {
@@ -245,218 +417,28 @@ impl TestEnv {
         entries.into_iter().map(|(_, fields)| fields).collect()
     }
 
-    /// Deletes the exchange, the queues and the Redis keys this test made.
-    pub async fn cleanup(&self) {
-        let channel = self.connection.create_channel().await.expect("channel");
-        let topology = self.topology();
-        for q in topology.queue_names() {
-            let _ = channel
-                .queue_delete(q.into(), QueueDeleteOptions::default())
-                .await;
+    /// How many delivery entries each notification_uuid has.
+    pub async fn stream_counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for entry in self.stream().await {
+            *counts
+                .entry(entry.get("notification_uuid").cloned().unwrap_or_default())
+                .or_default() += 1;
         }
-        let _ = channel
-            .exchange_delete(
-                self.exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-        let keys: Vec<String> = self
-            .redis
-            .custom(fred::cmd!("KEYS"), vec![format!("{}*", self.prefix)])
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = self.redis.del(keys).await;
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A running `opsgenie-worker run`; killed when dropped.
-pub struct WorkerProcess {
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl WorkerProcess {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+        counts
     }
 
-    pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// Sends SIGTERM and waits (up to `deadline`) for the exit status.
-    pub async fn terminate(&mut self, deadline: Duration) -> ExitStatus {
-        self.signal("TERM");
-        self.wait_exit(deadline)
-            .await
-            .expect("the worker did not exit after SIGTERM")
-    }
-
-    /// Waits for the process to exit by itself.
-    pub async fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
-        let end = tokio::time::Instant::now() + deadline;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if tokio::time::Instant::now() > end {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The log lines written so far, parsed (lines that are not JSON are skipped).
-    pub fn logs(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    pub fn raw_log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The "Job finished." lines.
-    pub fn job_lines(&self) -> Vec<serde_json::Value> {
-        self.logs()
-            .into_iter()
-            .filter(|l| l["message"] == "Job finished.")
-            .collect()
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Polls `condition` every 20 ms until it holds or `deadline` passes; returns whether it held.
-pub async fn wait_until<F, Fut>(deadline: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if tokio::time::Instant::now() > end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Jobs, stand-ins and dead letters shared by the delivery-pipeline suites (`delivery`,
-// `enqueue`). Kept apart from the harness above so that each suite can grow its own block.
-
-/// The issue alert example of docs/contract.md section 3, for `team`.
-pub fn spec_issue_job(uuid: &str, team: &str) -> serde_json::Value {
-    serde_json::json!({"version":1,"kind":"issue_alert","notification_uuid":uuid,
-     "team_id":team,"priority":"P2",
-     "organization":{"id":1,"slug":"acme","url":"https://acme.sentry.io"},
-     "project":{"id":7,"slug":"api","name":"API"},
-     "group":{"id":1234,"title":"ZeroDivisionError: division by zero","culprit":"app.views.divide","logger":"","level":"error"},
-     "event":{"event_id":"9fe1b6f0","message":"","title":"ZeroDivisionError: division by zero","release":"api@1.4.2",
-              "tags":[["level","error"],["environment","prod"]]},
-     "rules":[{"id":17,"label":"Errors in prod"}]})
-}
-
-/// The metric alert example of docs/contract.md section 3, for `team`, without a sequence so that any
-/// status of incident `identifier` may follow any other.
-pub fn spec_metric_job(uuid: &str, team: &str, identifier: i64, status: &str) -> serde_json::Value {
-    serde_json::json!({"version":1,"kind":"metric_alert","notification_uuid":uuid,
-     "team_id":team,
-     "organization":{"id":1,"slug":"acme","url":"https://acme.sentry.io"},
-     "alert_rule":{"id":9,"name":"p95 latency above 2s"},
-     "incident":{"identifier":identifier,"status":status},
-     "text":"p95(transaction.duration) is 2480ms in the last 5 minutes"})
-}
-
-/// A stand-in that accepts only `key`, and a keyring in which `team` is served by it.
-pub async fn standin_for_team(env: &TestEnv, team: &str, key: &str) -> (StandIn, PathBuf) {
-    let standin = StandIn::start(StandInConfig {
-        keys: vec![key.to_owned()],
-        ..StandInConfig::default()
-    })
-    .await
-    .expect("start the stand-in");
-    let keyring = env.write_keyring(&[TeamSpec {
-        id: team,
-        key,
-        api_url: &standin.base_url(),
-    }]);
-    (standin, keyring)
-}
-
-/// GET over plain HTTP/1.0; `None` while nothing answers (or nothing answers within 2 s).
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let request = async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.ok()?;
-        let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), request)
-        .await
-        .ok()
-        .flatten()
-}
-
-/// A port nobody listens on right now, for a worker's metrics endpoint.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-impl TestEnv {
-    /// Starts a worker with a metrics endpoint on a port of its own (and `extra` flags), and
-    /// waits until its `/readyz` answers 200: consuming, with Redis reachable.
-    pub async fn spawn_ready_worker(&self, keyring: &Path, extra: &[&str]) -> (WorkerProcess, u16) {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut flags = vec!["--metrics-addr", addr.as_str()];
-        flags.extend_from_slice(extra);
-        let worker = self.spawn_worker(keyring, &flags);
+    /// Waits until the stream holds at least `n` deliveries; fails with the workers' logs.
+    pub async fn wait_for_stream_len(&self, n: usize) {
         assert!(
-            wait_until(Duration::from_secs(30), || async {
-                matches!(http_get(port, "/readyz").await, Some((200, _)))
+            wait_until(HARNESS_DEADLINE, || async {
+                self.stream().await.len() >= n
             })
             .await,
-            "never ready: {}",
-            worker.raw_log()
+            "expected {n} stream entries, found {}:\n{}",
+            self.stream().await.len(),
+            self.worker_log_tails(30)
         );
-        (worker, port)
     }
 }
 
@@ -503,200 +485,138 @@ impl TestEnv {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Fault injection (`faults`): a relay to stage outages of RabbitMQ or Redis for one worker,
-// and a way to start a worker that reaches them through it.
-
-pub mod relay;
-
-impl TestEnv {
-    /// Like `spawn_worker`, but the worker reaches RabbitMQ at `amqp_url` and Redis at
-    /// `redis_url` (a `relay::Relay` in front of the real ones, for example).
-    pub fn spawn_worker_via(
-        &self,
-        keyring: &Path,
-        amqp_url: &str,
-        redis_url: &str,
-        extra: &[&str],
-    ) -> WorkerProcess {
-        self.spawn_worker_via_with_env(keyring, amqp_url, redis_url, extra, &[])
+/// Deletes the exchanges, the queues, the Redis keys and the directory the test made. On a
+/// thread and a runtime of its own, with connections of its own: a drop cannot wait on the
+/// test's runtime, which may have a single thread.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let mut queues: Vec<String> = self
+            .topology()
+            .queue_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        queues.extend(lock(&self.extra_queues).drain(..));
+        let mut exchanges = vec![self.exchange.clone()];
+        exchanges.extend(lock(&self.extra_exchanges).drain(..));
+        let pattern = format!("{}*", self.prefix);
+        let removal = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    remove_from_servers(queues, exchanges, pattern),
+                )
+                .await;
+            });
+        });
+        let _ = removal.join();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Transport (`transport`): TLS stand-ins with a private CA, teams with a `ca_file`, an egress
-// proxy, and workers started with proxy variables of the test's choosing.
-
-pub mod proxy;
-
-pub use opsgenie_standin::{LocalPki, StandInTls};
-
-/// Proxy variables as curl and reqwest read them, in both cases. None of them reaches a worker
-/// unless a test passes it: the machine's own proxy settings must not decide a test.
-pub const PROXY_VARS: [&str; 8] = [
-    "HTTPS_PROXY",
-    "https_proxy",
-    "HTTP_PROXY",
-    "http_proxy",
-    "NO_PROXY",
-    "no_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-];
-
-impl TestEnv {
-    /// Like `spawn_worker`, with `env` set in the worker's environment (after the proxy
-    /// variables of `PROXY_VARS` are removed from it).
-    pub fn spawn_worker_with_env(
-        &self,
-        keyring: &Path,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> WorkerProcess {
-        self.spawn_worker_via_with_env(keyring, AMQP_URL, REDIS_URL, extra, env)
-    }
-
-    /// `spawn_worker_via` with `env` set in the worker's environment; the variables of
-    /// `PROXY_VARS` are removed from it first.
-    pub fn spawn_worker_via_with_env(
-        &self,
-        keyring: &Path,
-        amqp_url: &str,
-        redis_url: &str,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> WorkerProcess {
-        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
-        let log = self.dir.join(format!("worker-{n}.log"));
-        let mut broker = self.broker_args();
-        if let Some(at) = broker.iter().position(|a| a == "--amqp-url") {
-            broker[at + 1] = amqp_url.to_owned();
+async fn remove_from_servers(queues: Vec<String>, exchanges: Vec<String>, pattern: String) {
+    if let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+        && let Ok(channel) = connection.create_channel().await
+    {
+        for q in queues {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
         }
-        let mut cmd = Command::new(worker_binary());
-        cmd.arg("run")
-            .args(broker)
-            .args(["--redis-url", redis_url, "--redis-prefix", &self.prefix])
-            .arg("--keyring")
-            .arg(keyring)
-            .args(["--log-format", "json"]);
-        if !extra.contains(&"--metrics-addr") {
-            cmd.args(["--metrics-addr", "off"]);
+        for e in exchanges {
+            let _ = channel
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
         }
-        for var in PROXY_VARS {
-            cmd.env_remove(var);
-        }
-        cmd.args(extra)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        let child = cmd.spawn().expect("start opsgenie-worker");
-        WorkerProcess { child, log }
+        let _ = connection.close(200, "".into()).await;
     }
-
-    /// Writes `name` (a CA certificate, PEM) in the test's directory and returns its path.
-    pub fn write_pem(&self, name: &str, pem: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, pem).expect("write PEM");
-        path
-    }
-
-    /// Like `write_keyring`, with a `ca_file` line for each team that has one.
-    pub fn write_keyring_with_ca_files(&self, teams: &[(TeamSpec<'_>, Option<&Path>)]) -> PathBuf {
-        let quoted = |s: &str| serde_json::to_string(s).expect("a string serializes");
-        let mut text = String::new();
-        for (t, ca_file) in teams {
-            text.push_str(&format!(
-                "[[team]]\nid = {}\nintegration_key = {}\napi_url = {}\n",
-                quoted(t.id),
-                quoted(t.key),
-                quoted(t.api_url)
-            ));
-            if let Some(ca_file) = ca_file {
-                let ca_file = ca_file.to_str().expect("a UTF-8 temp path");
-                text.push_str(&format!("ca_file = {}\n", quoted(ca_file)));
-            }
-            text.push('\n');
+    let Ok(config) = Config::from_url(REDIS_URL) else {
+        return;
+    };
+    let Ok(redis) = Builder::from_config(config).build() else {
+        return;
+    };
+    if redis.init().await.is_ok() {
+        let keys: Vec<String> = redis
+            .custom(fred::cmd!("KEYS"), vec![pattern])
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis.del(keys).await;
         }
-        let path = self.dir.join("keyring.toml");
-        std::fs::write(&path, text).expect("write keyring");
-        path
+        let _ = redis.quit().await;
     }
 }
 
-/// A TLS stand-in (certificate from a fresh private CA) started with `config`, which accepts
-/// only `key`, and a keyring in which `team` is served by it: with the CA as its `ca_file`
-/// when `trust_ca`, without any `ca_file` otherwise.
-pub async fn tls_standin_for_team(
-    env: &TestEnv,
-    team: &str,
-    key: &str,
-    config: StandInConfig,
-    trust_ca: bool,
-) -> (StandIn, PathBuf) {
-    let pki = LocalPki::generate().expect("a private CA");
-    let standin = StandIn::start(StandInConfig {
-        keys: vec![key.to_owned()],
-        tls: Some(pki.server.clone()),
-        ..config
-    })
-    .await
-    .expect("start the TLS stand-in");
-    let ca_file = env.write_pem("ca.pem", &pki.ca_pem);
-    let keyring = env.write_keyring_with_ca_files(&[(
-        TeamSpec {
-            id: team,
-            key,
-            api_url: &standin.base_url(),
-        },
-        trust_ca.then_some(ca_file.as_path()),
-    )]);
-    (standin, keyring)
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Fixtures every suite uses: a fresh notification uuid, and the examples of
-// docs/contract.md section 3 varied where a test needs its own alias or a sequence.
-
-/// A fresh, random `notification_uuid`.
-pub fn new_uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// The issue alert example for `team`, with group `group`: its alias (`sentry: <group>`) is
-/// unique per group, so that the stand-in's per-alias books count the sends of each job.
-pub fn issue_job(uuid: &str, team: &str, group: i64) -> serde_json::Value {
-    let mut job = spec_issue_job(uuid, team);
-    job["group"]["id"] = serde_json::json!(group);
-    job
-}
-
-/// The metric alert example for `team`, incident `identifier` in `status`, with `sequence`
-/// as its `incident.sequence`.
-pub fn metric_job(
-    uuid: &str,
-    team: &str,
-    identifier: i64,
-    status: &str,
-    sequence: i64,
-) -> serde_json::Value {
-    let mut job = spec_metric_job(uuid, team, identifier, status);
-    job["incident"]["sequence"] = serde_json::json!(sequence);
-    job
-}
-
-/// The last `n` lines of a worker's log, for a failure message.
-pub fn log_tail(worker: &WorkerProcess, n: usize) -> String {
-    let log = worker.raw_log();
-    let lines: Vec<&str> = log.lines().collect();
+/// The last `n` lines of `text`.
+pub(crate) fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-// ---------------------------------------------------------------------------------------------
-// Redis behind Sentinel (`sentinel`): a primary, a replica and three Sentinels of the test's own.
+/// Polls `condition` every 20 ms until it holds or `deadline` passes; returns whether it held.
+pub async fn wait_until<F, Fut>(deadline: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
-pub mod sentinel;
+/// Milliseconds since the epoch, as the worker writes `delivered_at_ms`.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
+/// GET `http://127.0.0.1:<port><path>` on a connection of its own (none kept for the next):
+/// status and body; `None` while nothing answers, or nothing answers within 2 s.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let response = client
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    let body = response.text().await.ok()?;
+    Some((status, body))
+}
+
+/// A port nobody listens on right now, for a worker's metrics endpoint.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
 
 /// Publishes `body` as a producer does: to `exchange` with routing key `alert`, persistent,
 /// JSON, with `properties` besides. Answers the broker's confirm, to await.

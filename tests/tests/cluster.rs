@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
 use lapin::options::ConfirmSelectOptions;
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use opsgenie_shared::{AlertJob, build_request};
 use opsgenie_worker::cli::QueueType;
@@ -312,19 +313,12 @@ fn alias_of(job: &Value) -> String {
 async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
     let env = TestEnv::new("cluster").await;
     let cluster = Cluster::start("kill").await;
-    let standin = StandIn::start(StandInConfig {
-        keys: vec!["key-cluster".into()],
+    let standin = env
+        .standin()
+        .serving(TEAM, "key-cluster")
         // Jobs stay in flight long enough for a kill to catch some.
-        delay: Some(Duration::from_millis(50)),
-        ..StandInConfig::default()
-    })
-    .await
-    .expect("start the stand-in");
-    let keyring = env.write_keyring(&[TeamSpec {
-        id: TEAM,
-        key: "key-cluster",
-        api_url: &standin.base_url(),
-    }]);
+        .delay(Duration::from_millis(50))
+        .await;
     // The queues are declared through node 3, which so leads the work queue, while the
     // worker starts on node 1: the first kill takes the worker's node, the second (most
     // likely) a leader the worker is not connected to.
@@ -339,27 +333,19 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         .await
         .expect("declare the quorum topology");
     let _ = connection.close(200, "".into()).await;
-    let port = free_port();
-    let metrics = format!("127.0.0.1:{port}");
-    let prefetch = PREFETCH.to_string();
-    let mut worker = env.spawn_worker_via(
-        &keyring,
-        &cluster.urls(),
-        REDIS_URL,
-        &[
-            "--queue-type",
-            "quorum",
-            "--prefetch",
-            &prefetch,
-            "--metrics-addr",
-            &metrics,
-        ],
-    );
+    let mut worker = env
+        .worker()
+        .amqp_url(&cluster.urls())
+        .flag("--queue-type", "quorum")
+        .flag("--prefetch", &PREFETCH.to_string())
+        .metrics()
+        .spawn();
+    let port = worker.metrics_port();
     let ready = || async { matches!(http_get(port, "/readyz").await, Some((200, _))) };
     assert!(
         wait_until(SLOW, ready).await,
         "never ready: {}",
-        log_tail(&worker, 30)
+        worker.log_tail(30)
     );
     let consuming = |worker: &WorkerProcess| {
         worker
@@ -384,7 +370,7 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         let standin = &standin;
         async move { standin.wait_for_delivered(target, SLOW).await }
     };
-    assert!(progressed(300).await, "{}", log_tail(&worker, 30));
+    assert!(progressed(300).await, "{}", worker.log_tail(30));
 
     // 1. SIGKILL the node the worker is connected to, mid-stream.
     let first = std::cell::Cell::new(None);
@@ -407,7 +393,7 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
     assert!(
         wait_until(SLOW, || async { consuming(&worker) > sessions }).await,
         "the worker did not reconnect: {}",
-        log_tail(&worker, 30)
+        worker.log_tail(30)
     );
     let survivor = (1..=3).find(|n| *n != first).expect("a live node");
     assert!(
@@ -420,7 +406,7 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         .await,
         "the worker's new connection is not listed on a live node"
     );
-    assert!(progressed(300).await, "{}", log_tail(&worker, 30));
+    assert!(progressed(300).await, "{}", worker.log_tail(30));
 
     // The killed node comes back, so that the queue keeps a majority when its leader goes.
     cluster.restart(first).await;
@@ -451,7 +437,7 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
          {before} deliveries, {} jobs confirmed",
         confirmed.load(Ordering::SeqCst)
     );
-    assert!(progressed(300).await, "{}", log_tail(&worker, 30));
+    assert!(progressed(300).await, "{}", worker.log_tail(30));
     let reconnected = consuming(&worker) - sessions;
 
     // The stream ends; everything published must arrive.
@@ -470,7 +456,7 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
             .filter(|a| !standin.alerts().contains_key(*a))
             .count(),
         aliases.len(),
-        log_tail(&worker, 30)
+        worker.log_tail(30)
     );
     // Every job in the stream, once.
     let uuids: HashSet<String> = published
@@ -507,7 +493,7 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         .map_or(0, |n| n.trim().parse().expect("a count"));
     // Let the worker finish what it holds, then count.
     let status = worker.terminate(SLOW).await;
-    assert_eq!(status.code(), Some(0), "{}", log_tail(&worker, 30));
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail(30));
     let in_stream = delivered_in_stream().await;
     let mut per_uuid: HashMap<&str, usize> = HashMap::new();
     for uuid in &in_stream {
@@ -563,8 +549,6 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
         "the stream holds each send once"
     );
     assert_eq!(sent_twice, 0, "a job was sent to Opsgenie twice");
-    drop(cluster);
-    env.cleanup().await;
 }
 
 /// The nodes of `--amqp-url` are tried in turn: a first node that refuses connections is
@@ -572,30 +556,28 @@ async fn losing_the_workers_node_and_then_the_queue_leader_loses_no_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_refuses_is_passed_over_for_the_next() {
     let env = TestEnv::new("nodes").await;
-    let (standin, keyring) = standin_for_team(&env, TEAM, "key-nodes").await;
+    let standin = env.standin().serving(TEAM, "key-nodes").await;
     let closed = free_port();
     let urls = format!("amqp://guest:Refused0@127.0.0.1:{closed}/%2f,{AMQP_URL}");
-    let port = free_port();
-    let metrics = format!("127.0.0.1:{port}");
-    let mut worker =
-        env.spawn_worker_via(&keyring, &urls, REDIS_URL, &["--metrics-addr", &metrics]);
+    let mut worker = env.worker().amqp_url(&urls).metrics().spawn();
+    let port = worker.metrics_port();
     assert!(
         wait_until(Duration::from_secs(60), || async {
             matches!(http_get(port, "/readyz").await, Some((200, _)))
         })
         .await,
         "never ready: {}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let job = issue_job(&new_uuid(), TEAM, 7);
-    env.publish(job.to_string().as_bytes()).await;
+    env.publish_job(&job).await;
     assert!(
         standin.wait_for_delivered(1, Duration::from_secs(60)).await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let status = worker.terminate(Duration::from_secs(60)).await;
-    assert_eq!(status.code(), Some(0), "{}", log_tail(&worker, 20));
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail(20));
     let consuming: Vec<Value> = worker
         .logs()
         .into_iter()
@@ -609,5 +591,4 @@ async fn a_node_that_refuses_is_passed_over_for_the_next() {
         worker.raw_log()
     );
     assert!(!worker.raw_log().contains("Refused0"));
-    env.cleanup().await;
 }

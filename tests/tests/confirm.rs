@@ -6,43 +6,18 @@
 //! Service Management by one keyring line; questions in flight that stay within their bound.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use fred::prelude::*;
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::relay::Relay;
 use opsgenie_e2e::*;
-use opsgenie_standin::{AsyncFailure, StandIn, StandInConfig};
+use opsgenie_standin::AsyncFailure;
 
 /// Generous: the machine is small and shared, and a passing run never waits this long.
 const DEADLINE: Duration = Duration::from_secs(90);
 const TEAM: &str = "backend";
 const KEY: &str = "key-backend";
-
-async fn standin(processing_delay: Duration, delay: Option<Duration>) -> StandIn {
-    StandIn::start(StandInConfig {
-        keys: vec![KEY.to_owned()],
-        processing_delay,
-        delay,
-        ..StandInConfig::default()
-    })
-    .await
-    .expect("start the stand-in")
-}
-
-fn keyring(env: &TestEnv, api_url: &str, heartbeat: Option<(&str, &str)>) -> PathBuf {
-    let mut text = format!(
-        "[[team]]\nid = \"{TEAM}\"\nintegration_key = \"{KEY}\"\napi_url = \"{api_url}\"\n"
-    );
-    if let Some((name, interval)) = heartbeat {
-        text.push_str(&format!(
-            "\n[heartbeat]\nname = \"{name}\"\nintegration_key = \"{KEY}\"\napi_url = \"{api_url}\"\ninterval = \"{interval}\"\n"
-        ));
-    }
-    let path = env.dir.join("keyring.toml");
-    std::fs::write(&path, text).expect("write keyring");
-    path
-}
 
 /// Stream entries by event, then by notification_uuid: how many of each.
 async fn events(env: &TestEnv) -> HashMap<String, HashMap<String, usize>> {
@@ -68,21 +43,6 @@ async fn pending(env: &TestEnv) -> u64 {
         .expect("zcard")
 }
 
-async fn publish_issue_jobs(env: &TestEnv, n: usize, first_group: i64) -> Vec<String> {
-    let mut uuids = Vec::with_capacity(n);
-    for i in 0..n {
-        let uuid = new_uuid();
-        env.publish(
-            issue_job(&uuid, TEAM, first_group + i as i64)
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
-        uuids.push(uuid);
-    }
-    uuids
-}
-
 /// Waits until every one of `uuids` is confirmed, checks that each is confirmed once, and
 /// answers the stream's events.
 async fn all_confirmed_once(
@@ -96,7 +56,7 @@ async fn all_confirmed_once(
         })
         .await,
         "{}",
-        log_tail(worker, 20)
+        worker.log_tail(20)
     );
     let events = events(env).await;
     for uuid in uuids {
@@ -105,18 +65,17 @@ async fn all_confirmed_once(
     events
 }
 
-async fn stop(worker: &mut WorkerProcess) {
-    let status = worker.terminate(Duration::from_secs(40)).await;
-    assert!(status.success(), "{status:?}: {}", log_tail(worker, 20));
-}
-
 #[tokio::test]
 async fn every_delivery_of_hundreds_is_confirmed_exactly_once() {
     let env = TestEnv::new("confirm-all").await;
-    let standin = standin(Duration::from_millis(300), None).await;
-    let keyring = keyring(&env, &standin.base_url(), None);
-    let uuids = publish_issue_jobs(&env, 300, 1).await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .processing_delay(Duration::from_millis(300))
+        .await;
+    let uuids = env.publish_issue_uuids(TEAM, 1..=300).await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
     assert!(
         wait_until(DEADLINE, || async {
             count(&events(&env).await, "confirmed") >= uuids.len()
@@ -128,7 +87,7 @@ async fn every_delivery_of_hundreds_is_confirmed_exactly_once() {
             .iter()
             .map(|(e, m)| (e.clone(), m.len()))
             .collect::<Vec<_>>(),
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let events = events(&env).await;
     for uuid in &uuids {
@@ -164,8 +123,7 @@ async fn every_delivery_of_hundreds_is_confirmed_exactly_once() {
         metrics.contains("opsgenie_confirmation_lag_seconds_count 300"),
         "{metrics}"
     );
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 /// The questions a replica asks are bounded (docs/contract.md section 6.1: at most 16 in
@@ -175,41 +133,46 @@ async fn every_delivery_of_hundreds_is_confirmed_exactly_once() {
 #[tokio::test]
 async fn questions_in_flight_stay_within_their_bound_when_many_fall_due_together() {
     let env = TestEnv::new("confirm-bound").await;
-    let standin = standin(Duration::ZERO, Some(Duration::from_millis(300))).await;
-    let keyring = keyring(&env, &standin.base_url(), None);
-    let uuids = publish_issue_jobs(&env, 256, 1).await;
-    let (mut worker, _port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .delay(Duration::from_millis(300))
+        .await;
+    let uuids = env.publish_issue_uuids(TEAM, 1..=256).await;
+    let mut worker = env.worker().ready().await;
     all_confirmed_once(&env, &worker, &uuids).await;
     let most = standin.stats().most_status_asks_in_flight;
     assert!(
         (8..=16).contains(&most),
         "{most} questions in flight at most; the bound is 16"
     );
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 #[tokio::test]
 async fn a_request_failed_after_its_202_is_dead_lettered_with_the_reason_and_replayed() {
     let env = TestEnv::new("confirm-failed").await;
-    let standin = standin(Duration::from_millis(200), None).await;
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .processing_delay(Duration::from_millis(200))
+        .await;
     let marker = format!("doomed-{}", &new_uuid()[..8]);
     standin.fail_asynchronously(AsyncFailure {
         contains: marker.clone(),
         status: "Integration is disabled".into(),
         count: Some(2),
     });
-    let keyring = keyring(&env, &standin.base_url(), None);
-    let fine = publish_issue_jobs(&env, 5, 10).await;
+    let fine = env.publish_issue_uuids(TEAM, 10..15).await;
     let mut doomed = Vec::new();
     for group in [100, 101] {
         let uuid = new_uuid();
         let mut job = issue_job(&uuid, TEAM, group);
         job["event"]["title"] = format!("{marker} {group}").into();
-        env.publish(job.to_string().as_bytes()).await;
+        env.publish_job(&job).await;
         doomed.push(uuid);
     }
-    let (mut worker, _) = env.spawn_ready_worker(&keyring, &[]).await;
+    let mut worker = env.worker().ready().await;
     assert!(
         wait_until(DEADLINE, || async {
             let events = events(&env).await;
@@ -218,7 +181,7 @@ async fn a_request_failed_after_its_202_is_dead_lettered_with_the_reason_and_rep
         .await,
         "{:?}\n{}",
         events(&env).await,
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let entries = env.stream_events().await;
     for uuid in &doomed {
@@ -260,7 +223,7 @@ async fn a_request_failed_after_its_202_is_dead_lettered_with_the_reason_and_rep
         .await,
         "{:?}\n{}",
         events(&env).await,
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let events = events(&env).await;
     for uuid in &doomed {
@@ -275,27 +238,28 @@ async fn a_request_failed_after_its_202_is_dead_lettered_with_the_reason_and_rep
     }
     assert_eq!(standin.delivered(), (fine.len() + 2 * doomed.len()) as u64);
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 #[tokio::test]
 async fn a_replica_killed_while_confirming_leaves_every_confirmation_to_another() {
     let env = TestEnv::new("confirm-kill").await;
     // Slow to process and slow to answer: the first replica is asking when it dies.
-    let standin = standin(Duration::from_secs(3), Some(Duration::from_millis(300))).await;
-    let keyring = keyring(&env, &standin.base_url(), None);
-    let uuids = publish_issue_jobs(&env, 60, 1).await;
-    let (mut first, _) = env
-        .spawn_ready_worker(&keyring, &["--request-timeout", "2s"])
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .processing_delay(Duration::from_secs(3))
+        .delay(Duration::from_millis(300))
         .await;
+    let uuids = env.publish_issue_uuids(TEAM, 1..=60).await;
+    let mut first = env.worker().flag("--request-timeout", "2s").ready().await;
     assert!(
         wait_until(DEADLINE, || async {
             env.stream().await.len() == uuids.len() && standin.stats().status_asks > 0
         })
         .await,
         "{}",
-        log_tail(&first, 20)
+        first.log_tail(20)
     );
     first.signal("KILL");
     first
@@ -305,9 +269,7 @@ async fn a_replica_killed_while_confirming_leaves_every_confirmation_to_another(
     let unsettled = pending(&env).await;
     assert!(unsettled > 0, "every confirmation settled before the kill");
 
-    let (mut second, _) = env
-        .spawn_ready_worker(&keyring, &["--request-timeout", "2s"])
-        .await;
+    let mut second = env.worker().flag("--request-timeout", "2s").ready().await;
     assert!(
         wait_until(DEADLINE, || async {
             count(&events(&env).await, "confirmed") >= uuids.len()
@@ -315,7 +277,7 @@ async fn a_replica_killed_while_confirming_leaves_every_confirmation_to_another(
         .await,
         "{} left pending\n{}",
         pending(&env).await,
-        log_tail(&second, 20)
+        second.log_tail(20)
     );
     let events = events(&env).await;
     for uuid in &uuids {
@@ -323,35 +285,31 @@ async fn a_replica_killed_while_confirming_leaves_every_confirmation_to_another(
         assert_eq!(events["delivered"].get(uuid), Some(&1), "{uuid}");
     }
     assert_eq!(pending(&env).await, 0);
-    stop(&mut second).await;
-    env.cleanup().await;
+    second.stop().await;
 }
 
 #[tokio::test]
 async fn confirmations_pending_while_redis_is_cut_off_are_all_settled_after() {
     let env = TestEnv::new("confirm-redis").await;
     let processing = Duration::from_secs(4);
-    let standin = standin(processing, None).await;
-    let keyring = keyring(&env, &standin.base_url(), None);
+    let _standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .processing_delay(processing)
+        .await;
     let relay = Relay::start("127.0.0.1:6379".parse().unwrap())
         .await
         .expect("relay");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut worker = env.spawn_worker_via(
-        &keyring,
-        AMQP_URL,
-        &relay.redis_url(),
-        &["--metrics-addr", &addr],
-    );
-    let uuids = publish_issue_jobs(&env, 40, 1).await;
+    let mut worker = env.worker().redis_url(&relay.redis_url()).metrics().spawn();
+    let port = worker.metrics_port();
+    let uuids = env.publish_issue_uuids(TEAM, 1..=40).await;
     assert!(
         wait_until(DEADLINE, || async {
             env.stream().await.len() == uuids.len()
         })
         .await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let last_delivery_ms = env
         .stream()
@@ -371,48 +329,32 @@ async fn confirmations_pending_while_redis_is_cut_off_are_all_settled_after() {
         .await
     );
     let processed_at = last_delivery_ms + processing.as_millis() as u64;
-    assert!(
-        wait_until(DEADLINE, || async {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as u64
-                > processed_at
-        })
-        .await
-    );
+    assert!(wait_until(DEADLINE, || async { now_ms() > processed_at }).await);
     relay.restore();
     let events = all_confirmed_once(&env, &worker, &uuids).await;
     for uuid in &uuids {
         assert_eq!(events["delivered"].get(uuid), Some(&1), "{uuid}");
     }
     assert_eq!(pending(&env).await, 0);
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 #[tokio::test]
 async fn two_replicas_ping_the_heartbeat_once_per_interval_and_stop_without_redis() {
     let env = TestEnv::new("heartbeat").await;
-    let standin = standin(Duration::ZERO, None).await;
+    let standin = env.standin().serving(TEAM, KEY).await;
     let name = format!("pager pipeline {}", &new_uuid()[..8]);
-    let keyring = keyring(&env, &standin.base_url(), Some((&name, "1s")));
+    env.heartbeat(&name)
+        .key(KEY)
+        .every("1s")
+        .served_by(&standin);
     let relay = Relay::start("127.0.0.1:6379".parse().unwrap())
         .await
         .expect("relay");
-    let ports = [free_port(), free_port()];
-    let mut workers: Vec<WorkerProcess> = ports
-        .iter()
-        .map(|port| {
-            let addr = format!("127.0.0.1:{port}");
-            env.spawn_worker_via(
-                &keyring,
-                AMQP_URL,
-                &relay.redis_url(),
-                &["--metrics-addr", &addr],
-            )
-        })
+    let mut workers: Vec<WorkerProcess> = (0..2)
+        .map(|_| env.worker().redis_url(&relay.redis_url()).metrics().spawn())
         .collect();
+    let ports = [workers[0].metrics_port(), workers[1].metrics_port()];
     for port in ports {
         assert!(
             wait_until(DEADLINE, || async {
@@ -473,28 +415,32 @@ async fn two_replicas_ping_the_heartbeat_once_per_interval_and_stop_without_redi
         .sum();
     assert!(ok >= 10, "{ok} pings counted");
     for worker in &mut workers {
-        stop(worker).await;
+        worker.stop().await;
     }
     // The heartbeat's key never travels: not in a log line.
     for worker in &workers {
         assert!(!worker.raw_log().contains(KEY));
     }
-    env.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_team_moved_to_jira_service_management_is_served_below_its_prefix() {
     let env = TestEnv::new("jsm").await;
-    let standin = standin(Duration::from_millis(100), None).await;
+    let standin = env
+        .standin()
+        .accepts(KEY)
+        .processing_delay(Duration::from_millis(100))
+        .await;
     let base = format!("{}/jsm/ops/integration", standin.base_url());
     let name = format!("jsm heartbeat {}", &new_uuid()[..8]);
-    let keyring = keyring(&env, &base, Some((&name, "1s")));
+    env.team(TEAM).key(KEY).at(&base);
+    env.heartbeat(&name).key(KEY).every("1s").at(&base);
 
     let (code, out, err) = env.command(
         &[
             "check",
             "--keyring",
-            keyring.to_str().unwrap(),
+            env.keyring().to_str().unwrap(),
             "--redis-prefix",
             &env.prefix,
         ],
@@ -508,19 +454,11 @@ async fn a_team_moved_to_jira_service_management_is_served_below_its_prefix() {
     assert!(!out.contains(KEY) && !err.contains(KEY));
 
     let (critical, resolved) = (new_uuid(), new_uuid());
-    env.publish(
-        metric_job(&critical, TEAM, 77, "critical", 1)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
-    env.publish(
-        metric_job(&resolved, TEAM, 77, "resolved", 2)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
-    let (mut worker, _) = env.spawn_ready_worker(&keyring, &[]).await;
+    env.publish_job(&metric_job(&critical, TEAM, 77, "critical", 1))
+        .await;
+    env.publish_job(&metric_job(&resolved, TEAM, 77, "resolved", 2))
+        .await;
+    let mut worker = env.worker().ready().await;
     assert!(
         wait_until(DEADLINE, || async {
             count(&events(&env).await, "confirmed") == 2
@@ -529,7 +467,7 @@ async fn a_team_moved_to_jira_service_management_is_served_below_its_prefix() {
         .await,
         "{:?}\n{}",
         events(&env).await,
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let requests = standin.requests();
     let paths: Vec<(String, Option<String>)> = requests
@@ -556,29 +494,30 @@ async fn a_team_moved_to_jira_service_management_is_served_below_its_prefix() {
         standin.alerts()["incident_1_77"].status,
         opsgenie_standin::AliasStatus::Closed
     );
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 #[tokio::test]
 async fn sighup_starts_and_stops_the_heartbeat() {
     let env = TestEnv::new("heartbeat-hup").await;
-    let standin = standin(Duration::ZERO, None).await;
+    let standin = env.standin().serving(TEAM, KEY).await;
     let name = format!("reloaded {}", &new_uuid()[..8]);
-    let without = keyring(&env, &standin.base_url(), None);
-    let (mut worker, _) = env.spawn_ready_worker(&without, &[]).await;
+    let mut worker = env.worker().ready().await;
     let pings = || standin.heartbeat_pings(&name).len();
 
-    keyring(&env, &standin.base_url(), Some((&name, "1s")));
+    env.heartbeat(&name)
+        .key(KEY)
+        .every("1s")
+        .served_by(&standin);
     worker.signal("HUP");
     assert!(
         standin.wait_until(DEADLINE, |_| pings() >= 2).await,
         "no ping after the reload: {}",
-        log_tail(&worker, 10)
+        worker.log_tail(10)
     );
 
     // Removed again: the pings stop.
-    keyring(&env, &standin.base_url(), None);
+    env.remove_heartbeat();
     let reloads = || {
         worker
             .logs()
@@ -596,6 +535,5 @@ async fn sighup_starts_and_stops_the_heartbeat() {
             .await,
         "still pinging after the heartbeat was removed"
     );
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }

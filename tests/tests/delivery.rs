@@ -5,12 +5,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use fred::prelude::{ClientLike, KeysInterface};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use opsgenie_shared::record::{Delivery, delivery_fields};
 use opsgenie_shared::{AlertJob, build_request};
 use opsgenie_standin::RecordedRequest;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 /// Generous: the machine is small and shared, and a passing run never waits this long.
@@ -30,13 +31,6 @@ const JOB_LINE_FIELDS: [&str; 10] = [
     "latency_ms",
 ];
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
-}
-
 fn field<'a>(entry: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
     entry.get(name).map(String::as_str)
 }
@@ -45,50 +39,19 @@ fn field_names(entry: &HashMap<String, String>) -> BTreeSet<&str> {
     entry.keys().map(String::as_str).collect()
 }
 
-async fn wait_for_job_lines(worker: &WorkerProcess, n: usize) {
-    assert!(
-        wait_until(DEADLINE, || async { worker.job_lines().len() >= n }).await,
-        "expected {n} job lines:\n{}",
-        worker.raw_log()
-    );
-}
-
-async fn wait_for_stream_len(env: &TestEnv, n: usize) {
-    assert!(
-        wait_until(DEADLINE, || async { env.stream().await.len() >= n }).await,
-        "expected {n} stream entries, found {}",
-        env.stream().await.len()
-    );
-}
-
 fn job_line_for(worker: &WorkerProcess, uuid: &str) -> Value {
-    let lines: Vec<Value> = worker
-        .job_lines()
-        .into_iter()
-        .filter(|l| l["notification_uuid"] == uuid)
-        .collect();
+    let lines = worker.job_lines_for(uuid);
     assert_eq!(lines.len(), 1, "job lines of {uuid}: {lines:?}");
     lines.into_iter().next().expect("one line")
-}
-
-/// SIGTERM ends the worker with exit code 0 and its log never shows `key`.
-async fn stop_cleanly(worker: &mut WorkerProcess, keys: &[&str]) {
-    let status = worker.terminate(DEADLINE).await;
-    assert_eq!(status.code(), Some(0), "{}", worker.raw_log());
-    let log = worker.raw_log();
-    for key in keys {
-        assert!(!log.contains(key), "the key {key} appears in the log");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_issue_alert_becomes_the_spec_request_and_one_stream_entry() {
     let env = TestEnv::new("issue").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-a").await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving("backend", "key-a").await;
+    let mut worker = env.worker().spawn();
     let uuid = new_uuid();
-    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
-        .await;
+    env.publish_job(&spec_issue_job(&uuid, "backend")).await;
     assert!(
         standin.wait_for_delivered(1, DEADLINE).await,
         "{}",
@@ -129,7 +92,7 @@ async fn an_issue_alert_becomes_the_spec_request_and_one_stream_entry() {
         }
     });
     assert_eq!(r.json.as_ref(), Some(&expected));
-    wait_for_stream_len(&env, 1).await;
+    env.wait_for_stream_len(1).await;
     let entry = &env.stream().await[0];
     for (name, value) in [
         ("notification_uuid", uuid.as_str()),
@@ -147,30 +110,25 @@ async fn an_issue_alert_becomes_the_spec_request_and_one_stream_entry() {
     ] {
         assert_eq!(field(entry, name), Some(value), "field {name}");
     }
-    wait_for_job_lines(&worker, 1).await;
+    worker.wait_for_job_lines(1).await;
     let line = &worker.job_lines()[0];
     assert_eq!(line["outcome"], "delivered");
     assert_eq!(line["notification_uuid"], uuid.as_str());
     assert_eq!(line["status"], 202);
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    stop_cleanly(&mut worker, &["key-a"]).await;
-    env.cleanup().await;
+    worker.stop_cleanly(&["key-a"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_issue_alert_without_a_group_has_no_alias_and_no_entity() {
     let env = TestEnv::new("nogroup").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-ng").await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving("backend", "key-ng").await;
+    let mut worker = env.worker().spawn();
     let uuid = new_uuid();
     // No priority, no release, no event message, and a base URL with a trailing slash.
-    let job = json!({"version":1,"kind":"issue_alert","notification_uuid":uuid,"team_id":"backend",
-        "organization":{"id":3,"slug":"acme","url":"https://acme.sentry.io/"},
-        "project":{"id":7,"slug":"api","name":"API"},
-        "event":{"title":"Unhandled rejection: fetch failed","tags":[["browser","Firefox 128"]]},
-        "rules":[{"id":17,"label":"Errors in prod"},{"id":18,"label":"New issues"}]});
+    let job = bare_issue_job(&uuid, "backend");
     let before_ms = now_ms();
-    env.publish(job.to_string().as_bytes()).await;
+    env.publish_job(&job).await;
     assert!(
         standin.wait_for_delivered(1, DEADLINE).await,
         "{}",
@@ -194,7 +152,7 @@ async fn an_issue_alert_without_a_group_has_no_alias_and_no_entity() {
     });
     assert_eq!(r.json.as_ref(), Some(&expected));
 
-    wait_for_stream_len(&env, 1).await;
+    env.wait_for_stream_len(1).await;
     let stream = env.stream().await;
     assert_eq!(stream.len(), 1);
     let entry = &stream[0];
@@ -241,7 +199,7 @@ async fn an_issue_alert_without_a_group_has_no_alias_and_no_entity() {
         "delivered_at_ms {delivered_at} is not between publishing and now"
     );
 
-    wait_for_job_lines(&worker, 1).await;
+    worker.wait_for_job_lines(1).await;
     let line = job_line_for(&worker, &uuid);
     assert_eq!(line["outcome"], "delivered");
     assert_eq!(line["kind"], "issue_alert");
@@ -249,15 +207,14 @@ async fn an_issue_alert_without_a_group_has_no_alias_and_no_entity() {
     assert_eq!(line["team_id"], "backend");
     assert_eq!(line["request_id"], r.request_id.as_str());
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    stop_cleanly(&mut worker, &["key-ng"]).await;
-    env.cleanup().await;
+    worker.stop_cleanly(&["key-ng"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metric_alerts_take_their_priority_from_the_status_unless_a_valid_one_is_given() {
     let env = TestEnv::new("metric").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-m").await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving("backend", "key-m").await;
+    let mut worker = env.worker().spawn();
     let run = uuid::Uuid::new_v4().simple().to_string();
     // One uuid needs percent-encoding in the URL, so that `seg` is checked end to end.
     let uuids = [
@@ -274,7 +231,7 @@ async fn metric_alerts_take_their_priority_from_the_status_unless_a_valid_one_is
     let mut invalid = spec_metric_job(&uuids[3], "backend", 404, "warning");
     invalid["priority"] = json!("urgent");
     for job in [&critical, &warning, &explicit, &invalid] {
-        env.publish(job.to_string().as_bytes()).await;
+        env.publish_job(job).await;
     }
     assert!(
         standin.wait_for_delivered(4, DEADLINE).await,
@@ -317,8 +274,8 @@ async fn metric_alerts_take_their_priority_from_the_status_unless_a_valid_one_is
         assert_eq!(got[0].json.as_ref(), Some(want), "{alias}");
     }
 
-    wait_for_stream_len(&env, 4).await;
-    wait_for_job_lines(&worker, 4).await;
+    env.wait_for_stream_len(4).await;
+    worker.wait_for_job_lines(4).await;
     let stream = env.stream().await;
     assert_eq!(stream.len(), 4);
     for (uuid, identifier) in uuids.iter().zip(401..) {
@@ -364,20 +321,19 @@ async fn metric_alerts_take_their_priority_from_the_status_unless_a_valid_one_is
         );
     }
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    stop_cleanly(&mut worker, &["key-m"]).await;
-    env.cleanup().await;
+    worker.stop_cleanly(&["key-m"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resolved_incident_closes_its_alert_by_alias() {
     let env = TestEnv::new("close").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-c").await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving("backend", "key-c").await;
+    let mut worker = env.worker().spawn();
     let uuid = new_uuid();
     let mut job = spec_metric_job(&uuid, "backend", 314, "resolved");
     // A close carries no priority, so the job's must not reach the request.
     job["priority"] = json!("P1");
-    env.publish(job.to_string().as_bytes()).await;
+    env.publish_job(&job).await;
     assert!(
         standin.wait_for_delivered(1, DEADLINE).await,
         "{}",
@@ -394,7 +350,7 @@ async fn a_resolved_incident_closes_its_alert_by_alias() {
     assert_eq!(r.body, r#"{"source":"Sentry"}"#);
     assert_eq!(r.status, 202);
 
-    wait_for_stream_len(&env, 1).await;
+    env.wait_for_stream_len(1).await;
     let stream = env.stream().await;
     assert_eq!(stream.len(), 1);
     let entry = &stream[0];
@@ -429,51 +385,27 @@ async fn a_resolved_incident_closes_its_alert_by_alias() {
     ] {
         assert_eq!(field(entry, name), Some(value), "field {name}");
     }
-    wait_for_job_lines(&worker, 1).await;
+    worker.wait_for_job_lines(1).await;
     let line = job_line_for(&worker, &uuid);
     assert_eq!(line["outcome"], "delivered");
     assert_eq!(line["action"], "close");
     assert_eq!(line["alias"], "incident_1_314");
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    stop_cleanly(&mut worker, &["key-c"]).await;
-    env.cleanup().await;
+    worker.stop_cleanly(&["key-c"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_team_reaches_its_own_api_with_its_own_key() {
     let env = TestEnv::new("regions").await;
     // Each stand-in accepts only its own key, so a crossed key would be refused, not counted.
-    let eu = StandIn::start(StandInConfig {
-        keys: vec!["key-eu-payments".into()],
-        ..StandInConfig::default()
-    })
-    .await
-    .expect("eu stand-in");
-    let us = StandIn::start(StandInConfig {
-        keys: vec!["key-us-backend".into()],
-        ..StandInConfig::default()
-    })
-    .await
-    .expect("us stand-in");
-    let keyring = env.write_keyring(&[
-        TeamSpec {
-            id: "payments",
-            key: "key-eu-payments",
-            api_url: &eu.base_url(),
-        },
-        TeamSpec {
-            id: "backend",
-            key: "key-us-backend",
-            api_url: &us.base_url(),
-        },
-    ]);
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let eu = env.standin().serving("payments", "key-eu-payments").await;
+    let us = env.standin().serving("backend", "key-us-backend").await;
+    let mut worker = env.worker().spawn();
     let mut jobs: Vec<(String, &str)> = Vec::new();
     for i in 0..6 {
         let team = if i % 2 == 0 { "payments" } else { "backend" };
         let uuid = new_uuid();
-        env.publish(spec_issue_job(&uuid, team).to_string().as_bytes())
-            .await;
+        env.publish_job(&spec_issue_job(&uuid, team)).await;
         jobs.push((uuid, team));
     }
     assert!(
@@ -486,7 +418,7 @@ async fn each_team_reaches_its_own_api_with_its_own_key() {
         "{}",
         worker.raw_log()
     );
-    wait_for_job_lines(&worker, 6).await;
+    worker.wait_for_job_lines(6).await;
 
     for (standin, team, key) in [
         (&eu, "payments", "key-eu-payments"),
@@ -520,7 +452,7 @@ async fn each_team_reaches_its_own_api_with_its_own_key() {
         want.sort();
         assert_eq!(got, want, "{team}");
     }
-    wait_for_stream_len(&env, 6).await;
+    env.wait_for_stream_len(6).await;
     for entry in env.stream().await {
         let uuid = field(&entry, "notification_uuid").expect("uuid");
         let team = jobs.iter().find(|(u, _)| u == uuid).expect("a known job").1;
@@ -528,165 +460,13 @@ async fn each_team_reaches_its_own_api_with_its_own_key() {
     }
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    stop_cleanly(&mut worker, &["key-eu-payments", "key-us-backend"]).await;
-    env.cleanup().await;
+    worker
+        .stop_cleanly(&["key-eu-payments", "key-us-backend"])
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // A randomized batch.
-
-/// Pieces strings are made of: plain text, the separators the builder strips or encodes,
-/// multi-byte characters, emoji (with ZWJ sequences and flags) and combining marks, so that
-/// every limit is counted in Unicode scalar values and nothing is split in the wrong place.
-const PIECES: &[&str] = &[
-    "a",
-    "Z",
-    "7",
-    " ",
-    ",",
-    ",",
-    ":",
-    "-",
-    "é",
-    "e\u{301}",
-    "a\u{308}\u{332}",
-    "😀",
-    "👩\u{200d}💻",
-    "🇯🇵",
-    "日本",
-    "ß",
-    "שלום",
-    "\u{200b}",
-    "/",
-    "?",
-    "&",
-    "%",
-    "#",
-    "\"",
-    "\\",
-    "\n",
-    "\t",
-    "+",
-    "=",
-];
-
-fn text(rng: &mut StdRng, max_pieces: usize) -> String {
-    let n = rng.random_range(0..=max_pieces);
-    (0..n)
-        .map(|_| PIECES[rng.random_range(0..PIECES.len())])
-        .collect()
-}
-
-/// Mostly short, sometimes long enough to hit the field's limit.
-fn sized_text(rng: &mut StdRng, short: usize, long: usize) -> String {
-    if rng.random_bool(0.15) {
-        text(rng, long)
-    } else {
-        text(rng, short)
-    }
-}
-
-fn random_priority(rng: &mut StdRng) -> Option<&'static str> {
-    const CHOICES: [Option<&str>; 10] = [
-        None,
-        Some("P1"),
-        Some("P2"),
-        Some("P3"),
-        Some("P4"),
-        Some("P5"),
-        Some("urgent"),
-        Some("p2"),
-        Some(""),
-        Some("P0"),
-    ];
-    CHOICES[rng.random_range(0..CHOICES.len())]
-}
-
-/// A valid job; `index` makes its request unique (the message, or the incident alias).
-fn random_job(rng: &mut StdRng, run: &str, index: usize) -> Value {
-    let notification_uuid = if rng.random_bool(0.2) {
-        format!("{run}-{index}-ü/é?&%")
-    } else {
-        format!("{run}-{index}")
-    };
-    let team = if rng.random_bool(0.5) {
-        "alpha"
-    } else {
-        "beta"
-    };
-    let url = [
-        "https://acme.sentry.io",
-        "https://acme.sentry.io/",
-        "http://sentry.internal:9000/base",
-    ][rng.random_range(0..3)];
-    let mut job = json!({
-        "version": 1,
-        "notification_uuid": notification_uuid,
-        "team_id": team,
-        "organization": {"id": rng.random_range(-5..1_000_000_i64), "slug": text(rng, 12), "url": url},
-    });
-    if let Some(priority) = random_priority(rng) {
-        job["priority"] = json!(priority);
-    }
-    if rng.random_bool(0.1) {
-        job["added_by_a_newer_producer"] = json!({"nested": [1, 2, 3]});
-    }
-    if rng.random_bool(0.5) {
-        job["kind"] = json!("issue_alert");
-        job["project"] = json!({"id": rng.random_range(1..10_000_i64), "slug": text(rng, 10), "name": text(rng, 20)});
-        let mut event = json!({"title": format!("#{index} {}", sized_text(rng, 40, 300))});
-        if rng.random_bool(0.5) {
-            event["message"] = if rng.random_bool(0.3) {
-                json!("")
-            } else {
-                json!(format!("m{index} {}", sized_text(rng, 40, 300)))
-            };
-        }
-        if rng.random_bool(0.7) {
-            event["release"] = json!(sized_text(rng, 10, 3000));
-        }
-        if rng.random_bool(0.8) {
-            let n = rng.random_range(0..=30);
-            let tags: Vec<[String; 2]> = (0..n)
-                .map(|_| [sized_text(rng, 8, 60), sized_text(rng, 12, 60)])
-                .collect();
-            event["tags"] = json!(tags);
-        }
-        job["event"] = event;
-        if rng.random_bool(0.6) {
-            let mut group = json!({"id": rng.random_range(1..1_000_000_000_000_i64), "title": sized_text(rng, 30, 9000)});
-            for name in ["culprit", "logger", "level"] {
-                if rng.random_bool(0.7) {
-                    group[name] = json!(sized_text(rng, 15, 700));
-                }
-            }
-            job["group"] = group;
-        }
-        let rules: Vec<Value> = (0..rng.random_range(1..=4))
-            .map(|_| json!({"id": rng.random_range(1..100_000_i64), "label": sized_text(rng, 15, 2500)}))
-            .collect();
-        job["rules"] = json!(rules);
-    } else {
-        job["kind"] = json!("metric_alert");
-        let name = if rng.random_bool(0.1) {
-            String::new()
-        } else {
-            format!("r{index} {}", sized_text(rng, 20, 300))
-        };
-        job["alert_rule"] = json!({"id": rng.random_range(1..100_000_i64), "name": name});
-        let status = ["critical", "warning", "resolved"][rng.random_range(0..3)];
-        // A distinct incident per job, so that the per-incident order never holds one back.
-        let mut incident = json!({"identifier": 1_000_000 + index, "status": status});
-        if rng.random_bool(0.5) {
-            incident["sequence"] = json!(rng.random_range(1..2_000_000_000_000_i64));
-        }
-        job["incident"] = incident;
-        if rng.random_bool(0.8) {
-            job["text"] = json!(sized_text(rng, 40, 16_000));
-        }
-    }
-    job
-}
 
 fn chars(s: &str) -> usize {
     s.chars().count()
@@ -808,24 +588,11 @@ fn assert_within_opsgenie_limits(path: &str, body: &Value, context: &str) {
 async fn a_randomized_batch_is_delivered_exactly_once_per_job() {
     const JOBS: usize = 300;
     let env = TestEnv::new("batch").await;
-    let standin = StandIn::start(StandInConfig {
-        keys: vec!["key-alpha-batch".into(), "key-beta-batch".into()],
-        ..StandInConfig::default()
-    })
-    .await
-    .expect("stand-in");
-    let keyring = env.write_keyring(&[
-        TeamSpec {
-            id: "alpha",
-            key: "key-alpha-batch",
-            api_url: &standin.base_url(),
-        },
-        TeamSpec {
-            id: "beta",
-            key: "key-beta-batch",
-            api_url: &standin.base_url(),
-        },
-    ]);
+    let standin = env
+        .standin()
+        .serving("alpha", "key-alpha-batch")
+        .serving("beta", "key-beta-batch")
+        .await;
     // Fixed seed: a failure reproduces with the same jobs; the run id only keeps uuids unique.
     let mut rng = StdRng::seed_from_u64(0x0b5_9e1e);
     let run = uuid::Uuid::new_v4().simple().to_string();
@@ -835,9 +602,9 @@ async fn a_randomized_batch_is_delivered_exactly_once_per_job() {
         .map(|j| AlertJob::parse(j.to_string().as_bytes()).expect("a valid job"))
         .collect();
 
-    let mut worker = env.spawn_worker(&keyring, &["--prefetch", "64"]);
+    let mut worker = env.worker().flag("--prefetch", "64").spawn();
     for job in &jobs {
-        env.publish(job.to_string().as_bytes()).await;
+        env.publish_job(job).await;
     }
     assert!(
         standin
@@ -847,18 +614,18 @@ async fn a_randomized_batch_is_delivered_exactly_once_per_job() {
         standin.delivered(),
         worker.raw_log()
     );
-    wait_for_job_lines(&worker, JOBS).await;
-    wait_for_stream_len(&env, JOBS).await;
+    worker.wait_for_job_lines(JOBS).await;
+    env.wait_for_stream_len(JOBS).await;
     assert_eq!(env.queue_len(&env.queue).await, 0);
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
-    stop_cleanly(&mut worker, &["key-alpha-batch", "key-beta-batch"]).await;
+    worker
+        .stop_cleanly(&["key-alpha-batch", "key-beta-batch"])
+        .await;
 
-    // The worker is gone, so the books below are final. They are read before the cleanup
-    // (which removes the log) and checked after it, so that a failure leaves nothing behind.
+    // The worker is gone, so the books below are final.
     let mut requests = standin.requests();
     let stream = env.stream().await;
     let lines = worker.job_lines();
-    env.cleanup().await;
 
     assert_eq!(requests.len(), JOBS, "one request per job");
     let mut request_ids: HashMap<&str, String> = HashMap::new();
@@ -979,8 +746,8 @@ async fn a_randomized_batch_is_delivered_exactly_once_per_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_job_is_acked_as_a_duplicate_without_sending() {
     let env = TestEnv::new("dup").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-d").await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving("backend", "key-d").await;
+    let mut worker = env.worker().spawn();
     let uuid = new_uuid();
     let body = spec_issue_job(&uuid, "backend").to_string();
     env.publish(body.as_bytes()).await;
@@ -989,28 +756,27 @@ async fn a_redelivered_job_is_acked_as_a_duplicate_without_sending() {
         "{}",
         worker.raw_log()
     );
-    wait_for_job_lines(&worker, 1).await;
+    worker.wait_for_job_lines(1).await;
     env.publish(body.as_bytes()).await;
-    wait_for_job_lines(&worker, 2).await;
+    worker.wait_for_job_lines(2).await;
     let lines = worker.job_lines();
     assert_eq!(lines[0]["outcome"], "delivered");
     assert_eq!(lines[1]["outcome"], "duplicate", "{}", lines[1]);
     assert_eq!(lines[1]["notification_uuid"], uuid.as_str());
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    stop_cleanly(&mut worker, &["key-d"]).await;
+    worker.stop_cleanly(&["key-d"]).await;
     assert_eq!(standin.stats().received, 1);
     assert_eq!(standin.requests().len(), 1);
     let stream = env.stream().await;
     assert_eq!(stream.len(), 1);
     assert_eq!(field(&stream[0], "notification_uuid"), Some(uuid.as_str()));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_for_an_unknown_team_is_dead_lettered_and_not_sent() {
     let env = TestEnv::new("noteam").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-u").await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving("backend", "key-u").await;
+    let mut worker = env.worker().spawn();
     let uuid = new_uuid();
     let body = spec_issue_job(&uuid, "nobody").to_string();
     env.publish(body.as_bytes()).await;
@@ -1023,7 +789,7 @@ async fn a_job_for_an_unknown_team_is_dead_lettered_and_not_sent() {
         env.dead_queue(),
         worker.raw_log()
     );
-    stop_cleanly(&mut worker, &["key-u"]).await;
+    worker.stop_cleanly(&["key-u"]).await;
 
     let letters = env.take_dead_letters().await;
     assert_eq!(letters.len(), 1);
@@ -1057,11 +823,8 @@ async fn a_job_for_an_unknown_team_is_dead_lettered_and_not_sent() {
     assert!(env.stream().await.is_empty());
     assert_eq!(env.queue_len(&env.queue).await, 0);
 
-    // Read before the cleanup, which removes the log; checked after it, so that a failure
-    // here leaves nothing behind on the broker.
     let lines = worker.job_lines();
     let log = worker.raw_log();
-    env.cleanup().await;
     assert_eq!(
         lines.len(),
         1,
@@ -1074,27 +837,23 @@ async fn a_job_for_an_unknown_team_is_dead_lettered_and_not_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_keys_carry_the_prefix_and_the_sent_marker_expires_with_the_dedupe_ttl() {
     let env = TestEnv::new("prefix").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-p").await;
-    let mut worker = env.spawn_worker(&keyring, &["--dedupe-ttl", "600"]);
+    let standin = env.standin().serving("backend", "key-p").await;
+    let mut worker = env.worker().flag("--dedupe-ttl", "600").spawn();
     let issue_uuid = new_uuid();
     let metric_uuid = new_uuid();
     let identifier = 7_000_001;
     let sequence = 1_732_665_600_000_i64;
     let metric = metric_job(&metric_uuid, "backend", identifier, "critical", sequence);
-    env.publish(
-        spec_issue_job(&issue_uuid, "backend")
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
-    env.publish(metric.to_string().as_bytes()).await;
+    env.publish_job(&spec_issue_job(&issue_uuid, "backend"))
+        .await;
+    env.publish_job(&metric).await;
     assert!(
         standin.wait_for_delivered(2, DEADLINE).await,
         "{}",
         worker.raw_log()
     );
-    wait_for_job_lines(&worker, 2).await;
-    stop_cleanly(&mut worker, &["key-p"]).await;
+    worker.wait_for_job_lines(2).await;
+    worker.stop_cleanly(&["key-p"]).await;
 
     let stream_key = format!("{}deliveries", env.prefix);
     let kind: String = env
@@ -1149,5 +908,4 @@ async fn redis_keys_carry_the_prefix_and_the_sent_marker_expires_with_the_dedupe
         .filter(|k| !k.starts_with("e2e:") || k.starts_with(&env.prefix))
         .collect();
     assert_eq!(outside, [seq_key]);
-    env.cleanup().await;
 }

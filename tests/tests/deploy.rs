@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 
 /// `deploy/` of the repository.
@@ -155,14 +156,14 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_exposed_by_a_running_w
     }
 
     let env = TestEnv::new("deploy-metrics").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "deploy-key-51c2").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
-    env.publish(issue_job(&new_uuid(), "backend", 7).to_string().as_bytes())
-        .await;
+    let standin = env.standin().serving("backend", "deploy-key-51c2").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
+    env.publish_job(&issue_job(&new_uuid(), "backend", 7)).await;
     assert!(
         standin.wait_for_delivered(1, Duration::from_secs(30)).await,
         "the job was not delivered: {}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     // The delivery is counted and the queue sampled (at once on connecting, then every 15 s).
     let queue_series = format!(r#"opsgenie_queue_messages{{queue="{}"}}"#, env.queue);
@@ -194,5 +195,4 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_exposed_by_a_running_w
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicNackOptions};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use opsgenie_shared::{AlertJob, build_request};
 use serde_json::{Value, json};
@@ -31,14 +32,8 @@ async fn assert_queued(env: &TestEnv, n: u32) {
 
 /// Starts a worker, lets it deliver `jobs`, stops it, and checks that the stand-in received
 /// exactly one request per job, each the one docs/contract.md section 5 builds from it.
-async fn deliver_and_check(
-    env: &TestEnv,
-    standin: &StandIn,
-    keyring: &std::path::Path,
-    key: &str,
-    jobs: &[Value],
-) {
-    let mut worker = env.spawn_worker(keyring, &[]);
+async fn deliver_and_check(env: &TestEnv, standin: &StandIn, key: &str, jobs: &[Value]) {
+    let mut worker = env.worker().spawn();
     assert!(
         standin
             .wait_for_delivered(jobs.len() as u64, DEADLINE)
@@ -100,10 +95,12 @@ async fn deliver_and_check(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_with_one_pretty_printed_job_is_published_and_delivered() {
     let env = TestEnv::new("enq-pretty").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-e1").await;
+    let standin = env.standin().serving("backend", "key-e1").await;
     let job = spec_issue_job(&new_uuid(), "backend");
-    let file = env.dir.join("job.json");
-    std::fs::write(&file, serde_json::to_string_pretty(&job).expect("json")).expect("write");
+    let file = env.write_file(
+        "job.json",
+        serde_json::to_string_pretty(&job).expect("json"),
+    );
     enqueue_ok(&env, &["enqueue", file.to_str().expect("utf-8 path")], None);
     assert_queued(&env, 1).await;
 
@@ -133,32 +130,29 @@ async fn a_file_with_one_pretty_printed_job_is_published_and_delivered() {
         .expect("put it back");
     assert_queued(&env, 1).await;
 
-    deliver_and_check(&env, &standin, &keyring, "key-e1", &[job]).await;
-    env.cleanup().await;
+    deliver_and_check(&env, &standin, "key-e1", &[job]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_of_json_lines_publishes_every_job() {
     let env = TestEnv::new("enq-lines").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-e2").await;
+    let standin = env.standin().serving("backend", "key-e2").await;
     let jobs = [
         spec_issue_job(&new_uuid(), "backend"),
         spec_metric_job(&new_uuid(), "backend", 501, "critical"),
         spec_metric_job(&new_uuid(), "backend", 502, "resolved"),
     ];
     let text: String = jobs.iter().map(|j| format!("{j}\n")).collect();
-    let file = env.dir.join("jobs.jsonl");
-    std::fs::write(&file, text).expect("write");
+    let file = env.write_file("jobs.jsonl", text);
     enqueue_ok(&env, &["enqueue", file.to_str().expect("utf-8 path")], None);
     assert_queued(&env, 3).await;
-    deliver_and_check(&env, &standin, &keyring, "key-e2", &jobs).await;
-    env.cleanup().await;
+    deliver_and_check(&env, &standin, "key-e2", &jobs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standard_input_publishes_one_job_per_line() {
     let env = TestEnv::new("enq-stdin").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-e3").await;
+    let standin = env.standin().serving("backend", "key-e3").await;
     let jobs = [
         spec_metric_job(&new_uuid(), "backend", 601, "warning"),
         spec_issue_job(&new_uuid(), "backend"),
@@ -167,14 +161,13 @@ async fn standard_input_publishes_one_job_per_line() {
     let input: String = jobs.iter().map(|j| format!("{j}\n")).collect();
     enqueue_ok(&env, &["enqueue"], Some(input.as_bytes()));
     assert_queued(&env, 3).await;
-    deliver_and_check(&env, &standin, &keyring, "key-e3", &jobs).await;
-    env.cleanup().await;
+    deliver_and_check(&env, &standin, "key-e3", &jobs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_job_is_reported_with_its_field_path_and_not_published() {
     let env = TestEnv::new("enq-invalid").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "key-e4").await;
+    let standin = env.standin().serving("backend", "key-e4").await;
     let valid = [
         spec_issue_job(&new_uuid(), "backend"),
         spec_metric_job(&new_uuid(), "backend", 701, "critical"),
@@ -194,7 +187,7 @@ async fn an_invalid_job_is_reported_with_its_field_path_and_not_published() {
     );
 
     assert_queued(&env, 2).await;
-    deliver_and_check(&env, &standin, &keyring, "key-e4", &valid).await;
+    deliver_and_check(&env, &standin, "key-e4", &valid).await;
     assert!(
         standin
             .requests()
@@ -208,67 +201,20 @@ async fn an_invalid_job_is_reported_with_its_field_path_and_not_published() {
             .iter()
             .all(|e| e.get("notification_uuid") != Some(&invalid_uuid))
     );
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // A producer touches only what it is told (docs/contract.md section 9).
 
-/// Runs `opsgenie-worker` with exactly `args` (no names added), `RUST_LOG=warn`, and no
-/// `WORKER_QUEUE` from the environment; returns its exit code, standard output and error.
-fn run_exactly(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(worker_binary())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env_remove("WORKER_QUEUE")
-        .env_remove("WORKER_EXCHANGE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start opsgenie-worker");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Whether `queue` exists on the machine's broker.
-async fn queue_exists(env: &TestEnv, queue: &str) -> bool {
-    let channel = env.connection.create_channel().await.expect("channel");
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await;
-    let _ = channel.close(200, "".into()).await;
-    declared.is_ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_only_an_exchange_no_queue_is_declared_and_an_unroutable_job_is_an_error() {
     let env = TestEnv::new("enq-lone").await;
-    let exchange = format!("{}.lone", env.exchange);
-    let default_queue_existed = queue_exists(&env, "opsgenie.alerts").await;
+    let exchange = env.another_exchange("lone");
+    let default_queue_existed = env.queue_exists("opsgenie.alerts").await;
     let job = spec_issue_job(&new_uuid(), "backend");
-    let (code, stdout, stderr) = run_exactly(
+    let (code, stdout, stderr) = run_worker(
         &["enqueue", "--amqp-url", AMQP_URL, "--exchange", &exchange],
-        format!("{job}\n").as_bytes(),
+        Some(format!("{job}\n").as_bytes()),
     );
     assert_ne!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(
@@ -294,21 +240,17 @@ async fn with_only_an_exchange_no_queue_is_declared_and_an_unroutable_job_is_an_
         .await
         .expect("the exchange exists");
     if !default_queue_existed {
-        assert!(!queue_exists(&env, "opsgenie.alerts").await);
-        assert!(!queue_exists(&env, "opsgenie.alerts.dead").await);
-        assert!(!queue_exists(&env, "opsgenie.alerts.retry.5s").await);
+        assert!(!env.queue_exists("opsgenie.alerts").await);
+        assert!(!env.queue_exists("opsgenie.alerts.dead").await);
+        assert!(!env.queue_exists("opsgenie.alerts.retry.5s").await);
     }
-    let _ = channel
-        .exchange_delete(exchange.as_str().into(), Default::default())
-        .await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_only_an_exchange_a_job_reaches_the_queue_a_worker_declared() {
     let env = TestEnv::new("enq-bound").await;
     let job = spec_issue_job(&new_uuid(), "backend");
-    let (code, stdout, stderr) = run_exactly(
+    let (code, stdout, stderr) = run_worker(
         &[
             "enqueue",
             "--amqp-url",
@@ -316,11 +258,10 @@ async fn with_only_an_exchange_a_job_reaches_the_queue_a_worker_declared() {
             "--exchange",
             &env.exchange,
         ],
-        format!("{job}\n").as_bytes(),
+        Some(format!("{job}\n").as_bytes()),
     );
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_queued(&env, 1).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,9 +269,9 @@ async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argumen
     // This test's topology stands for another deployment: its retry queues send expired
     // jobs back to its own exchange.
     let env = TestEnv::new("enq-clash").await;
-    let exchange = format!("{}.other", env.exchange);
+    let exchange = env.another_exchange("other");
     let job = spec_issue_job(&new_uuid(), "backend");
-    let (code, stdout, stderr) = run_exactly(
+    let (code, stdout, stderr) = run_worker(
         &[
             "enqueue",
             "--amqp-url",
@@ -342,7 +283,7 @@ async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argumen
             "--retry-delays",
             TEST_RETRY_DELAYS,
         ],
-        format!("{job}\n").as_bytes(),
+        Some(format!("{job}\n").as_bytes()),
     );
     assert_eq!(code, 2, "stdout:\n{stdout}\nstderr:\n{stderr}");
     let retry = format!("{}.retry.1s", env.queue);
@@ -359,7 +300,6 @@ async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argumen
         "{stderr}"
     );
     // Nothing was published, and the other deployment's queue was not bound to this exchange.
-    let channel = env.connection.create_channel().await.expect("channel");
     let confirm_channel = env.connection.create_channel().await.expect("channel");
     confirm_channel
         .confirm_select(Default::default())
@@ -385,12 +325,9 @@ async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argumen
         "returned as unroutable: {confirm:?}"
     );
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    let _ = channel
-        .exchange_delete(exchange.as_str().into(), Default::default())
-        .await;
 
     // The same for the queue type, as `enqueue`, `check` and `dead` read it.
-    let keyring = env.write_keyring(&[]);
+    let keyring = env.keyring();
     let keyring = keyring.to_str().expect("utf-8 path");
     for args in [
         vec!["enqueue", "--queue-type", "quorum"],
@@ -415,5 +352,4 @@ async fn a_queue_of_another_deployment_is_a_clear_error_naming_queue_and_argumen
         );
     }
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    env.cleanup().await;
 }

@@ -4,10 +4,10 @@
 //! beyond what the contract allows, nothing acked before it is durable.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fred::interfaces::{ClientLike, KeysInterface};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::relay::Relay;
 use opsgenie_e2e::*;
 use rand::SeedableRng;
@@ -20,50 +20,6 @@ const KEY: &str = "key-a";
 
 /// Long enough for a loaded two-core machine; every wait ends as soon as its condition holds.
 const SETTLE: Duration = Duration::from_secs(60);
-
-fn group_alias(group: i64) -> String {
-    format!("sentry: {group}")
-}
-
-/// A stand-in accepting `KEY` (answering after `delay`), and a keyring where `TEAM` uses it.
-async fn standin_and_keyring(env: &TestEnv, delay: Option<Duration>) -> (StandIn, PathBuf) {
-    let standin = StandIn::start(StandInConfig {
-        keys: vec![KEY.into()],
-        delay,
-        ..StandInConfig::default()
-    })
-    .await
-    .expect("start the stand-in");
-    let keyring = env.write_keyring(&[TeamSpec {
-        id: TEAM,
-        key: KEY,
-        api_url: &standin.base_url(),
-    }]);
-    (standin, keyring)
-}
-
-/// Publishes `n` issue jobs for groups `first..first+n`; returns their uuids by group.
-async fn publish_issue_jobs(env: &TestEnv, first: i64, n: i64) -> Vec<(i64, String)> {
-    let mut jobs = Vec::new();
-    for group in first..first + n {
-        let uuid = new_uuid();
-        env.publish(issue_job(&uuid, TEAM, group).to_string().as_bytes())
-            .await;
-        jobs.push((group, uuid));
-    }
-    jobs
-}
-
-/// How many stream entries each notification_uuid has.
-async fn stream_counts(env: &TestEnv) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for entry in env.stream().await {
-        *counts
-            .entry(entry.get("notification_uuid").cloned().unwrap_or_default())
-            .or_default() += 1;
-    }
-    counts
-}
 
 /// Creates the stand-in accepted, by alias.
 fn creates(standin: &StandIn) -> HashMap<String, u64> {
@@ -88,17 +44,9 @@ async fn leases_held(env: &TestEnv) -> usize {
 /// `opsgenie_responses_total{status}` from the worker's /metrics on `port`; 0 while it does
 /// not answer or has not counted one yet.
 async fn answers_counted(port: u16, status: u16) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+    let Some((_, raw)) = http_get(port, "/metrics").await else {
         return 0;
     };
-    let request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    let mut raw = String::new();
-    if stream.write_all(request.as_bytes()).await.is_err()
-        || stream.read_to_string(&mut raw).await.is_err()
-    {
-        return 0;
-    }
     let label = format!("status=\"{status}\"");
     raw.lines()
         .filter(|l| l.starts_with("opsgenie_responses_total{") && l.contains(&label))
@@ -107,34 +55,11 @@ async fn answers_counted(port: u16, status: u16) -> u64 {
         .sum()
 }
 
-/// Every queue of the test is empty (work, delay and dead-letter queues).
-async fn all_queues_empty(env: &TestEnv) -> bool {
-    let topology = env.topology();
-    let mut queues = vec![topology.queue.clone(), topology.dead_queue.clone()];
-    queues.extend(topology.retry_queues.iter().map(|(n, _)| n.clone()));
-    for q in queues {
-        if env.queue_len(&q).await > 0 {
-            return false;
-        }
-    }
-    true
-}
-
 fn assert_alive(worker: &mut WorkerProcess) {
     assert!(
         matches!(worker.child.try_wait(), Ok(None)),
         "the worker exited:\n{}",
-        log_tail(worker, 40)
-    );
-}
-
-async fn stop(worker: &mut WorkerProcess) {
-    let status = worker.terminate(Duration::from_secs(30)).await;
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status after SIGTERM:\n{}",
-        log_tail(worker, 40)
+        worker.log_tail(40)
     );
 }
 
@@ -162,35 +87,39 @@ fn outcomes(workers: &[&WorkerProcess]) -> HashMap<String, Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_storm_ends_in_one_delivery_per_job_through_the_delay_queues() {
     let env = TestEnv::new("storm").await;
-    let (standin, keyring) = standin_and_keyring(&env, None).await;
+    let standin = env.standin().serving(TEAM, KEY).await;
     // Five 503s against two tries per round: whichever jobs meet them, at least one round must
     // fail outright, so at least one job goes through a delay queue.
     const STORM: u64 = 5;
     standin
         .push_faults(vec![Fault::new(503).times(STORM as u32)])
         .unwrap();
-    let jobs = publish_issue_jobs(&env, 100, 3).await;
-    let mut worker = env.spawn_worker(&keyring, &["--quick-tries", "2", "--quick-window", "5s"]);
+    let jobs = env.publish_issue_jobs(TEAM, 100..103).await;
+    let mut worker = env
+        .worker()
+        .flag("--quick-tries", "2")
+        .flag("--quick-window", "5s")
+        .spawn();
 
     assert!(
         wait_until(SETTLE, || async {
-            env.stream().await.len() >= jobs.len() && all_queues_empty(&env).await
+            env.stream().await.len() >= jobs.len() && env.all_queues_empty().await
         })
         .await,
         "not all delivered:\n{}",
-        log_tail(&worker, 30)
+        worker.log_tail(30)
     );
     let stats = standin.stats();
     assert_eq!(stats.by_status.get(&503), Some(&STORM), "{stats:?}");
     assert_eq!(standin.delivered(), jobs.len() as u64, "{stats:?}");
     let creates = creates(&standin);
     for (group, _) in &jobs {
-        assert_eq!(creates.get(&group_alias(*group)), Some(&1), "group {group}");
+        assert_eq!(creates.get(&issue_alias(*group)), Some(&1), "group {group}");
     }
 
     let entries = env.stream().await;
     assert_eq!(entries.len(), jobs.len());
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     for (_, uuid) in &jobs {
         assert_eq!(counts.get(uuid), Some(&1), "{uuid}");
     }
@@ -213,40 +142,33 @@ async fn a_503_storm_ends_in_one_delivery_per_job_through_the_delay_queues() {
     println!("503 storm: attempts per job {attempts:?}, {scheduled} retries scheduled");
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
 
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_with_retry_after_holds_every_request_with_that_key() {
     let env = TestEnv::new("ratelimit").await;
-    let (standin, keyring) = standin_and_keyring(&env, None).await;
+    let standin = env.standin().serving(TEAM, KEY).await;
     standin
         .push_faults(vec![Fault::new(429).header("Retry-After", "2")])
         .unwrap();
-    let port = free_port();
-    let metrics_addr = format!("127.0.0.1:{port}");
-    let mut worker = env.spawn_worker(
-        &keyring,
-        &["--quick-window", "10s", "--metrics-addr", &metrics_addr],
-    );
+    let mut worker = env.worker().flag("--quick-window", "10s").metrics().spawn();
+    let port = worker.metrics_port();
     let first = new_uuid();
-    env.publish(issue_job(&first, TEAM, 1).to_string().as_bytes())
-        .await;
+    env.publish_job(&issue_job(&first, TEAM, 1)).await;
     // The worker counts an answer just before it acts on it: from then on the key cools down.
     assert!(
         wait_until(SETTLE, || async { answers_counted(port, 429).await >= 1 }).await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     // A second job with the same key, sent while the key cools down, must wait as well.
     let second = new_uuid();
-    env.publish(issue_job(&second, TEAM, 2).to_string().as_bytes())
-        .await;
+    env.publish_job(&issue_job(&second, TEAM, 2)).await;
     assert!(
         wait_until(SETTLE, || async { env.stream().await.len() >= 2 }).await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
 
     let requests = standin.requests();
@@ -266,26 +188,24 @@ async fn a_429_with_retry_after_holds_every_request_with_that_key() {
     println!("429 Retry-After: 2 -> the next requests came {waits:?} ms later");
     assert_eq!(creates(&standin).values().sum::<u64>(), 2);
     assert_eq!(env.stream().await.len(), 2);
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     assert_eq!(counts.get(&first), Some(&1));
     assert_eq!(counts.get(&second), Some(&1));
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
 
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_seen_by_one_replica_holds_the_others_too() {
     let env = TestEnv::new("ratelimit-x").await;
-    let (standin, keyring) = standin_and_keyring(&env, None).await;
+    let standin = env.standin().serving(TEAM, KEY).await;
     standin
         .push_faults(vec![Fault::new(429).header("Retry-After", "3")])
         .unwrap();
-    let mut first_replica = env.spawn_worker(&keyring, &[]);
+    let mut first_replica = env.worker().spawn();
     let first = new_uuid();
-    env.publish(issue_job(&first, TEAM, 1).to_string().as_bytes())
-        .await;
+    env.publish_job(&issue_job(&first, TEAM, 1)).await;
     // The cooldown is shared through Redis: once it is there, no replica may use the key.
     let cooldown_key = format!("{}cooldown:{TEAM}", env.prefix);
     assert!(
@@ -298,27 +218,19 @@ async fn a_429_seen_by_one_replica_holds_the_others_too() {
         })
         .await,
         "{}",
-        log_tail(&first_replica, 20)
+        first_replica.log_tail(20)
     );
     // The replica that saw the 429 leaves (its job goes to a delay queue); a second one,
     // which never saw it, takes every job from here on.
-    stop(&mut first_replica).await;
-    let mut second_replica = env.spawn_worker(&keyring, &[]);
-    assert!(
-        wait_until(SETTLE, || async {
-            second_replica
-                .logs()
-                .iter()
-                .any(|l| l["message"] == "Consuming.")
-        })
-        .await
-    );
-    let later = publish_issue_jobs(&env, 2, 6).await;
+    first_replica.stop().await;
+    let mut second_replica = env.worker().spawn();
+    assert!(wait_until(SETTLE, || async { second_replica.logged("Consuming.") }).await);
+    let later = env.publish_issue_jobs(TEAM, 2..8).await;
     assert!(
         wait_until(SETTLE, || async { env.stream().await.len() >= 7 }).await,
         "{}\n{}",
-        log_tail(&first_replica, 20),
-        log_tail(&second_replica, 20)
+        first_replica.log_tail(20),
+        second_replica.log_tail(20)
     );
     let requests = standin.requests();
     assert_eq!(requests[0].status, 429);
@@ -333,21 +245,20 @@ async fn a_429_seen_by_one_replica_holds_the_others_too() {
         earliest >= 2990,
         "a request came {earliest} ms after the 429 that asked for 3 s"
     );
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     assert_eq!(counts.get(&first), Some(&1));
     for (_, uuid) in &later {
         assert_eq!(counts.get(uuid), Some(&1));
     }
-    stop(&mut second_replica).await;
-    env.cleanup().await;
+    second_replica.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_flow_on_after_redis_forgets_the_scripts() {
     let env = TestEnv::new("noscript").await;
-    let (standin, keyring) = standin_and_keyring(&env, None).await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
-    let before = publish_issue_jobs(&env, 1, 3).await;
+    let standin = env.standin().serving(TEAM, KEY).await;
+    let mut worker = env.worker().spawn();
+    let before = env.publish_issue_jobs(TEAM, 1..4).await;
     assert!(wait_until(SETTLE, || async { env.stream().await.len() == 3 }).await);
     // What a Redis restart does to the script cache.
     let _: () = env
@@ -355,39 +266,33 @@ async fn jobs_flow_on_after_redis_forgets_the_scripts() {
         .custom(fred::cmd!("SCRIPT"), vec!["FLUSH"])
         .await
         .unwrap();
-    let after = publish_issue_jobs(&env, 4, 3).await;
+    let after = env.publish_issue_jobs(TEAM, 4..7).await;
     assert!(
         wait_until(SETTLE, || async { env.stream().await.len() == 6 }).await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     for (_, uuid) in before.iter().chain(&after) {
         assert_eq!(counts.get(uuid), Some(&1));
     }
     assert_eq!(standin.delivered(), 6);
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_attempts_a_failing_job_is_dead_lettered_as_exhausted() {
     let env = TestEnv::new("exhausted").await;
-    let (standin, keyring) = standin_and_keyring(&env, None).await;
+    let standin = env.standin().serving(TEAM, KEY).await;
     standin
         .push_faults(vec![Fault::new(503).times(1000)])
         .unwrap();
-    let mut worker = env.spawn_worker(
-        &keyring,
-        &[
-            "--max-attempts",
-            "2",
-            "--quick-tries",
-            "2",
-            "--quick-window",
-            "5s",
-        ],
-    );
+    let mut worker = env
+        .worker()
+        .flag("--max-attempts", "2")
+        .flag("--quick-tries", "2")
+        .flag("--quick-window", "5s")
+        .spawn();
     let uuid = new_uuid();
     let body = issue_job(&uuid, TEAM, 1).to_string();
     env.publish(body.as_bytes()).await;
@@ -397,7 +302,7 @@ async fn past_max_attempts_a_failing_job_is_dead_lettered_as_exhausted() {
         })
         .await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let dead = env.take_dead_letters().await;
     assert_eq!(dead.len(), 1);
@@ -414,10 +319,9 @@ async fn past_max_attempts_a_failing_job_is_dead_lettered_as_exhausted() {
     // Two rounds of two tries, and nothing after the dead letter.
     assert_eq!(standin.stats().received, 4, "{:?}", standin.stats());
     assert!(env.stream().await.is_empty());
-    assert!(all_queues_empty(&env).await);
+    assert!(env.all_queues_empty().await);
 
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -428,8 +332,12 @@ async fn sigkill_mid_stream_loses_nothing_and_pages_twice_at_most_prefetch_times
     const JOBS: i64 = 300;
     const PREFETCH: u64 = 16;
     let env = TestEnv::new("sigkill").await;
-    let (standin, keyring) = standin_and_keyring(&env, Some(Duration::from_millis(20))).await;
-    let jobs = publish_issue_jobs(&env, 1, JOBS).await;
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .delay(Duration::from_millis(20))
+        .await;
+    let jobs = env.publish_issue_jobs(TEAM, 1..=JOBS).await;
     let prefetch = PREFETCH.to_string();
     // A short quick window and request time-out keep the lease of a killed replica short.
     let flags = [
@@ -440,18 +348,18 @@ async fn sigkill_mid_stream_loses_nothing_and_pages_twice_at_most_prefetch_times
         "--request-timeout",
         "2s",
     ];
-    let mut a = env.spawn_worker(&keyring, &flags);
+    let mut a = env.worker().flags(&flags).spawn();
     assert!(
         standin.wait_for_delivered(100, SETTLE).await,
         "{}",
-        log_tail(&a, 20)
+        a.log_tail(20)
     );
     a.signal("KILL");
     let status = a.wait_exit(Duration::from_secs(10)).await.expect("killed");
     assert_eq!(status.code(), None, "killed by a signal");
     let by_a = standin.delivered();
 
-    let mut b = env.spawn_worker(&keyring, &flags);
+    let mut b = env.worker().flags(&flags).spawn();
     assert!(
         wait_until(Duration::from_secs(120), || async {
             env.stream().await.len() >= JOBS as usize && env.queue_len(&env.queue).await == 0
@@ -459,13 +367,13 @@ async fn sigkill_mid_stream_loses_nothing_and_pages_twice_at_most_prefetch_times
         .await,
         "stream has {} of {JOBS}:\n{}",
         env.stream().await.len(),
-        log_tail(&b, 30)
+        b.log_tail(30)
     );
 
     let creates = creates(&standin);
     let mut sends = 0;
     for (group, uuid) in &jobs {
-        let n = creates.get(&group_alias(*group)).copied().unwrap_or(0);
+        let n = creates.get(&issue_alias(*group)).copied().unwrap_or(0);
         assert!(n >= 1, "job {uuid} never reached the stand-in");
         sends += n;
     }
@@ -474,32 +382,32 @@ async fn sigkill_mid_stream_loses_nothing_and_pages_twice_at_most_prefetch_times
         "SIGKILL: A sent {by_a} before it died; {sends} sends for {JOBS} jobs: {duplicates} duplicates (prefetch {PREFETCH})"
     );
     assert!(duplicates <= PREFETCH, "{duplicates} duplicate sends");
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     for (_, uuid) in &jobs {
         assert_eq!(counts.get(uuid), Some(&1), "stream entries of {uuid}");
     }
     assert_eq!(counts.len(), JOBS as usize);
-    assert!(all_queues_empty(&env).await);
+    assert!(env.all_queues_empty().await);
 
-    stop(&mut b).await;
-    env.cleanup().await;
+    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_never_reopen_or_double_close_a_shuffled_incident() {
     const INCIDENTS: i64 = 100;
     let env = TestEnv::new("replicas").await;
-    let (standin, keyring) = standin_and_keyring(&env, Some(Duration::from_millis(5))).await;
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .delay(Duration::from_millis(5))
+        .await;
     let flags = ["--prefetch", "8", "--quick-window", "2s"];
-    let workers: Vec<WorkerProcess> = (0..3).map(|_| env.spawn_worker(&keyring, &flags)).collect();
+    let workers: Vec<WorkerProcess> = (0..3).map(|_| env.worker().flags(&flags).spawn()).collect();
     for w in &workers {
         assert!(
-            wait_until(SETTLE, || async {
-                w.logs().iter().any(|l| l["message"] == "Consuming.")
-            })
-            .await,
+            wait_until(SETTLE, || async { w.logged("Consuming.") }).await,
             "{}",
-            log_tail(w, 20)
+            w.log_tail(20)
         );
     }
 
@@ -532,7 +440,7 @@ async fn three_replicas_never_reopen_or_double_close_a_shuffled_incident() {
                         .any(|o| matches!(o.as_str(), "delivered" | "stale" | "duplicate"))
                 })
                 .count();
-            done == all && all_queues_empty(&env).await
+            done == all && env.all_queues_empty().await
         })
         .await,
         "not every job finished"
@@ -540,7 +448,7 @@ async fn three_replicas_never_reopen_or_double_close_a_shuffled_incident() {
 
     let outcomes = outcomes(&refs);
     let alerts = standin.alerts();
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     let mut resolved_first = 0;
     for (i, create, resolve) in &incidents {
         let alias = format!("incident_1_{i}");
@@ -588,9 +496,8 @@ async fn three_replicas_never_reopen_or_double_close_a_shuffled_incident() {
         "3 replicas ({shares:?} jobs each), {INCIDENTS} incidents: {resolved_first} resolved before their create (create stale), {delivered} requests"
     );
     for mut w in workers {
-        stop(&mut w).await;
+        w.stop().await;
     }
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -607,21 +514,25 @@ const REDIS_OUTAGE: Duration = Duration::from_secs(7);
 async fn a_redis_outage_holds_acks_until_every_delivery_is_recorded() {
     const JOBS: i64 = 200;
     let env = TestEnv::new("redisdown").await;
-    let (standin, keyring) = standin_and_keyring(&env, Some(Duration::from_millis(20))).await;
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .delay(Duration::from_millis(20))
+        .await;
     let relay = Relay::start("127.0.0.1:6379".parse().unwrap())
         .await
         .unwrap();
-    let jobs = publish_issue_jobs(&env, 1, JOBS).await;
-    let mut worker = env.spawn_worker_via(
-        &keyring,
-        AMQP_URL,
-        &relay.redis_url(),
-        &["--prefetch", "16", "--request-timeout", "2s"],
-    );
+    let jobs = env.publish_issue_jobs(TEAM, 1..=JOBS).await;
+    let mut worker = env
+        .worker()
+        .redis_url(&relay.redis_url())
+        .flag("--prefetch", "16")
+        .flag("--request-timeout", "2s")
+        .spawn();
     assert!(
         standin.wait_for_delivered(40, SETTLE).await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     relay.cut().await;
     let recorded_at_cut = env.stream().await.len();
@@ -633,7 +544,7 @@ async fn a_redis_outage_holds_acks_until_every_delivery_is_recorded() {
         .filter(|(_, o)| o.iter().any(|o| o == "delivered"))
         .map(|(uuid, _)| uuid)
         .collect();
-    let recorded = stream_counts(&env).await;
+    let recorded = env.stream_counts().await;
     assert_eq!(
         recorded.len(),
         recorded_at_cut,
@@ -653,22 +564,22 @@ async fn a_redis_outage_holds_acks_until_every_delivery_is_recorded() {
 
     assert!(
         wait_until(SETTLE, || async {
-            env.stream().await.len() >= JOBS as usize && all_queues_empty(&env).await
+            env.stream().await.len() >= JOBS as usize && env.all_queues_empty().await
         })
         .await,
         "stream has {} of {JOBS}:\n{}",
         env.stream().await.len(),
-        log_tail(&worker, 30)
+        worker.log_tail(30)
     );
     assert_eq!(env.stream().await.len(), JOBS as usize);
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     for (_, uuid) in &jobs {
         assert_eq!(counts.get(uuid), Some(&1), "stream entries of {uuid}");
     }
     let creates = creates(&standin);
     let sends: u64 = creates.values().sum();
     for (group, _) in &jobs {
-        assert!(creates.get(&group_alias(*group)).copied().unwrap_or(0) >= 1);
+        assert!(creates.get(&issue_alias(*group)).copied().unwrap_or(0) >= 1);
     }
     println!(
         "Redis outage: {recorded_at_cut} recorded before the cut, {sent_in_outage} sent but not recorded while it lasted, {sends} sends for {JOBS} jobs"
@@ -686,30 +597,36 @@ async fn a_redis_outage_holds_acks_until_every_delivery_is_recorded() {
         "the outage left no trace in the log"
     );
     assert_alive(&mut worker);
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_ends_in_a_reconnect_and_every_job_delivered() {
     const HALF: i64 = 60;
     let env = TestEnv::new("brokerdown").await;
-    let (standin, keyring) = standin_and_keyring(&env, Some(Duration::from_millis(20))).await;
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .delay(Duration::from_millis(20))
+        .await;
     let relay = Relay::start("127.0.0.1:5672".parse().unwrap())
         .await
         .unwrap();
-    let mut jobs = publish_issue_jobs(&env, 1, HALF).await;
-    let mut worker =
-        env.spawn_worker_via(&keyring, &relay.amqp_url(), REDIS_URL, &["--prefetch", "8"]);
+    let mut jobs = env.publish_issue_jobs(TEAM, 1..=HALF).await;
+    let mut worker = env
+        .worker()
+        .amqp_url(&relay.amqp_url())
+        .flag("--prefetch", "8")
+        .spawn();
     assert!(
         standin.wait_for_delivered(20, SETTLE).await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     relay.cut().await;
     let relayed_before = relay.relayed();
     // Producers keep publishing to the broker, which is up for them.
-    jobs.extend(publish_issue_jobs(&env, 1 + HALF, HALF).await);
+    jobs.extend(env.publish_issue_jobs(TEAM, HALF + 1..=2 * HALF).await);
     tokio::time::sleep(OUTAGE).await;
     assert_alive(&mut worker);
     relay.restore();
@@ -717,25 +634,25 @@ async fn a_broker_outage_ends_in_a_reconnect_and_every_job_delivered() {
     let total = jobs.len();
     assert!(
         wait_until(SETTLE, || async {
-            env.stream().await.len() >= total && all_queues_empty(&env).await
+            env.stream().await.len() >= total && env.all_queues_empty().await
         })
         .await,
         "stream has {} of {total}:\n{}",
         env.stream().await.len(),
-        log_tail(&worker, 30)
+        worker.log_tail(30)
     );
     assert!(
         relay.relayed() > relayed_before,
         "the worker never came back"
     );
     assert_eq!(env.stream().await.len(), total);
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     let creates = creates(&standin);
     for (group, uuid) in &jobs {
         assert_eq!(counts.get(uuid), Some(&1), "stream entries of {uuid}");
         // A job whose ack was lost with the connection comes back, and Redis says it is done.
         assert_eq!(
-            creates.get(&group_alias(*group)),
+            creates.get(&issue_alias(*group)),
             Some(&1),
             "sends of group {group}"
         );
@@ -751,8 +668,7 @@ async fn a_broker_outage_ends_in_a_reconnect_and_every_job_delivered() {
     );
     assert!(consuming >= 2, "consumed {consuming} times");
     assert_alive(&mut worker);
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1007,33 +923,16 @@ fn poison_before_http() -> Vec<Poison> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_is_dead_lettered_with_its_reason_and_valid_jobs_flow_around_it() {
     let env = TestEnv::new("poison").await;
-    let standin = StandIn::start(StandInConfig {
-        keys: vec![KEY.into()],
-        ..StandInConfig::default()
-    })
-    .await
-    .unwrap();
-    let keyring = env.write_keyring(&[
-        TeamSpec {
-            id: TEAM,
-            key: KEY,
-            api_url: &standin.base_url(),
-        },
-        TeamSpec {
-            id: "wrongkey",
-            key: "not-the-key",
-            api_url: &standin.base_url(),
-        },
-    ]);
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving(TEAM, KEY).await;
+    env.team("wrongkey").key("not-the-key").served_by(&standin);
+    let mut worker = env.worker().spawn();
 
     let mut valid: Vec<String> = Vec::new();
     // Valid jobs get groups 1000 and up; poison uses group 9, so their aliases never meet.
     async fn publish_valid(env: &TestEnv, valid: &mut Vec<String>) {
         let uuid = new_uuid();
         let group = 1000 + valid.len() as i64;
-        env.publish(issue_job(&uuid, TEAM, group).to_string().as_bytes())
-            .await;
+        env.publish_job(&issue_job(&uuid, TEAM, group)).await;
         valid.push(uuid);
     }
 
@@ -1054,7 +953,7 @@ async fn poison_is_dead_lettered_with_its_reason_and_valid_jobs_flow_around_it()
         env.queue_len(&env.dead_queue()).await,
         env.stream().await.len(),
         valid.len(),
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
 
     // Opsgenie's refusals, one at a time: the stand-in serves a fault to whichever request
@@ -1070,7 +969,7 @@ async fn poison_is_dead_lettered_with_its_reason_and_valid_jobs_flow_around_it()
             })
             .await,
             "{status}: {}",
-            log_tail(&worker, 10)
+            worker.log_tail(10)
         );
         cases.push(Poison {
             status: Some(status),
@@ -1130,33 +1029,31 @@ async fn poison_is_dead_lettered_with_its_reason_and_valid_jobs_flow_around_it()
     println!("{} kinds of poison dead-lettered", cases.len());
     assert!(mistakes.is_empty(), "{}", mistakes.join("\n"));
 
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     for uuid in &valid {
         assert_eq!(counts.get(uuid), Some(&1), "valid job {uuid}");
     }
     assert_eq!(counts.len(), valid.len());
     assert_eq!(standin.delivered(), valid.len() as u64);
-    assert!(all_queues_empty(&env).await);
+    assert!(env.all_queues_empty().await);
     assert_alive(&mut worker);
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_list_shows_a_letter_and_dead_replay_delivers_it_once_the_team_exists() {
     let env = TestEnv::new("replay").await;
-    let (standin, keyring) = standin_and_keyring(&env, None).await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving(TEAM, KEY).await;
+    let mut worker = env.worker().spawn();
     let uuid = new_uuid();
-    env.publish(issue_job(&uuid, "ops", 1).to_string().as_bytes())
-        .await;
+    env.publish_job(&issue_job(&uuid, "ops", 1)).await;
     assert!(
         wait_until(SETTLE, || async {
             env.queue_len(&env.dead_queue()).await == 1
         })
         .await,
         "{}",
-        log_tail(&worker, 10)
+        worker.log_tail(10)
     );
 
     let (code, out, err) = env.command(&["dead", "list"], None);
@@ -1174,44 +1071,27 @@ async fn dead_list_shows_a_letter_and_dead_replay_delivers_it_once_the_team_exis
     );
 
     // The cause goes away: the keyring gains the team, and the worker is told to reload.
-    env.write_keyring(&[
-        TeamSpec {
-            id: TEAM,
-            key: KEY,
-            api_url: &standin.base_url(),
-        },
-        TeamSpec {
-            id: "ops",
-            key: KEY,
-            api_url: &standin.base_url(),
-        },
-    ]);
+    env.team("ops").key(KEY).served_by(&standin);
     worker.signal("HUP");
     assert!(
-        wait_until(SETTLE, || async {
-            worker
-                .logs()
-                .iter()
-                .any(|l| l["message"] == "Keyring reloaded.")
-        })
-        .await,
+        wait_until(SETTLE, || async { worker.logged("Keyring reloaded.") }).await,
         "{}",
-        log_tail(&worker, 10)
+        worker.log_tail(10)
     );
     let (code, out, err) = env.command(&["dead", "replay"], None);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("Replayed 1 dead letter"), "{out}");
     assert!(
         wait_until(SETTLE, || async {
-            !env.stream().await.is_empty() && all_queues_empty(&env).await
+            !env.stream().await.is_empty() && env.all_queues_empty().await
         })
         .await,
         "{}",
-        log_tail(&worker, 10)
+        worker.log_tail(10)
     );
     assert_eq!(standin.delivered(), 1);
     assert_eq!(env.stream().await.len(), 1);
-    assert_eq!(stream_counts(&env).await.get(&uuid), Some(&1));
+    assert_eq!(env.stream_counts().await.get(&uuid), Some(&1));
     // Log lines are written in batches: wait for the second one rather than race it.
     wait_until(SETTLE, || async {
         outcomes(&[&worker]).get(&uuid).map_or(0, Vec::len) >= 2
@@ -1222,11 +1102,10 @@ async fn dead_list_shows_a_letter_and_dead_replay_delivers_it_once_the_team_exis
         outcomes[&uuid],
         ["dead_lettered", "delivered"],
         "{}",
-        log_tail(&worker, 10)
+        worker.log_tail(10)
     );
 
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1237,9 +1116,17 @@ async fn sigterm_drains_jobs_in_flight_and_leaves_the_rest_queued() {
     const JOBS: i64 = 30;
     const DRAIN: Duration = Duration::from_secs(8);
     let env = TestEnv::new("drain").await;
-    let (standin, keyring) = standin_and_keyring(&env, Some(Duration::from_secs(1))).await;
-    let jobs = publish_issue_jobs(&env, 1, JOBS).await;
-    let mut worker = env.spawn_worker(&keyring, &["--prefetch", "6", "--drain-timeout", "8s"]);
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .delay(Duration::from_secs(1))
+        .await;
+    let jobs = env.publish_issue_jobs(TEAM, 1..=JOBS).await;
+    let mut worker = env
+        .worker()
+        .flag("--prefetch", "6")
+        .flag("--drain-timeout", "8s")
+        .spawn();
     // The first round is done and the next is on its way to the stand-in.
     assert!(
         wait_until(SETTLE, || async {
@@ -1247,7 +1134,7 @@ async fn sigterm_drains_jobs_in_flight_and_leaves_the_rest_queued() {
         })
         .await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let finished_before = worker.job_lines().len();
     let in_flight = leases_held(&env).await;
@@ -1258,7 +1145,7 @@ async fn sigterm_drains_jobs_in_flight_and_leaves_the_rest_queued() {
         "SIGTERM with {in_flight} in flight after {finished_before} finished: exit {:?} after {took:?}",
         status.code()
     );
-    assert_eq!(status.code(), Some(0), "{}", log_tail(&worker, 20));
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail(20));
     assert!(took < DRAIN, "the drain took {took:?}");
 
     let delivered = standin.delivered();
@@ -1268,18 +1155,17 @@ async fn sigterm_drains_jobs_in_flight_and_leaves_the_rest_queued() {
     );
     let creates = creates(&standin);
     assert!(creates.values().all(|&n| n == 1), "a job was sent twice");
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     assert_eq!(counts.len() as u64, delivered);
     assert!(counts.values().all(|&n| n == 1));
     // The rest waits in the work queue, untouched.
     let queued = env.queue_len(&env.queue).await;
     assert_eq!(delivered + u64::from(queued), JOBS as u64);
     for (group, uuid) in &jobs {
-        let sent = creates.contains_key(&group_alias(*group));
+        let sent = creates.contains_key(&issue_alias(*group));
         assert_eq!(sent, counts.contains_key(uuid), "{uuid}");
     }
     assert_eq!(leases_held(&env).await, 0);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1288,26 +1174,25 @@ async fn sigterm_past_the_drain_timeout_returns_unfinished_jobs_to_the_queue() {
     const DRAIN: Duration = Duration::from_secs(2);
     let env = TestEnv::new("draintimeout").await;
     // Opsgenie hangs far longer than the drain allows.
-    let (standin, keyring) = standin_and_keyring(&env, Some(Duration::from_secs(60))).await;
-    let jobs = publish_issue_jobs(&env, 1, JOBS).await;
-    let mut worker = env.spawn_worker(
-        &keyring,
-        &[
-            "--prefetch",
-            "4",
-            "--request-timeout",
-            "90s",
-            "--drain-timeout",
-            "2s",
-        ],
-    );
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .delay(Duration::from_secs(60))
+        .await;
+    let jobs = env.publish_issue_jobs(TEAM, 1..=JOBS).await;
+    let mut worker = env
+        .worker()
+        .flag("--prefetch", "4")
+        .flag("--request-timeout", "90s")
+        .flag("--drain-timeout", "2s")
+        .spawn();
     assert!(
         wait_until(SETTLE, || async {
             leases_held(&env).await == JOBS as usize
         })
         .await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let asked = Instant::now();
     let status = worker.terminate(DRAIN + Duration::from_secs(20)).await;
@@ -1316,7 +1201,7 @@ async fn sigterm_past_the_drain_timeout_returns_unfinished_jobs_to_the_queue() {
         "SIGTERM past the drain time-out: exit {:?} after {took:?}",
         status.code()
     );
-    assert_eq!(status.code(), Some(0), "{}", log_tail(&worker, 20));
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail(20));
     assert!(
         took < DRAIN + Duration::from_secs(3),
         "the drain took {took:?}"
@@ -1333,14 +1218,13 @@ async fn sigterm_past_the_drain_timeout_returns_unfinished_jobs_to_the_queue() {
     assert!(env.stream().await.is_empty());
     assert_eq!(standin.delivered(), 0);
     assert_eq!(env.queue_len(&env.dead_queue()).await, 0);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_while_the_broker_and_redis_are_down_catches_up_when_they_return() {
     const JOBS: i64 = 20;
     let env = TestEnv::new("colddown").await;
-    let (standin, keyring) = standin_and_keyring(&env, None).await;
+    let standin = env.standin().serving(TEAM, KEY).await;
     let broker = Relay::start("127.0.0.1:5672".parse().unwrap())
         .await
         .unwrap();
@@ -1349,8 +1233,12 @@ async fn a_worker_started_while_the_broker_and_redis_are_down_catches_up_when_th
         .unwrap();
     broker.cut().await;
     redis.cut().await;
-    let jobs = publish_issue_jobs(&env, 1, JOBS).await;
-    let mut worker = env.spawn_worker_via(&keyring, &broker.amqp_url(), &redis.redis_url(), &[]);
+    let jobs = env.publish_issue_jobs(TEAM, 1..=JOBS).await;
+    let mut worker = env
+        .worker()
+        .amqp_url(&broker.amqp_url())
+        .redis_url(&redis.redis_url())
+        .spawn();
     // Both outages are seen (each logs its first failed attempt) before either comes back.
     assert!(
         wait_until(SETTLE, || async {
@@ -1360,42 +1248,38 @@ async fn a_worker_started_while_the_broker_and_redis_are_down_catches_up_when_th
         })
         .await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     assert_alive(&mut worker);
     broker.restore();
     // Jobs now reach the worker, which cannot tell whether they were delivered: it must wait.
     assert!(
         wait_until(SETTLE, || async {
-            worker
-                .logs()
-                .iter()
-                .any(|l| l["message"] == "Redis is unreachable; waiting before checking the job.")
+            worker.logged("Redis is unreachable; waiting before checking the job.")
         })
         .await,
         "{}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     assert_eq!(standin.stats().received, 0, "sent without checking Redis");
     redis.restore();
 
     assert!(
         wait_until(SETTLE, || async {
-            env.stream().await.len() >= JOBS as usize && all_queues_empty(&env).await
+            env.stream().await.len() >= JOBS as usize && env.all_queues_empty().await
         })
         .await,
         "stream has {} of {JOBS}:\n{}",
         env.stream().await.len(),
-        log_tail(&worker, 30)
+        worker.log_tail(30)
     );
     assert_eq!(env.stream().await.len(), JOBS as usize);
-    let counts = stream_counts(&env).await;
+    let counts = env.stream_counts().await;
     let creates = creates(&standin);
     for (group, uuid) in &jobs {
         assert_eq!(counts.get(uuid), Some(&1), "stream entries of {uuid}");
-        assert_eq!(creates.get(&group_alias(*group)), Some(&1), "group {group}");
+        assert_eq!(creates.get(&issue_alias(*group)), Some(&1), "group {group}");
     }
     assert_alive(&mut worker);
-    stop(&mut worker).await;
-    env.cleanup().await;
+    worker.stop().await;
 }

@@ -3,17 +3,18 @@
 
 use std::time::Duration;
 
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_while_it_works() {
     let env = TestEnv::new("ops-metrics").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "metrics-key-7f3a").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let standin = env.standin().serving("backend", "metrics-key-7f3a").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
     assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
     let uuid = new_uuid();
-    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
-        .await;
+    env.publish_job(&spec_issue_job(&uuid, "backend")).await;
     assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);
     let metrics_ready = wait_until(Duration::from_secs(10), || async {
         http_get(port, "/metrics").await.is_some_and(|(_, body)| {
@@ -43,18 +44,15 @@ async fn metrics_health_and_readiness_while_it_works() {
         Some(0)
     );
     assert!(!worker.raw_log().contains("metrics-key-7f3a"));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_redis_when_it_is_unreachable() {
     let env = TestEnv::new("ops-ready").await;
-    let (_standin, keyring) = standin_for_team(&env, "backend", "k").await;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    let _standin = env.standin().serving("backend", "k").await;
     let dead_redis = format!("redis://127.0.0.1:{}", free_port());
-    let mut worker =
-        env.spawn_worker_via(&keyring, AMQP_URL, &dead_redis, &["--metrics-addr", &addr]);
+    let mut worker = env.worker().redis_url(&dead_redis).metrics().spawn();
+    let port = worker.metrics_port();
     assert!(
         wait_until(Duration::from_secs(30), || async {
             matches!(http_get(port, "/healthz").await, Some((200, _)))
@@ -64,7 +62,7 @@ async fn readyz_names_redis_when_it_is_unreachable() {
     // Consuming, but without Redis: alive, not ready, and saying why.
     assert!(
         wait_until(Duration::from_secs(30), || async {
-            worker.logs().iter().any(|l| l["message"] == "Consuming.")
+            worker.logged("Consuming.")
         })
         .await
     );
@@ -75,23 +73,17 @@ async fn readyz_names_redis_when_it_is_unreachable() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_a_team_and_a_broken_keyring_keeps_the_old_one() {
     let env = TestEnv::new("ops-hup").await;
-    let standin = StandIn::start(StandInConfig::default()).await.unwrap();
+    let standin = env.standin().await;
     let base = standin.base_url();
-    let keyring = env.write_keyring(&[TeamSpec {
-        id: "backend",
-        key: "key-one",
-        api_url: &base,
-    }]);
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    env.team("backend").key("key-one").at(&base);
+    let mut worker = env.worker().spawn();
     let first = new_uuid();
-    env.publish(spec_issue_job(&first, "payments").to_string().as_bytes())
-        .await;
+    env.publish_job(&spec_issue_job(&first, "payments")).await;
     assert!(
         wait_until(Duration::from_secs(30), || async {
             env.queue_len(&env.dead_queue()).await == 1
@@ -102,35 +94,20 @@ async fn sighup_adds_a_team_and_a_broken_keyring_keeps_the_old_one() {
     );
 
     // A broken file: the old keyring stays, and the log says why.
-    std::fs::write(&keyring, "[[team]]\nid = \"backend\"\n").unwrap();
+    std::fs::write(env.keyring(), "[[team]]\nid = \"backend\"\n").unwrap();
     worker.signal("HUP");
     assert!(
         wait_until(Duration::from_secs(20), || async {
-            worker
-                .logs()
-                .iter()
-                .any(|l| l["message"] == "Keyring reload failed; keeping the previous keyring.")
+            worker.logged("Keyring reload failed; keeping the previous keyring.")
         })
         .await
     );
     let still = new_uuid();
-    env.publish(spec_issue_job(&still, "backend").to_string().as_bytes())
-        .await;
+    env.publish_job(&spec_issue_job(&still, "backend")).await;
     assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);
 
     // The new team applies to the very next job.
-    env.write_keyring(&[
-        TeamSpec {
-            id: "backend",
-            key: "key-one",
-            api_url: &base,
-        },
-        TeamSpec {
-            id: "payments",
-            key: "key-two",
-            api_url: &base,
-        },
-    ]);
+    env.team("payments").key("key-two").at(&base);
     worker.signal("HUP");
     assert!(
         wait_until(Duration::from_secs(20), || async {
@@ -142,8 +119,7 @@ async fn sighup_adds_a_team_and_a_broken_keyring_keeps_the_old_one() {
         .await
     );
     let second = new_uuid();
-    env.publish(spec_issue_job(&second, "payments").to_string().as_bytes())
-        .await;
+    env.publish_job(&spec_issue_job(&second, "payments")).await;
     assert!(standin.wait_for_delivered(2, Duration::from_secs(30)).await);
     assert_eq!(
         standin.requests()[1].authorization.as_deref(),
@@ -177,17 +153,15 @@ async fn sighup_adds_a_team_and_a_broken_keyring_keeps_the_old_one() {
         !log.contains("key-one") && !log.contains("key-two"),
         "a key is in the log"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_on_a_good_setup_and_names_what_is_wrong_otherwise() {
     let env = TestEnv::new("ops-check").await;
-    let keyring = env.write_keyring(&[TeamSpec {
-        id: "backend",
-        key: "chk-s3cret",
-        api_url: "http://127.0.0.1:1",
-    }]);
+    env.team("backend")
+        .key("chk-s3cret")
+        .at("http://127.0.0.1:1");
+    let keyring = env.keyring();
     let keyring_arg = keyring.to_string_lossy().to_string();
     let redis = [
         "--redis-url",
@@ -238,39 +212,37 @@ async fn check_passes_on_a_good_setup_and_names_what_is_wrong_otherwise() {
         "{err}"
     );
     assert!(!out.contains("chk-s3cret") && !err.contains("chk-s3cret"));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_an_unreachable_broker_without_its_password() {
     let env = TestEnv::new("ops-check-amqp").await;
-    let keyring = env.write_keyring(&[TeamSpec {
-        id: "backend",
-        key: "k",
-        api_url: "http://127.0.0.1:1",
-    }]);
+    env.team("backend").key("k").at("http://127.0.0.1:1");
+    let keyring = env.keyring();
     let url = format!("amqp://guest:hunter2pw@127.0.0.1:{}/%2f", free_port());
-    let out = std::process::Command::new(worker_binary())
-        .args(["check", "--amqp-url", &url, "--keyring"])
-        .arg(&keyring)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, _, err) = run_worker(
+        &[
+            "check",
+            "--amqp-url",
+            &url,
+            "--keyring",
+            keyring.to_str().expect("utf-8 path"),
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("amqp://guest:***@127.0.0.1"), "{err}");
     assert!(!err.contains("hunter2pw"), "{err}");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_summary_line_counts_what_happened() {
     let env = TestEnv::new("ops-summary").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "k").await;
-    let mut worker = env.spawn_worker(&keyring, &["--summary-interval", "1s"]);
+    let standin = env.standin().serving("backend", "k").await;
+    let mut worker = env.worker().flag("--summary-interval", "1s").spawn();
     for _ in 0..3 {
         let uuid = new_uuid();
-        env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
-            .await;
+        env.publish_job(&spec_issue_job(&uuid, "backend")).await;
     }
     assert!(standin.wait_for_delivered(3, Duration::from_secs(30)).await);
     assert!(
@@ -291,30 +263,24 @@ async fn a_summary_line_counts_what_happened() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queue_carries_jobs_and_retries() {
     let env = TestEnv::new("ops-quorum").await;
     // The harness declared classic queues; this test's queues are quorum ones, of another name.
-    let queue = format!("{}.q", env.queue);
-    let (standin, keyring) = standin_for_team(&env, "backend", "k").await;
+    let queue = env.another_queue("q");
+    let standin = env.standin().serving("backend", "k").await;
     standin.push_faults(vec![Fault::new(503).times(1)]).unwrap();
-    let mut worker = env.spawn_worker(
-        &keyring,
-        &[
-            "--queue",
-            queue.as_str(),
-            "--queue-type",
-            "quorum",
-            "--quick-tries",
-            "1",
-        ],
-    );
+    let mut worker = env
+        .worker()
+        .flag("--queue", &queue)
+        .flag("--queue-type", "quorum")
+        .flag("--quick-tries", "1")
+        .spawn();
     assert!(
         wait_until(Duration::from_secs(30), || async {
-            worker.logs().iter().any(|l| l["message"] == "Consuming.")
+            worker.logged("Consuming.")
         })
         .await,
         "{}",
@@ -338,8 +304,7 @@ async fn a_quorum_queue_carries_jobs_and_retries() {
         );
     }
     let uuid = new_uuid();
-    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
-        .await;
+    env.publish_job(&spec_issue_job(&uuid, "backend")).await;
     // First answer 503: the job goes through the quorum delay queue and comes back.
     assert!(
         standin.wait_for_delivered(1, Duration::from_secs(30)).await,
@@ -357,32 +322,15 @@ async fn a_quorum_queue_carries_jobs_and_retries() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    let channel = env.connection.create_channel().await.unwrap();
-    for name in [
-        queue.clone(),
-        format!("{queue}.dead"),
-        format!("{queue}.retry.1s"),
-        format!("{queue}.retry.2s"),
-        format!("{queue}.retry.3s"),
-    ] {
-        let _ = channel
-            .queue_delete(
-                name.as_str().into(),
-                lapin::options::QueueDeleteOptions::default(),
-            )
-            .await;
-    }
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_logs_on_request_and_no_password_in_any_line() {
     let env = TestEnv::new("ops-text").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "text-key-91c").await;
-    let mut worker = env.spawn_worker(&keyring, &["--log-format", "text"]);
+    let standin = env.standin().serving("backend", "text-key-91c").await;
+    let mut worker = env.worker().flag("--log-format", "text").spawn();
     let uuid = new_uuid();
-    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
-        .await;
+    env.publish_job(&spec_issue_job(&uuid, "backend")).await;
     assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);
     assert!(
         wait_until(Duration::from_secs(10), || async {
@@ -409,5 +357,4 @@ async fn text_logs_on_request_and_no_password_in_any_line() {
         !log.contains("guest:guest") && !log.contains("text-key-91c"),
         "{log}"
     );
-    env.cleanup().await;
 }

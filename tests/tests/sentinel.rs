@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use lapin::{BasicProperties, Channel};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::sentinel::SentinelSet;
 use opsgenie_e2e::*;
 
@@ -80,20 +81,19 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
     let env = TestEnv::new("sentinel").await;
     let mut set = SentinelSet::start(&env.dir).await;
     let (old_primary, promoted) = (set.first_primary(), set.first_replica());
-    let (standin, keyring) = standin_for_team(&env, TEAM, KEY).await;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut worker = env.spawn_worker_via(
-        &keyring,
-        AMQP_URL,
-        &set.url(),
-        &["--metrics-addr", &addr, "--redis-replicas", "1"],
-    );
+    let standin = env.standin().serving(TEAM, KEY).await;
+    let mut worker = env
+        .worker()
+        .redis_url(&set.url())
+        .flag("--redis-replicas", "1")
+        .metrics()
+        .spawn();
+    let port = worker.metrics_port();
     let ready = || async { matches!(http_get(port, "/readyz").await, Some((200, _))) };
     assert!(
         wait_until(Duration::from_secs(30), ready).await,
         "never ready: {}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -109,7 +109,7 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
             .wait_for_delivered(100, Duration::from_secs(60))
             .await,
         "the stream did not start: {}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let delivered_at_kill = standin.delivered();
     let killed_at = std::time::Instant::now();
@@ -142,7 +142,7 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
         })
         .await,
         "still ready with no replica to hold its records: {}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     let not_ready = not_ready.lock().unwrap().clone().unwrap_or_default();
     assert!(not_ready.contains("Redis"), "{not_ready}");
@@ -164,7 +164,7 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
     assert!(
         wait_until(Duration::from_secs(30), ready).await,
         "not ready again after the failover: {}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
 
     let recovered_after = killed_at.elapsed();
@@ -176,7 +176,7 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
             .wait_for_delivered(after_recovery + 100, Duration::from_secs(60))
             .await,
         "no deliveries after the failover: {}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
     stop.store(true, Ordering::SeqCst);
     let uuids = publisher.await.expect("the publisher");
@@ -184,7 +184,7 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
     assert!(
         matches!(worker.child.try_wait(), Ok(None)),
         "the worker exited: {}",
-        log_tail(&worker, 20)
+        worker.log_tail(20)
     );
 
     let primary = direct(promoted).await;
@@ -195,7 +195,7 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
         .await,
         "{} of {n} deliveries in the promoted primary's stream: {}",
         stream_of(&primary, &env.prefix).await.len(),
-        log_tail(&worker, 30)
+        worker.log_tail(30)
     );
 
     // Every delivery is in the stream on the promoted primary, none twice, none unknown.
@@ -246,7 +246,7 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
     // Every job finished delivered, and some records were held back while no replica had them:
     // the WAIT rule, not luck, kept them from being acked early.
     let jobs = worker.job_lines();
-    assert_eq!(jobs.len(), n, "{}", log_tail(&worker, 20));
+    assert_eq!(jobs.len(), n, "{}", worker.log_tail(20));
     assert!(jobs.iter().all(|l| l["outcome"] == "delivered"));
     let held = worker
         .logs()
@@ -259,7 +259,7 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
     assert!(
         held > 0,
         "no record waited for a replica: {}",
-        log_tail(&worker, 30)
+        worker.log_tail(30)
     );
 
     eprintln!(
@@ -281,6 +281,4 @@ async fn a_primary_killed_mid_stream_loses_no_record_and_pages_nobody_twice() {
     let _ = worker.terminate(Duration::from_secs(30)).await;
     let _ = primary.quit().await;
     let _ = rejoined.quit().await;
-    drop(set);
-    env.cleanup().await;
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,13 +30,10 @@ async fn exchange(port: u16, request: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(&raw).into_owned())
 }
 
-/// The status of a GET over HTTP/1.0, or `None` when nothing answered within `PROMPT`.
+/// The status of a GET on a connection of its own, or `None` when nothing answered within
+/// `PROMPT` (the 2 s of `http_get`).
 async fn probe(port: u16, path: &str) -> Option<u16> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    let raw = timeout(PROMPT, exchange(port, request.as_bytes()))
-        .await
-        .ok()??;
-    raw.split_whitespace().nth(1)?.parse().ok()
+    http_get(port, path).await.map(|(status, _)| status)
 }
 
 /// Opens `n` connections that each send half a request head and then say nothing more.
@@ -62,8 +60,9 @@ fn open_descriptors(pid: u32) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_connections_silence_neither_health_nor_deliveries() {
     let env = TestEnv::new("hostile-stall").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "hostile-key-1").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let standin = env.standin().serving("backend", "hostile-key-1").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
     // The open-file limit of the report (512 there), below what the stalled connections
     // would take if each kept a descriptor.
     rlimit::prlimit(
@@ -82,9 +81,8 @@ async fn stalled_connections_silence_neither_health_nor_deliveries() {
             "/healthz did not answer within {PROMPT:?} with 300 stalled connections open"
         );
     }
-    let uuid = uuid::Uuid::new_v4().to_string();
-    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
-        .await;
+    let uuid = new_uuid();
+    env.publish_job(&spec_issue_job(&uuid, "backend")).await;
     assert!(
         standin.wait_for_delivered(1, Duration::from_secs(20)).await,
         "the job was not delivered while the endpoint was under attack: {}",
@@ -97,14 +95,14 @@ async fn stalled_connections_silence_neither_health_nor_deliveries() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_idle_connections_are_closed_after_the_header_time_out() {
     let env = TestEnv::new("hostile-timeout").await;
-    let (_standin, keyring) = standin_for_team(&env, "backend", "hostile-key-2").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let _standin = env.standin().serving("backend", "hostile-key-2").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
 
     let started = Instant::now();
     let mut half_head = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -162,14 +160,14 @@ async fn silent_and_idle_connections_are_closed_after_the_header_time_out() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_heads_and_bodies_are_refused_at_once() {
     let env = TestEnv::new("hostile-size").await;
-    let (_standin, keyring) = standin_for_team(&env, "backend", "hostile-key-3").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let _standin = env.standin().serving("backend", "hostile-key-3").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
 
     // 16 KiB of headers: well within what a default HTTP server reads, twice the cap.
     let mut head =
@@ -209,14 +207,14 @@ async fn oversized_heads_and_bodies_are_refused_at_once() {
         worker.terminate(Duration::from_secs(30)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_connections_than_the_cap_take_no_more_descriptors() {
     let env = TestEnv::new("hostile-fds").await;
-    let (_standin, keyring) = standin_for_team(&env, "backend", "hostile-key-4").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let _standin = env.standin().serving("backend", "hostile-key-4").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
     let pid = worker.pid();
     let before = open_descriptors(pid);
     assert!(before > 0, "cannot read /proc/{pid}/fd");
@@ -262,5 +260,4 @@ async fn more_connections_than_the_cap_take_no_more_descriptors() {
         Some(0)
     );
     drop(stalled);
-    env.cleanup().await;
 }

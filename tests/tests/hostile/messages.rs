@@ -8,26 +8,15 @@ use std::time::Duration;
 use fred::interfaces::KeysInterface;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const TEAM: &str = "backend";
 const KEY: &str = "key-hostile";
 
 /// Long enough for a loaded two-core machine; every wait ends as soon as its condition holds.
 const SETTLE: Duration = Duration::from_secs(60);
-
-/// `n` valid issue alerts with their own groups, published now.
-async fn publish_valid(env: &TestEnv, n: usize) -> Vec<String> {
-    let mut uuids = Vec::new();
-    for i in 0..n {
-        let uuid = new_uuid();
-        let job = issue_job(&uuid, TEAM, 10_000 + i as i64);
-        env.publish(job.to_string().as_bytes()).await;
-        uuids.push(uuid);
-    }
-    uuids
-}
 
 /// The worker's peak resident memory so far, in KiB.
 fn peak_rss_kib(worker: &WorkerProcess) -> u64 {
@@ -63,11 +52,11 @@ async fn assert_steady(worker: &mut WorkerProcess) {
     assert!(log.len() < 1024 * 1024, "{} bytes of logs", log.len());
 }
 
+/// The log's last lines, each cut short: a hostile job makes long ones.
 fn tail(worker: &WorkerProcess) -> String {
-    let log = worker.raw_log();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(15)..]
-        .iter()
+    worker
+        .log_tail(15)
+        .lines()
         .map(|l| &l[..l.len().min(600)])
         .collect::<Vec<_>>()
         .join("\n")
@@ -76,20 +65,16 @@ fn tail(worker: &WorkerProcess) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_too_large_for_a_frame_are_cut_and_valid_jobs_flow_behind_them() {
     let env = TestEnv::new("hostile-frame").await;
-    let (standin, keyring) = standin_for_team(&env, TEAM, KEY).await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving(TEAM, KEY).await;
+    let mut worker = env.worker().spawn();
 
     // A string of 150,000 chars where a number belongs: serde quotes it in its error.
     let wrong_type = format!(r#"{{"version":"{}"}}"#, "A".repeat(150_000));
     env.publish(wrong_type.as_bytes()).await;
     // A valid job for a team of 200,000 chars: the unknown-team message names it.
     let long_team = "t".repeat(200_000);
-    env.publish(
-        spec_issue_job(&new_uuid(), &long_team)
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    env.publish_job(&spec_issue_job(&new_uuid(), &long_team))
+        .await;
     // A message that came with nearly a frame of headers of its own.
     let mut own = FieldTable::default();
     own.insert(
@@ -101,7 +86,7 @@ async fn dead_letters_too_large_for_a_frame_are_cut_and_valid_jobs_flow_behind_t
         BasicProperties::default().with_headers(own),
     )
     .await;
-    let valid = publish_valid(&env, 20).await;
+    let valid = env.publish_issue_uuids(TEAM, 10_000..10_020).await;
 
     assert!(
         wait_until(SETTLE, || async {
@@ -136,34 +121,22 @@ async fn dead_letters_too_large_for_a_frame_are_cut_and_valid_jobs_flow_behind_t
         .parse()
         .unwrap();
     assert!(dropped > 130_000, "{dropped}");
-    env.cleanup().await;
-}
-
-/// A job of about 1 MB whose 20,000 rule URLs would each repeat a 500,000-char base.
-fn rule_bomb(url_chars: usize, rules: usize) -> Vec<u8> {
-    let rules: Vec<Value> = (0..rules).map(|i| json!({"id": i, "label": "r"})).collect();
-    serde_json::to_vec(&json!({
-        "version": 1, "kind": "issue_alert", "notification_uuid": new_uuid(), "team_id": TEAM,
-        "organization": {"id": 1, "slug": "acme", "url": format!("https://acme.example/{}", "a".repeat(url_chars))},
-        "project": {"id": 7, "slug": "api", "name": "API"},
-        "group": {"id": 77, "title": "Boom"},
-        "event": {"title": "Boom"},
-        "rules": rules,
-    }))
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_whose_parts_multiply_are_delivered_in_bounded_memory() {
     let env = TestEnv::new("hostile-bomb").await;
-    let (standin, keyring) = standin_for_team(&env, TEAM, KEY).await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
-    let bombs = [rule_bomb(500_000, 20_000), rule_bomb(100_000, 1_000)];
+    let standin = env.standin().serving(TEAM, KEY).await;
+    let mut worker = env.worker().spawn();
+    let bombs = [
+        rule_bomb(TEAM, 500_000, 20_000),
+        rule_bomb(TEAM, 100_000, 1_000),
+    ];
     assert!(bombs[0].len() > 900_000 && bombs[0].len() < 1024 * 1024);
     for bomb in &bombs {
         env.publish(bomb).await;
     }
-    let valid = publish_valid(&env, 20).await;
+    let valid = env.publish_issue_uuids(TEAM, 10_000..10_020).await;
     let expected = valid.len() + bombs.len();
     assert!(
         wait_until(SETTLE, || async { env.stream().await.len() == expected }).await,
@@ -183,14 +156,13 @@ async fn jobs_whose_parts_multiply_are_delivered_in_bounded_memory() {
     let peak_mib = peak_rss_kib(&worker) / 1024;
     assert!(peak_mib < 100, "peak RSS {peak_mib} MiB");
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resolve_one_above_two_to_the_53_closes_the_incident() {
     let env = TestEnv::new("hostile-seq").await;
-    let (standin, keyring) = standin_for_team(&env, TEAM, KEY).await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving(TEAM, KEY).await;
+    let mut worker = env.worker().spawn();
     let job = |status: &str, sequence: i64| {
         metric_job(&new_uuid(), TEAM, 4242, status, sequence).to_string()
     };
@@ -219,28 +191,19 @@ async fn a_resolve_one_above_two_to_the_53_closes_the_incident() {
     );
     assert_eq!(env.stream().await.len(), 2);
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_issue_alert_named_like_an_incident_leaves_the_incident_its_lease() {
     let env = TestEnv::new("hostile-lease").await;
-    let standin = StandIn::start(StandInConfig {
-        keys: vec![KEY.into()],
-        delay: Some(Duration::from_secs(8)),
-        ..StandInConfig::default()
-    })
-    .await
-    .unwrap();
-    let keyring = env.write_keyring(&[TeamSpec {
-        id: TEAM,
-        key: KEY,
-        api_url: &standin.base_url(),
-    }]);
-    let mut worker = env.spawn_worker(&keyring, &["--request-timeout", "30s"]);
-    let alias = "incident_1_9001";
-    env.publish(spec_issue_job(alias, TEAM).to_string().as_bytes())
+    let standin = env
+        .standin()
+        .serving(TEAM, KEY)
+        .delay(Duration::from_secs(8))
         .await;
+    let mut worker = env.worker().flag("--request-timeout", "30s").spawn();
+    let alias = "incident_1_9001";
+    env.publish_job(&spec_issue_job(alias, TEAM)).await;
     let notification_lease = format!("{}lease:notification:{alias}", env.prefix);
     let incident_lease = format!("{}lease:{alias}", env.prefix);
     let held = |key: String| {
@@ -250,12 +213,8 @@ async fn an_issue_alert_named_like_an_incident_leaves_the_incident_its_lease() {
     assert!(wait_until(SETTLE, || held(notification_lease.clone())).await);
     assert!(!held(incident_lease.clone()).await);
     // While the issue alert's request is in flight, the incident's own job takes its lease.
-    env.publish(
-        spec_metric_job(&new_uuid(), TEAM, 9001, "critical")
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    env.publish_job(&spec_metric_job(&new_uuid(), TEAM, 9001, "critical"))
+        .await;
     assert!(wait_until(SETTLE, || held(incident_lease.clone())).await);
     assert!(
         held(notification_lease.clone()).await,
@@ -263,14 +222,13 @@ async fn an_issue_alert_named_like_an_incident_leaves_the_incident_its_lease() {
     );
     assert!(standin.wait_for_delivered(2, SETTLE).await);
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_fields_are_capped_whatever_the_job_holds() {
     let env = TestEnv::new("hostile-stream").await;
-    let (_standin, keyring) = standin_for_team(&env, TEAM, KEY).await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let _standin = env.standin().serving(TEAM, KEY).await;
+    let mut worker = env.worker().spawn();
     let mut job = spec_issue_job(&new_uuid(), TEAM);
     job["project"]["slug"] = json!("s".repeat(900_000));
     job["rules"] = json!(
@@ -278,7 +236,7 @@ async fn stream_fields_are_capped_whatever_the_job_holds() {
             .map(|i| json!({"id": i, "label": "x"}))
             .collect::<Vec<_>>()
     );
-    env.publish(job.to_string().as_bytes()).await;
+    env.publish_job(&job).await;
     assert!(wait_until(SETTLE, || async { env.stream().await.len() == 1 }).await);
     let entry = &env.stream().await[0];
     for (name, value) in entry {
@@ -287,7 +245,6 @@ async fn stream_fields_are_capped_whatever_the_job_holds() {
     assert!(entry["project_slug"].ends_with('…'));
     assert!(entry["rule_ids"].starts_with("0,1,2,"));
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }
 
 /// A message that kills every attempt at it (here: the worker is killed with it in hand) is
@@ -297,40 +254,20 @@ async fn stream_fields_are_capped_whatever_the_job_holds() {
 async fn a_message_that_keeps_killing_its_attempt_ends_as_poison() {
     let env = TestEnv::new("hostile-poison").await;
     // Its team's API never answers in time: the attempt is always in hand when the worker dies.
-    let hanging = StandIn::start(StandInConfig {
-        keys: vec![KEY.into()],
-        delay: Some(Duration::from_secs(120)),
-        ..StandInConfig::default()
-    })
-    .await
-    .unwrap();
-    let answering = StandIn::start(StandInConfig {
-        keys: vec![KEY.into()],
-        ..StandInConfig::default()
-    })
-    .await
-    .unwrap();
-    let keyring = env.write_keyring(&[
-        TeamSpec {
-            id: "hanging",
-            key: KEY,
-            api_url: &hanging.base_url(),
-        },
-        TeamSpec {
-            id: TEAM,
-            key: KEY,
-            api_url: &answering.base_url(),
-        },
-    ]);
+    let _hanging = env
+        .standin()
+        .serving("hanging", KEY)
+        .delay(Duration::from_secs(120))
+        .await;
+    let _answering = env.standin().serving(TEAM, KEY).await;
     let poison_uuid = new_uuid();
-    let mut poison = spec_issue_job(&poison_uuid, "hanging");
-    poison["group"]["id"] = json!(1);
-    env.publish(poison.to_string().as_bytes()).await;
+    let poison = issue_job(&poison_uuid, "hanging", 1);
+    env.publish_job(&poison).await;
     let lease = format!("{}lease:notification:{poison_uuid}", env.prefix);
     let flags = ["--request-timeout", "300s", "--poison-after", "3"];
     // Four workers die with it in hand: the first delivery is not counted, the next three are.
     for round in 0..4 {
-        let mut worker = env.spawn_worker(&keyring, &flags);
+        let mut worker = env.worker().flags(&flags).spawn();
         let held = wait_until(SETTLE, || async {
             env.redis.exists::<u32, _>(&lease).await.unwrap() == 1
         })
@@ -345,8 +282,8 @@ async fn a_message_that_keeps_killing_its_attempt_ends_as_poison() {
         // Its lease would expire by itself; the next round need not wait for that.
         let _: u32 = env.redis.del(&lease).await.unwrap();
     }
-    let mut worker = env.spawn_worker(&keyring, &flags);
-    let valid = publish_valid(&env, 5).await;
+    let mut worker = env.worker().flags(&flags).spawn();
+    let valid = env.publish_issue_uuids(TEAM, 10_000..10_005).await;
     assert!(
         wait_until(SETTLE, || async {
             env.queue_len(&env.dead_queue()).await == 1 && env.stream().await.len() == valid.len()
@@ -360,5 +297,4 @@ async fn a_message_that_keeps_killing_its_attempt_ends_as_poison() {
     assert!(letters[0].headers["x-opsgenie-error-message"].contains("never finished"));
     assert_eq!(letters[0].body, poison.to_string().as_bytes());
     assert_steady(&mut worker).await;
-    env.cleanup().await;
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 use sha2::{Digest, Sha256};
 
@@ -66,9 +67,8 @@ async fn a_uuid_longer_than_a_short_string_is_published_with_its_hash_as_message
         spec_issue_job(&edge, "backend"),
         spec_metric_job(&short[1], "backend", 802, "resolved"),
     ];
-    let file = env.dir.join("jobs.jsonl");
     let text: String = jobs.iter().map(|j| format!("{j}\n")).collect();
-    std::fs::write(&file, text).expect("write");
+    let file = env.write_file("jobs.jsonl", text);
 
     let (code, stdout, stderr) = env.command(&["enqueue", file.to_str().expect("path")], None);
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -90,7 +90,6 @@ async fn a_uuid_longer_than_a_short_string_is_published_with_its_hash_as_message
     .into_iter()
     .collect();
     assert_eq!(published, expected);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,21 +100,20 @@ async fn invalid_jobs_are_each_named_and_the_valid_ones_still_published() {
     no_team.as_object_mut().expect("object").remove("team_id");
     let hostile_status = "\u{1b}[31mopen\nforged line";
     let hostile = spec_metric_job(&new_uuid(), "backend", 901, hostile_status);
-    let mixed = env.dir.join("mixed.jsonl");
-    std::fs::write(
-        &mixed,
+    let mixed = env.write_file(
+        "mixed.jsonl",
         format!(
             "{}\n{no_team}\n{}\n{hostile}\n",
             spec_issue_job(&valid[0], "backend"),
             spec_metric_job(&valid[1], "backend", 902, "critical"),
         ),
-    )
-    .expect("write");
+    );
     // A file that is not JSON, with a newline in its name; the file after it still counts.
-    let broken = env.dir.join("broken\nname.json");
-    std::fs::write(&broken, "{oops").expect("write");
-    let last = env.dir.join("last.json");
-    std::fs::write(&last, spec_issue_job(&valid[2], "backend").to_string()).expect("write");
+    let broken = env.write_file("broken\nname.json", "{oops");
+    let last = env.write_file(
+        "last.json",
+        spec_issue_job(&valid[2], "backend").to_string(),
+    );
 
     let (code, stdout, stderr) = env.command(
         &[
@@ -158,21 +156,19 @@ async fn invalid_jobs_are_each_named_and_the_valid_ones_still_published() {
         valid.iter().cloned().collect::<BTreeSet<_>>()
     );
     assert!(published.iter().all(|(uuid, id)| id.as_ref() == Some(uuid)));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_list_shows_one_escaped_row_per_letter_whatever_the_letter_carries() {
     let env = TestEnv::new("hostile-dead").await;
-    let (_standin, keyring) = standin_for_team(&env, "backend", "key-h1").await;
+    let _standin = env.standin().serving("backend", "key-h1").await;
 
     // A job for a team nobody has, whose id would forge a row and clear the screen: the worker
     // dead-letters it as unknown_team, with the team id in the message.
     let team = "ops\nunknown_team\tforged\u{1b}[2J";
     let uuid = new_uuid();
-    env.publish(spec_issue_job(&uuid, team).to_string().as_bytes())
-        .await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    env.publish_job(&spec_issue_job(&uuid, team)).await;
+    let mut worker = env.worker().spawn();
     assert!(
         wait_until(DEADLINE, || async {
             env.queue_len(&env.dead_queue()).await == 1
@@ -251,5 +247,4 @@ async fn dead_list_shows_one_escaped_row_per_letter_whatever_the_letter_carries(
         2,
         "dead list took a letter"
     );
-    env.cleanup().await;
 }

@@ -2,10 +2,10 @@
 //! far too large never holds the worker on a keyring reload, and a password full of URL
 //! delimiters shows in no log line, standard output or standard error.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use opsgenie_e2e::fixtures::*;
 use opsgenie_e2e::*;
 
 const RELOAD_FAILED: &str = "Keyring reload failed; keeping the previous keyring.";
@@ -18,17 +18,6 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/<pid>/status")
-}
-
-/// Rewrites `keyring` so that team `backend` takes its key from `key_file` (beside it).
-fn keyring_with_key_file(keyring: &Path, key_file: &str, api_url: &str) {
-    std::fs::write(
-        keyring,
-        format!(
-            "[[team]]\nid = \"backend\"\nintegration_key_file = \"{key_file}\"\napi_url = \"{api_url}\"\n"
-        ),
-    )
-    .expect("write keyring");
 }
 
 /// The errors of the failed reloads logged so far.
@@ -44,14 +33,17 @@ fn reload_failures(worker: &WorkerProcess) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fifo_key_file_neither_stops_deliveries_nor_shutdown() {
     let env = TestEnv::new("hostile-fifo").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "old-key-5e1").await;
-    let (mut worker, port) = env.spawn_ready_worker(&keyring, &[]).await;
+    let standin = env.standin().serving("backend", "old-key-5e1").await;
+    let mut worker = env.worker().ready().await;
+    let port = worker.metrics_port();
 
     // Nobody ever writes to this pipe: reading it would wait for ever.
     let fifo = env.dir.join("backend.key");
     let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
     assert!(made.success(), "mkfifo failed");
-    keyring_with_key_file(&keyring, "backend.key", &standin.base_url());
+    env.team("backend")
+        .key_file("backend.key")
+        .served_by(&standin);
     worker.signal("HUP");
     assert!(
         wait_until(Duration::from_secs(20), || async {
@@ -69,9 +61,8 @@ async fn a_fifo_key_file_neither_stops_deliveries_nor_shutdown() {
 
     // Alive, and delivering with the keyring from before.
     assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
-    let uuid = uuid::Uuid::new_v4().to_string();
-    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
-        .await;
+    let uuid = new_uuid();
+    env.publish_job(&spec_issue_job(&uuid, "backend")).await;
     assert!(
         standin.wait_for_delivered(1, Duration::from_secs(30)).await,
         "not delivered after the reload: {}",
@@ -90,17 +81,16 @@ async fn a_fifo_key_file_neither_stops_deliveries_nor_shutdown() {
     );
     assert!(asked.elapsed() < Duration::from_secs(15));
     assert!(!worker.raw_log().contains("old-key-5e1"));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_key_file_is_refused_without_being_read() {
     let env = TestEnv::new("hostile-huge").await;
-    let (standin, keyring) = standin_for_team(&env, "backend", "old-key-b72").await;
-    let mut worker = env.spawn_worker(&keyring, &[]);
+    let standin = env.standin().serving("backend", "old-key-b72").await;
+    let mut worker = env.worker().spawn();
     assert!(
         wait_until(Duration::from_secs(30), || async {
-            worker.logs().iter().any(|l| l["message"] == "Consuming.")
+            worker.logged("Consuming.")
         })
         .await,
         "{}",
@@ -110,7 +100,7 @@ async fn a_huge_key_file_is_refused_without_being_read() {
 
     // 2 MB written out.
     std::fs::write(env.dir.join("big.key"), vec![b'k'; 2 * 1024 * 1024]).expect("big key");
-    keyring_with_key_file(&keyring, "big.key", &standin.base_url());
+    env.team("backend").key_file("big.key").served_by(&standin);
     worker.signal("HUP");
     assert!(
         wait_until(Duration::from_secs(20), || async {
@@ -130,7 +120,7 @@ async fn a_huge_key_file_is_refused_without_being_read() {
     std::fs::File::create(env.dir.join("huge.key"))
         .and_then(|f| f.set_len(256 * 1024 * 1024))
         .expect("huge key");
-    keyring_with_key_file(&keyring, "huge.key", &standin.base_url());
+    env.team("backend").key_file("huge.key").served_by(&standin);
     worker.signal("HUP");
     assert!(
         wait_until(Duration::from_secs(20), || async {
@@ -152,9 +142,8 @@ async fn a_huge_key_file_is_refused_without_being_read() {
     );
 
     // The old keyring still serves.
-    let uuid = uuid::Uuid::new_v4().to_string();
-    env.publish(spec_issue_job(&uuid, "backend").to_string().as_bytes())
-        .await;
+    let uuid = new_uuid();
+    env.publish_job(&spec_issue_job(&uuid, "backend")).await;
     assert!(standin.wait_for_delivered(1, Duration::from_secs(30)).await);
     assert_eq!(
         standin.requests()[0].authorization.as_deref(),
@@ -164,7 +153,6 @@ async fn a_huge_key_file_is_refused_without_being_read() {
         worker.terminate(Duration::from_secs(15)).await.code(),
         Some(0)
     );
-    env.cleanup().await;
 }
 
 /// A URL whose password holds `/`, `#` and `?` unencoded, and the pieces of it that must never
@@ -202,46 +190,11 @@ impl HostileUrl {
     }
 }
 
-/// `opsgenie-worker run` with `amqp_url` and `redis_url`, standard output and standard error
-/// each to a file of the test's directory.
-fn spawn_run(
-    env: &TestEnv,
-    keyring: &Path,
-    amqp_url: &str,
-    redis_url: &str,
-) -> (WorkerProcess, PathBuf) {
-    let n = std::fs::read_dir(&env.dir).map(|d| d.count()).unwrap_or(0);
-    let log = env.dir.join(format!("run-{n}.stderr"));
-    let out = env.dir.join(format!("run-{n}.stdout"));
-    let mut broker = env.broker_args();
-    if let Some(at) = broker.iter().position(|a| a == "--amqp-url") {
-        broker[at + 1] = amqp_url.to_owned();
-    }
-    let child = Command::new(worker_binary())
-        .arg("run")
-        .args(broker)
-        .args(["--redis-url", redis_url, "--redis-prefix", &env.prefix])
-        .arg("--keyring")
-        .arg(keyring)
-        .args(["--log-format", "json", "--metrics-addr", "off"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("stdout file"))
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("start opsgenie-worker");
-    (WorkerProcess { child, log }, out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passwords_with_url_delimiters_are_never_printed() {
     let env = TestEnv::new("hostile-urls").await;
-    let keyring = env.write_keyring(&[TeamSpec {
-        id: "backend",
-        key: "k",
-        api_url: "http://127.0.0.1:1",
-    }]);
-    let keyring_arg = keyring.to_string_lossy().to_string();
+    env.team("backend").key("k").at("http://127.0.0.1:1");
+    let keyring_arg = env.keyring().to_string_lossy().to_string();
     let (amqp_port, redis_port) = (free_port(), free_port());
 
     // Passwords that begin like a port: parsed as written, the user becomes the host and the
@@ -277,7 +230,11 @@ async fn passwords_with_url_delimiters_are_never_printed() {
     };
 
     // A worker that runs, and keeps failing to connect.
-    let (mut worker, stdout) = spawn_run(&env, &keyring, &amqp_as_port.url, &redis_as_port.url);
+    let mut worker = env
+        .worker()
+        .amqp_url(&amqp_as_port.url)
+        .redis_url(&redis_as_port.url)
+        .spawn();
     assert!(
         wait_until(Duration::from_secs(30), || async {
             worker
@@ -303,13 +260,14 @@ async fn passwords_with_url_delimiters_are_never_printed() {
         Some(0)
     );
     assert_clean(&worker.raw_log(), "the log of run");
-    assert_clean(
-        &std::fs::read_to_string(&stdout).unwrap_or_default(),
-        "the standard output of run",
-    );
+    assert_clean(&worker.stdout(), "the standard output of run");
 
     // A worker that cannot start: its Redis URL does not parse.
-    let (mut worker, stdout) = spawn_run(&env, &keyring, &amqp_broken.url, &redis_broken.url);
+    let mut worker = env
+        .worker()
+        .amqp_url(&amqp_broken.url)
+        .redis_url(&redis_broken.url)
+        .spawn();
     let status = worker
         .wait_exit(Duration::from_secs(30))
         .await
@@ -318,10 +276,7 @@ async fn passwords_with_url_delimiters_are_never_printed() {
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("--redis-url redis://***"), "{log}");
     assert_clean(&log, "the log of run");
-    assert_clean(
-        &std::fs::read_to_string(&stdout).unwrap_or_default(),
-        "the standard output of run",
-    );
+    assert_clean(&worker.stdout(), "the standard output of run");
 
     // `check`, with each broken pair, and with the real broker before a hostile Redis URL.
     for (amqp, redis, names) in [
@@ -379,5 +334,4 @@ async fn passwords_with_url_delimiters_are_never_printed() {
         opaque.assert_absent(&out, "standard output");
         opaque.assert_absent(&err, "standard error");
     }
-    env.cleanup().await;
 }
