@@ -576,6 +576,19 @@ pub struct DeadLetter {
     pub attempts: u32,
 }
 
+impl DeadLetter {
+    /// The dead letter of a job that ended for `reason`; `status` is Opsgenie's last HTTP
+    /// status for it, if it answered.
+    pub fn new(reason: DeadReason, message: String, status: Option<u16>, attempts: u32) -> Self {
+        DeadLetter {
+            reason,
+            message,
+            status,
+            attempts,
+        }
+    }
+}
+
 /// The message's own headers, less RabbitMQ's `x-death` bookkeeping (which only grows).
 pub fn job_headers(properties: &BasicProperties) -> FieldTable {
     let mut table = FieldTable::default();

@@ -353,12 +353,12 @@ async fn settle(
                 .map_err(Unsettled::Retry)
         }
         Outcome::DeadLetter { reason, message } => {
-            let letter = DeadLetter {
-                reason: *reason,
-                message: message.clone(),
-                status: report.facts.status,
-                attempts: report.attempt,
-            };
+            let letter = DeadLetter::new(
+                *reason,
+                message.clone(),
+                report.facts.status,
+                report.attempt,
+            );
             publisher
                 .dead_letter(
                     &topology.dead_queue,

@@ -18,14 +18,16 @@
 //! ```
 //!
 //! A round answers every job that asked while the one before it ran, so one `WAIT` covers a
-//! batch of records, as one script call writes them (see `run_batches`).
+//! batch of records, as one script call writes them (both batched by `batch.rs`).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fred::prelude::*;
-use tokio::sync::{mpsc, oneshot};
+
+use super::StoreError;
+use super::batch::{Batch, Batcher};
 
 /// How long one `WAIT` may block: the records of the round wait at most this long for their
 /// replicas before the round fails and they are written again. Short enough that the
@@ -36,38 +38,38 @@ const WAIT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// The most jobs one round confirms; the rest wait for the next.
 const MAX_ROUND: usize = 256;
 
-/// A job's keys whose replication it waits for, and where the answer goes.
-struct Ask {
-    keys: Vec<String>,
-    reply: oneshot::Sender<Result<(), Error>>,
-}
-
 /// The replicas a record must reach, and the task that asks Redis in rounds.
-#[derive(Clone, Default)]
-pub struct Replication {
+#[derive(Clone)]
+pub(super) struct Replication {
     /// `--redis-replicas`: 0 confirms nothing and costs nothing.
     replicas: u32,
     /// The key each round writes (one key, overwritten: nothing grows).
     probe_key: String,
-    /// The rounds' inbox, started with the first ask (which runs on the runtime).
-    rounds: Arc<OnceLock<mpsc::UnboundedSender<Ask>>>,
+    /// The task that runs the rounds: each ask is a job's keys whose replication it waits for.
+    rounds: Batcher<Round>,
     /// Whether the last round succeeded: while it did not, no delivery can be acked, and
     /// readiness must not be restored by a Redis call that does not wait for replicas.
     confirmed: Arc<AtomicBool>,
 }
 
+impl Default for Replication {
+    fn default() -> Replication {
+        Replication::new(0, String::new())
+    }
+}
+
 impl Replication {
-    pub fn new(replicas: u32, prefix: &str) -> Replication {
+    pub(super) fn new(replicas: u32, probe_key: String) -> Replication {
         Replication {
             replicas,
-            probe_key: format!("{prefix}replicated"),
-            rounds: Arc::new(OnceLock::new()),
+            probe_key,
+            rounds: Batcher::new("replication", MAX_ROUND),
             confirmed: Arc::new(AtomicBool::new(replicas == 0)),
         }
     }
 
     /// True when no replica is asked for, or the last round found them.
-    pub fn confirmed(&self) -> bool {
+    pub(super) fn confirmed(&self) -> bool {
         self.replicas == 0 || self.confirmed.load(Ordering::Relaxed)
     }
 
@@ -76,51 +78,46 @@ impl Replication {
     /// Fails when a key is missing (the record was lost, or written to another server), when
     /// fewer replicas than asked acknowledged within the time-out, or when Redis cannot be
     /// reached: the caller writes the record again (it is idempotent) and does not ack.
-    pub async fn confirm(&self, client: &Client, keys: Vec<String>) -> Result<(), Error> {
-        if self.replicas == 0 {
-            return Ok(());
-        }
-        let inbox = self.rounds.get_or_init(|| {
-            let (inbox, asks) = mpsc::unbounded_channel();
-            tokio::spawn(run_rounds(
-                client.clone(),
-                self.replicas,
-                self.probe_key.clone(),
-                Arc::clone(&self.confirmed),
-                asks,
-            ));
-            inbox
+    pub(super) fn confirm(
+        &self,
+        client: &Client,
+        keys: Vec<String>,
+    ) -> impl Future<Output = Result<(), StoreError>> + use<> {
+        let answer = (self.replicas > 0).then(|| {
+            let rounds = self.rounds.started(|| Round {
+                client: client.clone(),
+                replicas: self.replicas,
+                probe_key: self.probe_key.clone(),
+                confirmed: Arc::clone(&self.confirmed),
+            });
+            rounds.call(keys)
         });
-        let gone = || Error::new(ErrorKind::Canceled, "the Redis replication task is gone");
-        let (reply, answer) = oneshot::channel();
-        inbox.send(Ask { keys, reply }).map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        async move {
+            match answer {
+                Some(answer) => answer.await,
+                None => Ok(()),
+            }
+        }
     }
 }
 
-/// Answers the asks that are waiting with one round, and goes on.
-async fn run_rounds(
+/// The rounds, run by the replication task: the asks waiting share one round and its answer.
+struct Round {
     client: Client,
     replicas: u32,
     probe_key: String,
     confirmed: Arc<AtomicBool>,
-    mut asks: mpsc::UnboundedReceiver<Ask>,
-) {
-    let mut round: Vec<Ask> = Vec::with_capacity(MAX_ROUND);
-    while let Some(first) = asks.recv().await {
-        round.push(first);
-        while round.len() < MAX_ROUND {
-            match asks.try_recv() {
-                Ok(ask) => round.push(ask),
-                Err(_) => break,
-            }
-        }
-        let keys: Vec<String> = round.iter().flat_map(|a| a.keys.iter().cloned()).collect();
-        let answer = confirm_round(&client, replicas, &probe_key, keys).await;
-        confirmed.store(answer.is_ok(), Ordering::Relaxed);
-        for ask in round.drain(..) {
-            let _ = ask.reply.send(answer.clone());
-        }
+}
+
+impl Batch for Round {
+    type Call = Vec<String>;
+    type Answer = ();
+
+    async fn run(&mut self, asks: &[Vec<String>]) -> Result<Vec<()>, StoreError> {
+        let keys: Vec<String> = asks.iter().flatten().cloned().collect();
+        let answer = confirm_round(&self.client, self.replicas, &self.probe_key, keys).await;
+        self.confirmed.store(answer.is_ok(), Ordering::Relaxed);
+        answer.map(|()| vec![(); asks.len()])
     }
 }
 
@@ -130,7 +127,7 @@ pub(super) async fn confirm_round(
     replicas: u32,
     probe_key: &str,
     mut keys: Vec<String>,
-) -> Result<(), Error> {
+) -> Result<(), StoreError> {
     keys.sort_unstable();
     keys.dedup();
     let token = format!("opsgenie-worker-{:016x}", rand::random::<u64>());
@@ -158,40 +155,34 @@ pub(super) async fn confirm_round(
     let name = answers.pop();
     let acknowledged = answers.pop();
     if name.and_then(|n| n.as_string()).as_deref() != Some(token.as_str()) {
-        return Err(Error::new(
-            ErrorKind::IO,
-            "the connection to Redis changed during the replication check",
-        ));
+        return Err(StoreError::ConnectionChanged);
     }
     if !keys.is_empty() {
         let present = answers.get(1).and_then(Value::as_u64).unwrap_or(0);
         if present != keys.len() as u64 {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "{} of {} records are missing on the Redis primary (lost in a failover?)",
-                    keys.len() as u64 - present.min(keys.len() as u64),
-                    keys.len()
-                ),
-            ));
+            return Err(StoreError::MissingRecords {
+                missing: keys.len() as u64 - present.min(keys.len() as u64),
+                asked: keys.len(),
+            });
         }
     }
     let acknowledged = acknowledged.and_then(|n| n.as_u64()).unwrap_or(0);
     if acknowledged < u64::from(replicas) {
-        return Err(Error::new(
-            ErrorKind::Timeout,
-            format!(
-                "{acknowledged} of the {replicas} Redis replicas required acknowledged the write within {} ms",
-                WAIT_TIMEOUT.as_millis()
-            ),
-        ));
+        return Err(StoreError::TooFewReplicas {
+            acknowledged,
+            required: replicas,
+            within_ms: WAIT_TIMEOUT.as_millis(),
+        });
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::{mpsc, oneshot};
+
     use super::*;
+    use crate::store::batch::{self, Waiting};
     use crate::store::tests::{clean, unconnected_live_store};
     use crate::store::{Fields, Store};
 
@@ -231,10 +222,10 @@ mod tests {
         for _ in 0..2 {
             let error = store.record(&keys, &fields).await.unwrap_err();
             let short = format!("{have} of the {} Redis replicas", have + 1);
-            assert!(error.details().contains(&short), "{error}");
+            assert!(error.to_string().contains(&short), "{error}");
             assert!(!store.replication.confirmed());
         }
-        let length: u64 = store.client.xlen(store.stream_key()).await.unwrap();
+        let length: u64 = store.client.xlen(store.keys.stream()).await.unwrap();
         assert_eq!(length, 1);
         // Nor may a redelivery be acked as a duplicate on the strength of that record.
         let again = store.keys("u-1", "ops", None, None, "tok-2".into());
@@ -281,7 +272,7 @@ mod tests {
         .await
         .unwrap_err();
         assert!(
-            error.details().contains("1 of 2 records are missing"),
+            error.to_string().contains("1 of 2 records are missing"),
             "{error}"
         );
         clean(&store, &prefix).await;
@@ -299,19 +290,19 @@ mod tests {
             .unwrap();
         // `WAIT 0` is met at once, so only the rounds' bookkeeping is under test.
         let (inbox, asks) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run_rounds(
-            store.client.clone(),
-            0,
-            format!("{prefix}replicated"),
-            Arc::new(AtomicBool::new(false)),
-            asks,
-        ));
+        let round = Round {
+            client: store.client.clone(),
+            replicas: 0,
+            probe_key: format!("{prefix}replicated"),
+            confirmed: Arc::new(AtomicBool::new(false)),
+        };
+        let task = tokio::spawn(batch::run(round, MAX_ROUND, asks));
         let answers: Vec<_> = (0..50)
             .map(|_| {
                 let (reply, answer) = oneshot::channel();
                 inbox
-                    .send(Ask {
-                        keys: vec![present.clone()],
+                    .send(Waiting {
+                        call: vec![present.clone()],
                         reply,
                     })
                     .unwrap();
@@ -323,8 +314,8 @@ mod tests {
         }
         let (reply, answer) = oneshot::channel();
         inbox
-            .send(Ask {
-                keys: vec![format!("{prefix}lost")],
+            .send(Waiting {
+                call: vec![format!("{prefix}lost")],
                 reply,
             })
             .unwrap();
