@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::broker::Topology;
-use crate::cli::enqueue;
+use crate::broker::{Topology, check_names};
 use crate::cli::{Fatal, MetricsAddr, RunArgs, redact_error, redact_url};
 use crate::job::consumer;
 use crate::job::consumer::ConsumerSettings;
@@ -35,7 +34,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     }
     let topology = Topology::new(&args.broker);
     // A name over 255 bytes would make the AMQP client panic on first use.
-    enqueue::check_names(&args.broker, &topology)?;
+    check_names(&args.broker, &topology)?;
     tracing::info!(
         amqp_url = redact_url(&args.broker.amqp_url),
         redis_url = redact_url(&args.redis.redis_url),

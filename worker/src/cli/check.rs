@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use crate::broker::{self, Topology};
+use crate::broker::{self, Topology, check_names};
 use crate::cli::Fatal;
-use crate::cli::enqueue::{check_names, printable};
+use crate::cli::enqueue::printable;
 use crate::cli::{CheckArgs, redact_error, redact_url};
 use crate::keyring::Keyring;
 use crate::store::{Store, StoreSettings};

@@ -1,6 +1,6 @@
 //! Why a command stopped, and the exit code it leaves.
 
-use crate::keyring;
+use crate::{broker, keyring};
 
 /// Why a command stopped; decides the exit code (docs/contract.md section 9): 2 for something the
 /// operator must fix in the configuration, 1 for anything else.
@@ -30,6 +30,16 @@ impl Fatal {
         match self {
             Fatal::Keyring(_) | Fatal::MetricsAddr { .. } | Fatal::Config(_) => 2,
             Fatal::Other(_) => 1,
+        }
+    }
+}
+
+impl From<broker::SetupError> for Fatal {
+    fn from(error: broker::SetupError) -> Fatal {
+        if error.is_config() {
+            Fatal::Config(error.to_string())
+        } else {
+            Fatal::Other(error.to_string())
         }
     }
 }
