@@ -33,7 +33,7 @@ fn tick(interval: Duration) -> Duration {
 }
 
 /// Pings while ready, in turn with the other replicas, until `shutdown`.
-pub async fn run(
+pub(crate) async fn run(
     keyring: Arc<ArcSwap<Keyring>>,
     store: Store,
     sender: Sender,

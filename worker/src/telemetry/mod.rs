@@ -29,6 +29,7 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::cli::LogFormat;
+use crate::job::pipeline::Outcome;
 use crate::support::shutdown::Shutdown;
 use crate::telemetry::health::Health;
 
@@ -359,14 +360,14 @@ impl JobCounts {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a finished job by its `outcome` label.
-    pub fn finished(&self, outcome: &str) {
+    /// Counts a finished job by what became of it.
+    pub fn finished(&self, outcome: &Outcome) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let counter = match outcome {
-            "delivered" => &self.delivered,
-            "retry_scheduled" => &self.retried,
-            "dead_lettered" => &self.dead_lettered,
-            _ => &self.skipped,
+            Outcome::Delivered => &self.delivered,
+            Outcome::RetryLater { .. } => &self.retried,
+            Outcome::DeadLetter { .. } => &self.dead_lettered,
+            Outcome::Duplicate | Outcome::Stale | Outcome::Requeue => &self.skipped,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
