@@ -75,19 +75,8 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     .with_replicas(args.redis_replicas);
     store.start();
     let sender = Sender::new(args.request_timeout).map_err(|e| Fatal::Config(e.to_string()))?;
-    // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.
-    let (rate_limits, mut reported) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
-    let sender = sender.with_rate_limit_reports(rate_limits);
-    {
-        let store = store.clone();
-        tokio::spawn(async move {
-            while let Some((team, wait)) = reported.recv().await {
-                if let Err(error) = store.cool_down(&team, wait).await {
-                    tracing::warn!(team_id = team, error = %error, "Could not share the rate-limit cooldown.");
-                }
-            }
-        });
-    }
+    // A 429 seen here makes every replica wait.
+    let sender = sender.share_cooldowns(store.clone());
 
     let server = match args.metrics_addr {
         MetricsAddr::Off => None,

@@ -315,7 +315,7 @@ impl Confirmer {
                         wait: Some(wait),
                     },
                     Err(CallError::Transport(message)) => Status::Failed {
-                        message,
+                        message: message.to_string(),
                         wait: None,
                     },
                 }
