@@ -301,7 +301,7 @@ impl Pipeline {
         shutdown: &Shutdown,
         facts: &mut JobFacts,
     ) -> Outcome {
-        let Prepared { job, request } = prepared;
+        let Prepared { job, request } = &prepared;
         if let Some(priority) = &request.ignored_priority {
             // Named here as well as in the span: JSON log lines hold the event's own fields.
             tracing::warn!(
@@ -321,21 +321,7 @@ impl Pipeline {
             );
         };
 
-        // Metric alerts of one incident take turns through its alias; anything else only
-        // guards against two copies of itself.
-        let incident = match (&job.alert, &request.alias) {
-            (opsgenie_shared::Alert::Metric(_), Some(alias)) => Some(alias.as_str()),
-            _ => None,
-        };
-        // Random, so that only this round of this job can free the lease it takes.
-        let token = format!("{:032x}", rand::random::<u128>());
-        let keys = self.store.keys(
-            &job.notification_uuid,
-            &team.id,
-            incident,
-            job.sequence(),
-            token,
-        );
+        let keys = self.job_keys(job, request, &team);
 
         if let ControlFlow::Break(outcome) =
             self.wait_for_admission(&keys, envelope, shutdown).await
@@ -343,33 +329,67 @@ impl Pipeline {
             return outcome;
         }
 
-        let Delivered { status, request_id } = match self
-            .deliver_round(&team, &request, &keys, envelope, shutdown, facts)
+        let delivered = match self
+            .deliver_round(&team, request, &keys, envelope, shutdown, facts)
             .await
         {
             ControlFlow::Continue(delivered) => delivered,
             ControlFlow::Break(outcome) => return outcome,
         };
+        self.record(body, &prepared, &keys, envelope, delivered, facts)
+            .await;
+        Outcome::Delivered
+    }
+
+    /// The job's Redis keys. Metric alerts of one incident take turns through its alias;
+    /// anything else only guards against two copies of itself.
+    fn job_keys(&self, job: &AlertJob, request: &OpsgenieRequest, team: &Team) -> Arc<JobKeys> {
+        let incident = match (&job.alert, &request.alias) {
+            (opsgenie_shared::Alert::Metric(_), Some(alias)) => Some(alias.as_str()),
+            _ => None,
+        };
+        // Random, so that only this round of this job can free the lease it takes.
+        let token = format!("{:032x}", rand::random::<u128>());
+        self.store.keys(
+            &job.notification_uuid,
+            &team.id,
+            incident,
+            job.sequence(),
+            token,
+        )
+    }
+
+    /// Records a delivered request (and, with confirmation on, the question to ask about it)
+    /// until the record is durable.
+    async fn record(
+        &self,
+        body: &[u8],
+        Prepared { job, request }: &Prepared,
+        keys: &Arc<JobKeys>,
+        envelope: &Envelope,
+        delivered: Delivered,
+        facts: &mut JobFacts,
+    ) {
+        let Delivered { status, request_id } = delivered;
         let delivery = Delivery {
             status,
             request_id: &request_id,
             attempts: envelope.attempt(),
             delivered_at_ms: crate::support::clock::now_ms(),
         };
-        let fields: Fields = delivery_fields(&job, &request, &delivery).into();
+        let fields: Fields = delivery_fields(job, request, &delivery).into();
         // Only an accepted request has a status to ask about: a 404 on a close did nothing.
         let pending = match self.confirm_within {
             Some(within) if (200..300).contains(&status) && !request_id.is_empty() => {
                 Some(Arc::new(crate::confirm::pending(
-                    body, &job, &request, &delivery, within,
+                    body, job, request, &delivery, within,
                 )))
             }
             _ => None,
         };
         facts.request_id = Some(request_id);
-        self.record_until_durable(&job.notification_uuid, &keys, &fields, pending)
+        self.record_until_durable(&job.notification_uuid, keys, &fields, pending)
             .await;
-        Outcome::Delivered
     }
 
     /// Asks Redis whether the job may be sent, within the quick window. Continues with the
