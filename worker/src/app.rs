@@ -7,8 +7,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 
-use crate::broker::Topology;
-use crate::cli::enqueue;
+use crate::broker::{Topology, check_names};
 use crate::cli::{Fatal, MetricsAddr, RunArgs};
 use crate::job::consumer;
 use crate::job::consumer::ConsumerSettings;
@@ -39,26 +38,15 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> Result<(), Fatal> {
     }
     let topology = Topology::new(&args.broker);
     // A name over 255 bytes would make the AMQP client panic on first use.
-    enqueue::check_names(&args.broker, &topology)?;
+    check_names(&args.broker, &topology)?;
     log_start(&args, &topology, &keyring);
     let keyring = Arc::new(ArcSwap::from_pointee(keyring));
     let health = Arc::new(Health::default());
     let store = open_store(&args)?;
     store.start();
     let sender = Sender::new(args.request_timeout)?;
-    // A 429 seen here makes every replica wait: the cooldown goes to Redis, off the job's path.
-    let (rate_limits, mut reported) = tokio::sync::mpsc::unbounded_channel::<(String, Duration)>();
-    let sender = sender.with_rate_limit_reports(rate_limits);
-    {
-        let store = store.clone();
-        tokio::spawn(async move {
-            while let Some((team, wait)) = reported.recv().await {
-                if let Err(error) = store.cool_down(&team, wait).await {
-                    tracing::warn!(team_id = team, error = %error, "Could not share the rate-limit cooldown.");
-                }
-            }
-        });
-    }
+    // A 429 seen here makes every replica wait.
+    let sender = sender.share_cooldowns(store.clone());
 
     let server = serve_endpoints(args.metrics_addr, &health, &shutdown).await?;
     catalogue::register();

@@ -18,7 +18,7 @@ use opsgenie_shared::text::seg;
 use tokio::time::Instant;
 
 use crate::keyring::{Heartbeat, Keyring};
-use crate::opsgenie::{CallError, Sender};
+use crate::opsgenie::Sender;
 use crate::store::Store;
 use crate::support::shutdown::Shutdown;
 use crate::telemetry::catalogue;
@@ -34,7 +34,7 @@ fn tick(interval: Duration) -> Duration {
 }
 
 /// Pings while ready, in turn with the other replicas, until `shutdown`.
-pub async fn run(
+pub(crate) async fn run(
     keyring: Arc<ArcSwap<Keyring>>,
     store: Store,
     sender: Sender,
@@ -91,8 +91,7 @@ async fn ping(heartbeat: &Heartbeat, sender: &Sender) {
             reply.status,
             reply.excerpt(&heartbeat.team)
         )),
-        Err(error @ CallError::CoolingDown(_)) => Some(error.to_string()),
-        Err(CallError::Transport(message)) => Some(message),
+        Err(error) => Some(error.to_string()),
     };
     match failure {
         None => {

@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::broker::{self, Topology};
+use crate::broker::{self, Topology, check_names};
 use crate::cli::Fatal;
-use crate::cli::enqueue::{check_names, printable};
+use crate::cli::enqueue::printable;
 use crate::cli::{BrokerArgs, CheckArgs, RedisArgs};
 use crate::keyring::Keyring;
 use crate::store::{Store, StoreSettings};

@@ -8,11 +8,12 @@ use opsgenie_shared::AlertJob;
 
 use crate::broker::{
     self, HEADER_ATTEMPTS, HEADER_DEAD_AT, HEADER_ERROR, HEADER_ERROR_MESSAGE, HEADER_FIRST_SEEN,
-    HEADER_STATUS, Publisher, Topology, header_str, header_u64,
+    HEADER_STATUS, Publisher, SetupError, Topology, check_names, header_str, header_u64,
+    unreachable_broker,
 };
 use crate::cli::BrokerArgs;
 use crate::cli::Fatal;
-use crate::cli::enqueue::{check_names, declare_failed, printable, unreachable_broker};
+use crate::cli::enqueue::printable;
 use crate::support::init_tls;
 
 async fn open(broker: &BrokerArgs, name: &str) -> Result<(Connection, Channel, Topology), Fatal> {
@@ -23,7 +24,10 @@ async fn open(broker: &BrokerArgs, name: &str) -> Result<(Connection, Channel, T
         .await
         .map_err(|e| unreachable_broker(&broker.amqp_url, &e))?;
     let channel = connection.create_channel().await.map_err(broker_error)?;
-    topology.declare(&channel).await.map_err(declare_failed)?;
+    topology
+        .declare(&channel)
+        .await
+        .map_err(SetupError::Declare)?;
     Ok((connection, channel, topology))
 }
 

@@ -5,15 +5,15 @@
 use std::io::Read;
 use std::path::Path;
 
-use lapin::types::ShortString;
 use opsgenie_shared::AlertJob;
 use serde::de::IgnoredAny;
 
-use crate::broker::{self, Publisher, Topology, job_properties};
+use crate::broker::{
+    self, Publisher, SetupError, Topology, check_names, job_properties, unreachable_broker,
+};
+use crate::cli::EnqueueArgs;
 use crate::cli::Fatal;
-use crate::cli::{BrokerArgs, EnqueueArgs};
 use crate::support::init_tls;
-use crate::support::redact::{redact_error, redact_url};
 
 /// One job found in the input, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,40 +66,6 @@ fn split_lines(data: &[u8]) -> Vec<Found> {
 }
 
 pub use opsgenie_shared::text::printable;
-
-/// Fails (bad configuration) when a name the flags give could not be sent to the broker: an
-/// exchange, routing key or queue name, or the virtual host of an AMQP URL, over the 255
-/// bytes of an AMQP short string. Checked before any of them is used, because the AMQP client
-/// panics on such a name.
-pub(crate) fn check_names(broker: &BrokerArgs, topology: &Topology) -> Result<(), Fatal> {
-    let vhosts = broker
-        .amqp_url
-        .split(',')
-        .filter_map(|url| url.trim().parse::<lapin::uri::AMQPUri>().ok())
-        .map(|uri| ("the virtual host of --amqp-url", uri.vhost));
-    let names = [
-        ("--exchange", topology.exchange.clone()),
-        ("--routing-key", topology.routing_key.clone()),
-    ]
-    .into_iter()
-    .chain(
-        topology
-            .queue_names()
-            .into_iter()
-            .map(|q| ("the queue name", q.to_string())),
-    )
-    .chain(vhosts);
-    for (what, name) in names {
-        if ShortString::try_new(name.as_str()).is_err() {
-            return Err(Fatal::Config(format!(
-                "{what} is {} bytes long; AMQP allows at most 255: {}",
-                name.len(),
-                printable(&name)
-            )));
-        }
-    }
-    Ok(())
-}
 
 /// A job that did not reach the broker, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,7 +148,7 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<(), Fatal> {
         } else {
             topology.declare_exchange(&channel).await
         };
-        declared.map_err(declare_failed)?;
+        declared.map_err(SetupError::Declare)?;
         let publisher = Publisher::new(&connection)
             .await
             .map_err(|e| Fatal::Other(printable(&e.to_string()).into_owned()))?;
@@ -238,27 +204,6 @@ fn validate(jobs: Vec<Found>, valid: &mut Vec<(Found, String)>, failed: &mut Vec
 
 fn display(path: &Path) -> String {
     path.display().to_string()
-}
-
-/// lapin quotes a URL it cannot parse in its error: that goes through `redact_error` too.
-pub(crate) fn unreachable_broker(url: &str, error: &broker::ConnectError) -> Fatal {
-    let message = format!(
-        "cannot reach RabbitMQ at {}: {}",
-        redact_url(url),
-        redact_error(&error.to_string(), url)
-    );
-    Fatal::Other(printable(&message).into_owned())
-}
-
-/// A declaration that conflicts with what the broker has is bad configuration (exit 2), and
-/// its message names the exchange or queue and the argument; any other failure exits 1.
-pub(crate) fn declare_failed(error: broker::DeclareError) -> Fatal {
-    let message = printable(&format!("cannot declare: {error}")).into_owned();
-    if error.is_conflict() {
-        Fatal::Config(message)
-    } else {
-        Fatal::Other(message)
-    }
 }
 
 #[cfg(test)]
@@ -386,7 +331,8 @@ mod tests {
         ];
         for (flags, expected) in cases {
             let args = enqueue_args(flags);
-            let result = check_names(&args.broker, &Topology::new(&args.broker));
+            let result =
+                check_names(&args.broker, &Topology::new(&args.broker)).map_err(Fatal::from);
             match (result, expected) {
                 (Ok(()), None) => {}
                 (Err(Fatal::Config(message)), Some(expected)) => {

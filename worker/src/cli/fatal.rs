@@ -1,7 +1,7 @@
 //! Why a command stopped, and the exit code it leaves.
 
-use crate::keyring;
 use crate::opsgenie::SenderError;
+use crate::{broker, keyring};
 
 /// Why a command stopped; decides the exit code (docs/contract.md section 9): 2 for something the
 /// operator must fix in the configuration, 1 for anything else.
@@ -45,6 +45,16 @@ impl Fatal {
             | Fatal::Check { .. }
             | Fatal::Config(_) => 2,
             Fatal::Other(_) => 1,
+        }
+    }
+}
+
+impl From<broker::SetupError> for Fatal {
+    fn from(error: broker::SetupError) -> Fatal {
+        if error.is_config() {
+            Fatal::Config(error.to_string())
+        } else {
+            Fatal::Other(error.to_string())
         }
     }
 }

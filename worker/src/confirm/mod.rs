@@ -249,7 +249,7 @@ impl Confirmer {
                 wait: Some(wait),
             },
             Err(CallError::Transport(message)) => Status::Failed {
-                message,
+                message: message.to_string(),
                 wait: None,
             },
         }

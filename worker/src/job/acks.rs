@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 /// How a job left the channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settled {
+pub(super) enum Settled {
     /// Durable: to be acked.
     Ack(u64),
     /// Already nacked by its task: only moves the run along.
@@ -24,7 +24,7 @@ pub enum Settled {
 
 /// The batcher's pure state: which tags are settled, and what to ack now.
 #[derive(Debug)]
-pub struct AckPlan {
+struct AckPlan {
     /// The oldest tag not yet settled (tags start at 1 on a channel).
     next: u64,
     /// Settled tags above `next`; `true` while they still need an ack.
@@ -35,15 +35,15 @@ pub struct AckPlan {
 
 /// What to send the broker.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AckBatch {
+struct AckBatch {
     /// Ack every outstanding tag up to this one (`multiple`).
-    pub up_to: Option<u64>,
+    up_to: Option<u64>,
     /// Ack these one by one.
-    pub single: Vec<u64>,
+    single: Vec<u64>,
 }
 
 impl AckPlan {
-    pub fn new(patience: usize) -> AckPlan {
+    fn new(patience: usize) -> AckPlan {
         AckPlan {
             next: 1,
             waiting: BTreeMap::new(),
@@ -52,11 +52,11 @@ impl AckPlan {
     }
 
     /// True while a settled tag is waiting for its ack.
-    pub fn holds_acks(&self) -> bool {
+    fn holds_acks(&self) -> bool {
         self.waiting.values().any(|needs_ack| *needs_ack)
     }
 
-    pub fn settle(&mut self, settled: Settled) {
+    fn settle(&mut self, settled: Settled) {
         match settled {
             Settled::Ack(tag) => self.waiting.insert(tag, true),
             Settled::Nacked(tag) => self.waiting.insert(tag, false),
@@ -64,7 +64,7 @@ impl AckPlan {
     }
 
     /// The acks for what has been settled so far. `flush` acks out-of-order tags too.
-    pub fn take(&mut self, flush: bool) -> AckBatch {
+    fn take(&mut self, flush: bool) -> AckBatch {
         let mut batch = AckBatch::default();
         while let Some(needs_ack) = self.waiting.remove(&self.next) {
             if needs_ack {
@@ -92,7 +92,11 @@ impl AckPlan {
 const OUT_OF_ORDER_WAIT: Duration = Duration::from_millis(5);
 
 /// Runs until every sender is gone, then acks what is left.
-pub async fn run(channel: Channel, mut settled: mpsc::UnboundedReceiver<Settled>, prefetch: u16) {
+pub(super) async fn run(
+    channel: Channel,
+    mut settled: mpsc::UnboundedReceiver<Settled>,
+    prefetch: u16,
+) {
     let mut plan = AckPlan::new(usize::from(prefetch / 4));
     // When the oldest tag still waiting for its ack must be acked, whatever the run does.
     let mut flush_at: Option<Instant> = None;

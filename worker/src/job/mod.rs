@@ -1,6 +1,6 @@
 //! A job's way through the worker: the consumer loop, the pipeline that admits, sends and
 //! records one job, and the acks that settle it with the broker.
 
-pub mod acks;
-pub mod consumer;
+mod acks;
+pub(crate) mod consumer;
 pub mod pipeline;

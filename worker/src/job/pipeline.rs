@@ -49,7 +49,7 @@ impl Outcome {
     }
 
     /// The `outcome` log field and metric label.
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Outcome::Delivered => "delivered",
             Outcome::Duplicate => "duplicate",
@@ -63,18 +63,18 @@ impl Outcome {
 
 /// What the broker told us about the message, beyond its body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Envelope {
+pub(crate) struct Envelope {
     /// Rounds before this one (from `x-opsgenie-attempts`).
-    pub previous_attempts: u32,
+    pub(crate) previous_attempts: u32,
     /// When a worker first saw the job, ms since the epoch.
-    pub first_seen_ms: u64,
+    pub(crate) first_seen_ms: u64,
     /// Now, ms since the epoch.
-    pub now_ms: u64,
+    pub(crate) now_ms: u64,
 }
 
 impl Envelope {
     /// This round's number (1-based).
-    pub fn attempt(&self) -> u32 {
+    pub(crate) fn attempt(&self) -> u32 {
         self.previous_attempts.saturating_add(1)
     }
 }
@@ -85,28 +85,28 @@ const LOGGED_TEAM_ID_BYTES: usize = 256;
 /// What a job's log line says about it besides its outcome, filled in by the steps of
 /// `process` as they learn it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct JobFacts {
-    pub notification_uuid: Option<String>,
-    pub team_id: Option<String>,
-    pub kind: Option<&'static str>,
-    pub action: Option<&'static str>,
-    pub alias: Option<String>,
-    pub status: Option<u16>,
-    pub request_id: Option<String>,
+pub(crate) struct JobFacts {
+    pub(crate) notification_uuid: Option<String>,
+    pub(crate) team_id: Option<String>,
+    pub(crate) kind: Option<&'static str>,
+    pub(crate) action: Option<&'static str>,
+    pub(crate) alias: Option<String>,
+    pub(crate) status: Option<u16>,
+    pub(crate) request_id: Option<String>,
 }
 
 /// The outcome and the fields of the job's log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    pub outcome: Outcome,
+pub(crate) struct Report {
+    pub(crate) outcome: Outcome,
     /// This round's number (1-based).
-    pub attempt: u32,
-    pub facts: JobFacts,
+    pub(crate) attempt: u32,
+    pub(crate) facts: JobFacts,
 }
 
 impl Report {
     /// The report of a job whose outcome was decided before it was read.
-    pub fn new(outcome: Outcome, attempt: u32) -> Report {
+    pub(crate) fn new(outcome: Outcome, attempt: u32) -> Report {
         Report {
             outcome,
             attempt,
@@ -157,25 +157,25 @@ fn parse_and_build(body: &[u8]) -> Result<Prepared, Outcome> {
 }
 
 /// Everything `process` needs, shared by every task.
-pub struct Pipeline {
-    pub keyring: Arc<ArcSwap<Keyring>>,
-    pub sender: Sender,
-    pub store: Store,
-    pub policy: RetryPolicy,
-    pub health: Arc<Health>,
+pub(crate) struct Pipeline {
+    pub(crate) keyring: Arc<ArcSwap<Keyring>>,
+    pub(crate) sender: Sender,
+    pub(crate) store: Store,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) health: Arc<Health>,
     /// Unfinished attempts after which a redelivered message is dead-lettered as poison.
-    pub poison_after: u32,
+    pub(crate) poison_after: u32,
     /// A redelivered message that was in hand when the worker died before runs alone (the
     /// write side), so that if it kills its attempt again it is the only one counted; every
     /// other job holds the read side while it runs.
-    pub quarantine: tokio::sync::RwLock<()>,
+    pub(crate) quarantine: tokio::sync::RwLock<()>,
     /// With confirmation on (docs/contract.md section 6.1): how long after its delivery a
     /// request may stay unprocessed.
-    pub confirm_within: Option<Duration>,
+    pub(crate) confirm_within: Option<Duration>,
 }
 
 /// How a delivery may proceed, decided by its count of unfinished attempts.
-pub enum Admitted<'a> {
+pub(crate) enum Admitted<'a> {
     /// Not counted (first delivery, or Redis unreachable) or counted with no attempt left
     /// unfinished: run beside the others.
     Beside {
@@ -193,7 +193,7 @@ pub enum Admitted<'a> {
 
 impl Admitted<'_> {
     /// The Redis key counting this message's unfinished attempts, if it is counted.
-    pub fn counter(&self) -> Option<&str> {
+    pub(crate) fn counter(&self) -> Option<&str> {
         match self {
             Admitted::Beside { counter, .. } => counter.as_deref(),
             Admitted::Alone { counter, .. } | Admitted::Poison { counter, .. } => Some(counter),
@@ -210,7 +210,7 @@ impl Pipeline {
     /// when it finishes, whatever its outcome; what is left counts the attempts that died.
     /// A count goes up only once the attempt has its turn, so a message waiting behind a
     /// poison one is never charged for the poison's deaths.
-    pub async fn admit_delivery(&self, body: &[u8], redelivered: bool) -> Admitted<'_> {
+    pub(crate) async fn admit_delivery(&self, body: &[u8], redelivered: bool) -> Admitted<'_> {
         if !redelivered {
             return Admitted::Beside {
                 counter: None,
@@ -263,7 +263,12 @@ impl Pipeline {
     /// the JSON log format parses and rewrites a span's fields on every later record, three
     /// times a job. It is at the error level so that it is on whenever any line is: a filter
     /// of `warn` must not strip the job's name from its warnings.
-    pub async fn process(&self, body: &[u8], envelope: Envelope, shutdown: &Shutdown) -> Report {
+    pub(crate) async fn process(
+        &self,
+        body: &[u8],
+        envelope: Envelope,
+        shutdown: &Shutdown,
+    ) -> Report {
         let mut facts = JobFacts::default();
         let outcome = match parse_and_build(body) {
             Ok(prepared) => {
@@ -296,7 +301,7 @@ impl Pipeline {
         shutdown: &Shutdown,
         facts: &mut JobFacts,
     ) -> Outcome {
-        let Prepared { job, request } = prepared;
+        let Prepared { job, request } = &prepared;
         if let Some(priority) = &request.ignored_priority {
             // Named here as well as in the span: JSON log lines hold the event's own fields.
             tracing::warn!(
@@ -316,21 +321,7 @@ impl Pipeline {
             );
         };
 
-        // Metric alerts of one incident take turns through its alias; anything else only
-        // guards against two copies of itself.
-        let incident = match (&job.alert, &request.alias) {
-            (opsgenie_shared::Alert::Metric(_), Some(alias)) => Some(alias.as_str()),
-            _ => None,
-        };
-        // Random, so that only this round of this job can free the lease it takes.
-        let token = format!("{:032x}", rand::random::<u128>());
-        let keys = self.store.keys(
-            &job.notification_uuid,
-            &team.id,
-            incident,
-            job.sequence(),
-            token,
-        );
+        let keys = self.job_keys(job, request, &team);
 
         if let ControlFlow::Break(outcome) =
             self.wait_for_admission(&keys, envelope, shutdown).await
@@ -338,33 +329,67 @@ impl Pipeline {
             return outcome;
         }
 
-        let Delivered { status, request_id } = match self
-            .deliver_round(&team, &request, &keys, envelope, shutdown, facts)
+        let delivered = match self
+            .deliver_round(&team, request, &keys, envelope, shutdown, facts)
             .await
         {
             ControlFlow::Continue(delivered) => delivered,
             ControlFlow::Break(outcome) => return outcome,
         };
+        self.record(body, &prepared, &keys, envelope, delivered, facts)
+            .await;
+        Outcome::Delivered
+    }
+
+    /// The job's Redis keys. Metric alerts of one incident take turns through its alias;
+    /// anything else only guards against two copies of itself.
+    fn job_keys(&self, job: &AlertJob, request: &OpsgenieRequest, team: &Team) -> Arc<JobKeys> {
+        let incident = match (&job.alert, &request.alias) {
+            (opsgenie_shared::Alert::Metric(_), Some(alias)) => Some(alias.as_str()),
+            _ => None,
+        };
+        // Random, so that only this round of this job can free the lease it takes.
+        let token = format!("{:032x}", rand::random::<u128>());
+        self.store.keys(
+            &job.notification_uuid,
+            &team.id,
+            incident,
+            job.sequence(),
+            token,
+        )
+    }
+
+    /// Records a delivered request (and, with confirmation on, the question to ask about it)
+    /// until the record is durable.
+    async fn record(
+        &self,
+        body: &[u8],
+        Prepared { job, request }: &Prepared,
+        keys: &Arc<JobKeys>,
+        envelope: &Envelope,
+        delivered: Delivered,
+        facts: &mut JobFacts,
+    ) {
+        let Delivered { status, request_id } = delivered;
         let delivery = Delivery {
             status,
             request_id: &request_id,
             attempts: envelope.attempt(),
             delivered_at_ms: crate::support::clock::now_ms(),
         };
-        let fields: Fields = delivery_fields(&job, &request, &delivery).into();
+        let fields: Fields = delivery_fields(job, request, &delivery).into();
         // Only an accepted request has a status to ask about: a 404 on a close did nothing.
         let pending = match self.confirm_within {
             Some(within) if (200..300).contains(&status) && !request_id.is_empty() => {
                 Some(Arc::new(crate::confirm::pending(
-                    body, &job, &request, &delivery, within,
+                    body, job, request, &delivery, within,
                 )))
             }
             _ => None,
         };
         facts.request_id = Some(request_id);
-        self.record_until_durable(&job.notification_uuid, &keys, &fields, pending)
+        self.record_until_durable(&job.notification_uuid, keys, &fields, pending)
             .await;
-        Outcome::Delivered
     }
 
     /// Asks Redis whether the job may be sent, within the quick window. Continues with the

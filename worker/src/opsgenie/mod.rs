@@ -1,82 +1,39 @@
-//! The Opsgenie boundary: the HTTP clients (reqwest, with rustls), one round of quick retries
-//! with exponential backoff and jitter, and the per-key cooldown after a 429. What each answer
-//! means is decided by `opsgenie_shared::outcome::classify_response`; this file only moves
-//! bytes and waits.
-//!
-//! One client serves every team that trusts only the system's CA certificates; a team with a
-//! `ca_file` gets a client of its own (one per distinct bundle), built the first time it is
-//! needed. Each client keeps its connections alive 30 s, negotiates HTTP/2 over https when
-//! the server offers it (one connection then carries every request in flight), never follows
-//! a redirect, and goes through `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` unless `NO_PROXY`
-//! names the host, as curl reads them.
+//! The Opsgenie boundary: the HTTP clients (reqwest, with rustls, in `client`), one delivery
+//! round of quick retries with exponential backoff and jitter (`delivery`), the per-key
+//! cooldown after a 429 (`cooldown`), and here the single requests outside the delivery path
+//! and what every request shares. What each answer means is decided by
+//! `opsgenie_shared::outcome::classify_response`; this module only moves bytes and waits.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+mod client;
+mod cooldown;
+mod delivery;
+
 use std::time::Duration;
 
-use opsgenie_shared::outcome::{classify_response, classify_transport_error};
-use opsgenie_shared::retry::RetryPolicy;
+use opsgenie_shared::Verdict;
+use opsgenie_shared::outcome::classify_response;
 use opsgenie_shared::text::{cap_bytes, printable};
-use opsgenie_shared::{DeadReason, OpsgenieRequest, Verdict};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::keyring::Team;
-use crate::support::pacing::Pacing;
 use crate::support::redact::redact_url;
-use crate::support::shutdown::Shutdown;
 use crate::telemetry::catalogue;
+use client::Clients;
+use cooldown::Cooldowns;
 
-const USER_AGENT: &str = concat!("opsgenie-worker/", env!("CARGO_PKG_VERSION"));
-/// How long an idle connection is kept for the next request.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub use client::{ClientError, build_client};
+pub(crate) use delivery::RoundResult;
+
 /// The most of an answer's body that is read: Opsgenie answers in a few hundred bytes, and
 /// only the start of an error reaches a dead letter.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
-/// The most bytes of an answer's `requestId` the worker keeps.
-const REQUEST_ID_LIMIT_BYTES: usize = 128;
-
-/// The end of one delivery round.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RoundResult {
-    /// 2xx, or 404 on a close. `status` and `request_id` are Opsgenie's.
-    Delivered { status: u16, request_id: String },
-    /// A permanent refusal.
-    Refused {
-        reason: DeadReason,
-        status: u16,
-        message: String,
-    },
-    /// Every try failed in a way worth trying again later. `status` is the last answer, if
-    /// any; `wait` is how long the server asked us to wait.
-    Failed {
-        status: Option<u16>,
-        wait: Option<Duration>,
-        message: String,
-    },
-}
 
 /// The HTTP clients and the cooldowns of rate-limited keys.
 #[derive(Clone)]
 pub struct Sender {
-    /// Trusts the system's CA certificates only.
-    default_client: reqwest::Client,
-    /// Per `ca_file` bundle (by digest), built on first use.
-    ca_clients: Arc<Mutex<HashMap<[u8; 32], reqwest::Client>>>,
-    connect_timeout: Duration,
-    request_timeout: Duration,
-    /// Per API base and trust set: whether a connection is known to be open, so that a burst of
-    /// jobs to a cold destination sends one request first (its connection learns by ALPN
-    /// whether the server speaks HTTP/2, and then carries the rest) instead of opening one
-    /// connection per job.
-    warmth: Arc<Mutex<HashMap<String, Arc<Warmth>>>>,
-    /// Until when requests with a key must wait after a 429, by team id. Shared by every task
-    /// so that one 429 slows all requests with that key, not only the one that got it.
-    cooldowns: Arc<Mutex<HashMap<String, Instant>>>,
-    /// Where a 429 is reported (team id, wait), so that other replicas wait as well.
-    rate_limits: Option<mpsc::UnboundedSender<(String, Duration)>>,
+    clients: Clients,
+    cooldowns: Cooldowns,
 }
 
 /// The answer to a `Sender::call`.
@@ -97,49 +54,46 @@ impl Reply {
 }
 
 /// Why a `Sender::call` got no answer.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The key is cooling down after a 429 for this long; nothing was sent.
     #[error("rate limited: the key is cooling down")]
     CoolingDown(Duration),
-    /// No answer: the connection or the request failed. Names the team, never the key.
-    #[error("{0}")]
-    Transport(String),
+    /// No answer: the connection or the request failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// Why a request got no answer. Names the team, never the key.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("team {team}: request to {destination} failed: {cause}")]
+    Request {
+        team: String,
+        /// The team's API base, redacted.
+        destination: String,
+        /// The error and its causes, one line.
+        cause: String,
+    },
+}
+
+impl TransportError {
+    /// A request to `team` that failed with `error`.
+    fn request(team: &Team, error: reqwest::Error) -> TransportError {
+        TransportError::Request {
+            team: team.id.clone(),
+            destination: redact_url(&team.api_base),
+            cause: error_chain(&error.without_url()),
+        }
+    }
 }
 
 /// Why the sender could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the HTTP client: {0}")]
 pub struct SenderError(#[from] reqwest::Error);
-
-#[derive(Deserialize)]
-struct Accepted {
-    #[serde(rename = "requestId", default)]
-    request_id: String,
-}
-
-/// Whether a destination has a connection open, as far as the sender can tell.
-#[derive(Default)]
-struct Warmth {
-    /// When a request to it was last answered.
-    answered: Mutex<Option<std::time::Instant>>,
-    /// Held by the one request that opens the connection.
-    opening: tokio::sync::Mutex<()>,
-}
-
-impl Warmth {
-    /// Answered within the idle time-out: its connection is likely still open.
-    fn is_warm(&self) -> bool {
-        self.answered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|at| at.elapsed() < IDLE_TIMEOUT)
-    }
-
-    fn answered_now(&self) {
-        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
-    }
-}
 
 /// What came back from one request.
 struct Answer {
@@ -155,263 +109,10 @@ impl Sender {
     /// Fails when the TLS configuration cannot be built (no usable CA store, no crypto
     /// provider).
     pub fn new(request_timeout: Duration) -> Result<Sender, SenderError> {
-        let connect_timeout = Duration::from_secs(5).min(request_timeout);
         Ok(Sender {
-            default_client: build_client(connect_timeout, request_timeout, &[])?,
-            ca_clients: Arc::new(Mutex::new(HashMap::new())),
-            warmth: Arc::new(Mutex::new(HashMap::new())),
-            connect_timeout,
-            request_timeout,
-            cooldowns: Arc::new(Mutex::new(HashMap::new())),
-            rate_limits: None,
+            clients: Clients::new(request_timeout)?,
+            cooldowns: Cooldowns::default(),
         })
-    }
-
-    /// The client for `team`: the default one, or the one of its CA bundle (built now, off
-    /// the runtime, the first time: it reads the system's certificates too).
-    async fn client_for(&self, team: &Team) -> Result<reqwest::Client, String> {
-        let Some(ca) = &team.ca else {
-            return Ok(self.default_client.clone());
-        };
-        if let Some(client) = self.lock_ca_clients().get(&ca.digest) {
-            return Ok(client.clone());
-        }
-        let (connect, request) = (self.connect_timeout, self.request_timeout);
-        let certificates = ca.certificates.clone();
-        let built =
-            tokio::task::spawn_blocking(move || build_client(connect, request, &certificates))
-                .await
-                .map_err(|e| format!("building the HTTP client failed: {e}"))?
-                .map_err(|e| {
-                    format!(
-                        "cannot use the CA certificates of {}: {}",
-                        ca.path.display(),
-                        error_chain(&e)
-                    )
-                })?;
-        Ok(self
-            .lock_ca_clients()
-            .entry(ca.digest)
-            .or_insert(built)
-            .clone())
-    }
-
-    /// The warmth of `team`'s destination (its API base, with its trust set). Only https
-    /// destinations have one: HTTP/2 is negotiated by ALPN only there, and over plain http
-    /// each request in flight needs a connection of its own anyway.
-    fn warmth_of(&self, team: &Team) -> Option<Arc<Warmth>> {
-        if !team.api_base.starts_with("https://") {
-            return None;
-        }
-        let mut map = self.warmth.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(warmth) = map.get(&team.api_base)
-            && team.ca.is_none()
-        {
-            return Some(Arc::clone(warmth));
-        }
-        let key = match &team.ca {
-            None => team.api_base.clone(),
-            Some(ca) => format!("{} {}", team.api_base, ca.path.display()),
-        };
-        Some(Arc::clone(map.entry(key).or_default()))
-    }
-
-    /// Sends one request; to a cold destination, one at a time until one is answered.
-    async fn send_warm(
-        &self,
-        warmth: Option<&Warmth>,
-        client: &reqwest::Client,
-        url: &url::Url,
-        authorization: &HeaderValue,
-        body: &bytes::Bytes,
-    ) -> Result<Answer, reqwest::Error> {
-        let Some(warmth) = warmth else {
-            return send(client, url, authorization, body).await;
-        };
-        if !warmth.is_warm() {
-            let opening = warmth.opening.lock().await;
-            // Those that waited here while the first went out find it warm now, and go
-            // together.
-            if !warmth.is_warm() {
-                let answer = send(client, url, authorization, body).await;
-                if answer.is_ok() {
-                    warmth.answered_now();
-                }
-                drop(opening);
-                return answer;
-            }
-        }
-        let answer = send(client, url, authorization, body).await;
-        if answer.is_ok() {
-            warmth.answered_now();
-        }
-        answer
-    }
-
-    fn lock_ca_clients(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], reqwest::Client>> {
-        self.ca_clients.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Reports every 429 to `reports` as well.
-    pub fn with_rate_limit_reports(
-        mut self,
-        reports: mpsc::UnboundedSender<(String, Duration)>,
-    ) -> Sender {
-        self.rate_limits = Some(reports);
-        self
-    }
-
-    /// Sends `request` to `team` up to `policy.quick_tries` times within `policy.quick_window`.
-    /// Returns early, as `Failed`, when shutdown begins during a wait, so the job can go to a
-    /// delay queue instead of holding up the drain.
-    pub async fn deliver(
-        &self,
-        team: &Team,
-        request: &OpsgenieRequest,
-        policy: &RetryPolicy,
-        shutdown: &Shutdown,
-    ) -> RoundResult {
-        let deadline = Instant::now() + policy.quick_window;
-        let mut pacing = Pacing::growing(Duration::from_millis(200), policy.quick_window, 3.0, 0.5);
-        let client = match self.client_for(team).await {
-            Ok(client) => client,
-            Err(message) => {
-                tracing::warn!(team_id = team.id, error = message, "Cannot reach Opsgenie.");
-                return RoundResult::Failed {
-                    status: None,
-                    wait: None,
-                    message,
-                };
-            }
-        };
-        let url = request_url(&team.api, &request.path, request.query);
-        let authorization = &team.authorization;
-        // Shared by every try: a try clones a pointer, not the body.
-        let body = bytes::Bytes::copy_from_slice(&request.body);
-        let warmth = self.warmth_of(team);
-        let mut tries = 0u32;
-        loop {
-            if let Some(until) = self.cooldown(&team.id) {
-                if until > deadline {
-                    return RoundResult::Failed {
-                        status: Some(429),
-                        wait: Some(until - Instant::now()),
-                        message: "rate limited: the key is cooling down".into(),
-                    };
-                }
-                let _waiting = crate::telemetry::catalogue::WaitingForCooldown::start();
-                if !shutdown.sleep_until(until).await {
-                    return interrupted();
-                }
-            }
-            let started = std::time::Instant::now();
-            let answer = self
-                .send_warm(warmth.as_deref(), &client, &url, authorization, &body)
-                .await;
-            // A request that never reached the server (no connection could be made) is not
-            // a try; anything else may have been received, and counts.
-            if !matches!(&answer, Err(e) if e.is_connect()) {
-                tries += 1;
-            }
-            let (verdict, status, request_id, message) = match answer {
-                Ok(answer) => {
-                    let status = answer.status;
-                    let verdict = classify_response(
-                        request.action,
-                        status,
-                        answer.retry_after.as_deref(),
-                        answer.rate_limit_period.as_deref(),
-                    );
-                    // Opsgenie's ids are uuids; an answer is not trusted to keep them short,
-                    // since the id goes into a log line and the stream.
-                    let request_id = serde_json::from_slice::<Accepted>(&answer.body)
-                        .map(|a| {
-                            printable(&cap_bytes(&a.request_id, REQUEST_ID_LIMIT_BYTES))
-                                .into_owned()
-                        })
-                        .unwrap_or_default();
-                    let message = match verdict {
-                        Verdict::Delivered | Verdict::NothingToClose => String::new(),
-                        _ => format!(
-                            "Opsgenie answered {status}: {}",
-                            excerpt(&answer.body, team.key.expose())
-                        ),
-                    };
-                    (verdict, Some(status), request_id, message)
-                }
-                Err(error) => {
-                    let message = format!(
-                        "team {}: request to {} failed: {}",
-                        team.id,
-                        redact_url(&team.api_base),
-                        error_chain(&error.without_url())
-                    );
-                    tracing::warn!(
-                        team_id = team.id,
-                        error = message,
-                        "A request to Opsgenie failed."
-                    );
-                    (classify_transport_error(), None, String::new(), message)
-                }
-            };
-            metrics::histogram!(catalogue::REQUEST_DURATION)
-                .record(started.elapsed().as_secs_f64());
-            metrics::counter!(catalogue::RESPONSES, "status" => status_label(status)).increment(1);
-            match verdict {
-                Verdict::Delivered | Verdict::NothingToClose => {
-                    if verdict == Verdict::NothingToClose {
-                        tracing::info!(
-                            alias = request.alias.as_deref(),
-                            "Nothing open to close; counted as delivered."
-                        );
-                    }
-                    return RoundResult::Delivered {
-                        status: status.unwrap_or(0),
-                        request_id,
-                    };
-                }
-                Verdict::DeadLetter(reason) => {
-                    return RoundResult::Refused {
-                        reason,
-                        status: status.unwrap_or(0),
-                        message,
-                    };
-                }
-                Verdict::Retry { wait, rate_limited } => {
-                    let pause = match wait {
-                        Some(w) => w,
-                        None => pacing.next_pause(),
-                    };
-                    if rate_limited {
-                        self.cool_down(&team.id, Instant::now() + pause);
-                        if let Some(reports) = &self.rate_limits {
-                            let _ = reports.send((team.id.clone(), pause));
-                        }
-                    }
-                    let resume = Instant::now() + pause;
-                    if tries >= policy.quick_tries || resume > deadline {
-                        return RoundResult::Failed {
-                            status,
-                            wait,
-                            message,
-                        };
-                    }
-                    tracing::debug!(
-                        status,
-                        retry_in_ms = pause.as_millis() as u64,
-                        "Request failed; trying again."
-                    );
-                    metrics::counter!(catalogue::RETRIES, "kind" => "quick").increment(1);
-                    if !shutdown.sleep_until(resume).await {
-                        return RoundResult::Failed {
-                            status,
-                            wait,
-                            message,
-                        };
-                    }
-                }
-            }
-        }
     }
 
     /// One request outside the delivery path (a request's status, a heartbeat ping): one
@@ -425,21 +126,23 @@ impl Sender {
         method: reqwest::Method,
         path: &str,
     ) -> Result<Reply, CallError> {
-        if let Some(until) = self.cooldown(&team.id) {
+        if let Some(until) = self.cooldowns.until(&team.id) {
             return Err(CallError::CoolingDown(until - Instant::now()));
         }
-        let client = self.client_for(team).await.map_err(CallError::Transport)?;
+        let client = self
+            .clients
+            .client_for(team)
+            .await
+            .map_err(TransportError::from)?;
         let url = request_url(&team.api, path, "");
         let started = std::time::Instant::now();
         let request = client
             .request(method, url)
             .header(AUTHORIZATION, team.authorization.clone());
         let answer = read_answer(request).await;
-        metrics::histogram!(catalogue::REQUEST_DURATION).record(started.elapsed().as_secs_f64());
+        measured(started, answer.as_ref().ok().map(|a| a.status));
         match answer {
             Ok(answer) => {
-                metrics::counter!(catalogue::RESPONSES, "status" => status_label(Some(answer.status)))
-                    .increment(1);
                 let wait = match classify_response(
                     opsgenie_shared::Action::Create,
                     answer.status,
@@ -450,7 +153,7 @@ impl Sender {
                         wait: Some(wait),
                         rate_limited: true,
                     } => {
-                        self.cool_down(&team.id, Instant::now() + wait);
+                        self.cooldowns.cool_down(&team.id, Instant::now() + wait);
                         Some(wait)
                     }
                     _ => None,
@@ -461,56 +164,9 @@ impl Sender {
                     body: answer.body,
                 })
             }
-            Err(error) => {
-                metrics::counter!(catalogue::RESPONSES, "status" => status_label(None))
-                    .increment(1);
-                Err(CallError::Transport(format!(
-                    "team {}: request to {} failed: {}",
-                    team.id,
-                    redact_url(&team.api_base),
-                    error_chain(&error.without_url())
-                )))
-            }
+            Err(error) => Err(TransportError::request(team, error).into()),
         }
     }
-
-    fn cooldown(&self, team: &str) -> Option<Instant> {
-        let mut map = self.cooldowns.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(team) {
-            Some(until) if *until > Instant::now() => Some(*until),
-            Some(_) => {
-                map.remove(team);
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn cool_down(&self, team: &str, until: Instant) {
-        let mut map = self.cooldowns.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(team.to_string()).or_insert(until);
-        if *entry < until {
-            *entry = until;
-        }
-    }
-}
-
-/// The one client configuration: see the module's comment. Public for the benchmark, which
-/// measures what this client alone costs per request.
-pub fn build_client(
-    connect_timeout: Duration,
-    request_timeout: Duration,
-    extra_roots: &[reqwest::Certificate],
-) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .user_agent(USER_AGENT)
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(connect_timeout)
-        .timeout(request_timeout)
-        .pool_idle_timeout(IDLE_TIMEOUT)
-        .tcp_nodelay(true)
-        .tls_certs_merge(extra_roots.iter().cloned())
-        .build()
 }
 
 /// `path` (already percent-encoded by the request builder) below the team's base, whose own
@@ -582,14 +238,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     printable(&cap_bytes(&text, 512)).into_owned()
 }
 
-fn interrupted() -> RoundResult {
-    RoundResult::Failed {
-        status: None,
-        wait: None,
-        message: "shutting down".into(),
-    }
-}
-
 /// The start of a response body, for a readable dead-letter message, without `key`.
 ///
 /// An answer that echoes the key must not carry it into a dead letter: it is scrubbed from
@@ -618,6 +266,12 @@ fn excerpt(body: &[u8], key: &str) -> String {
         .collect::<String>()
         .trim()
         .to_string()
+}
+
+/// Records one request's duration and its answer's status (`None`: no answer).
+fn measured(started: std::time::Instant, status: Option<u16>) {
+    metrics::histogram!(catalogue::REQUEST_DURATION).record(started.elapsed().as_secs_f64());
+    metrics::counter!(catalogue::RESPONSES, "status" => status_label(status)).increment(1);
 }
 
 /// The `status` label without an allocation for the answers that matter.

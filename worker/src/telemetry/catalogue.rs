@@ -34,7 +34,7 @@ pub const JOBS_WAITING_COOLDOWN: &str = "opsgenie_jobs_waiting_cooldown";
 /// so it is not registered here: a zero before the first sample would be a made-up figure.
 pub const QUEUE_MESSAGES: &str = "opsgenie_queue_messages";
 
-/// The job outcomes without a reason (`Outcome::as_str`); `dead_lettered` takes one of
+/// The job outcomes without a reason (`Outcome::label`); `dead_lettered` takes one of
 /// `DeadReason::ALL`, and `requeued` is also counted with reason `panic`.
 const PLAIN_OUTCOMES: [&str; 5] = [
     "delivered",

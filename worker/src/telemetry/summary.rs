@@ -1,6 +1,7 @@
 //! The summary line: what the consumer finished since the last line, logged every
 //! `--summary-interval`.
 
+use crate::job::pipeline::Outcome;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,13 +24,13 @@ impl JobCounts {
     }
 
     /// Counts a finished job by its `outcome` label.
-    pub fn finished(&self, outcome: &str) {
+    pub fn finished(&self, outcome: &Outcome) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let counter = match outcome {
-            "delivered" => &self.delivered,
-            "retry_scheduled" => &self.retried,
-            "dead_lettered" => &self.dead_lettered,
-            _ => &self.skipped,
+            Outcome::Delivered => &self.delivered,
+            Outcome::RetryLater { .. } => &self.retried,
+            Outcome::DeadLetter { .. } => &self.dead_lettered,
+            Outcome::Duplicate | Outcome::Stale | Outcome::Requeue => &self.skipped,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
