@@ -4,8 +4,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p opsgenie-worker -p opsgenie-standin \
- && cp target/release/opsgenie-worker target/release/opsgenie-standin /usr/local/bin/
+    cargo build --profile dist --locked -p opsgenie-worker -p opsgenie-standin \
+ && cp target/dist/opsgenie-worker target/dist/opsgenie-standin /usr/local/bin/
 
 # Runtime stage: a slim Debian with CA certificates, run as an unprivileged user.
 FROM debian:bookworm-slim
